@@ -1,0 +1,20 @@
+"""torch_gie: an ahead-of-time inference compiler for PyTorch models, lowering to Triton."""
+from setuptools import find_packages, setup
+
+setup(
+    name="torch_gie",
+    version="0.1.0",
+    description="Ahead-of-time inference compiler for PyTorch: fx capture, graph fusion, Triton kernels",
+    packages=find_packages(include=["torch_gie", "torch_gie.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "triton>=3.0; platform_system=='Linux' and platform_machine=='x86_64'",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "torchvision"],
+        "models": ["torchvision"],
+    },
+    entry_points={"console_scripts": ["torch-gie=torch_gie.cli:main"]},
+)

@@ -1,0 +1,382 @@
+"""Implicit-GEMM 2D convolution on strided (typically channels_last) views, fused epilogue.
+
+Per group g the convolution is one GEMM  out[m, n] = sum_k A[m, k] * B[k, n]  with
+    M = N·OH·OW   output pixels,     m = (n_img·OH + oh)·OW + ow
+    N = C_out/groups                 output channels of the group
+    K = KH·KW·C_in/groups            k = (kh·KW + kw)·C_in_g + c
+    A[m, k] = x[n_img, g·C_in_g + c, oh·s_h - p_h + kh·d_h, ow·s_w - p_w + kw·d_w]  (0 outside)
+    B[k, n] = weight[g·C_out_g + n, c, kh, kw]   (packed once as [C_out, KH, KW, C_in_g])
+A is never materialized: each (kh, kw) step gathers its rows straight from x, so a 1x1, stride 1,
+pad 0 conv on channels_last data is a plain GEMM over pixels. The epilogue runs on the fp32
+accumulator: + bias, activation, + residual, post-activation, then one store, optionally split
+along channels into up to four destination views of one buffer (so a concat costs nothing).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from torch_gie.activations import activation_code
+from torch_gie.kernels.epilogue import activate
+
+IntPair = Union[int, Sequence[int]]
+MAX_SEGMENTS = 4
+# Names tl.dot accepts for fp32 operands on NVIDIA in Triton 3.x (keyword ``input_precision``).
+FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
+    return dict(zip(_CONFIG_KEYS, (bm, bn, bk, warps, stages)))
+
+
+def conv2d_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16) -> list[dict]:
+    """Candidate tilings for the tuner: the default first, then larger and small-channel ones."""
+    cands = [default_conv2d_config(c_out_g, c_in_g, dtype)]
+    bk_max = 64 if dtype == torch.float16 else 32  # fp32 tiles cost twice the shared memory
+    for bm, bn, bk, warps, stages in (
+        (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4),
+        (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 4, 3), (128, 16, 16, 4, 3),
+        (64, 16, 16, 4, 3), (32, 16, 16, 2, 2),
+    ):
+        if bn > 2 * max(16, triton.next_power_of_2(c_out_g)):
+            continue  # mostly-empty tiles: never faster
+        cfg = _cfg(bm, bn, min(bk, bk_max), warps, stages)
+        if cfg not in cands:
+            cands.append(cfg)
+    return cands
+
+
+def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16) -> dict:
+    """A sensible untuned tiling for H100: wide tiles, narrowed to the channel counts."""
+    bn = min(128, max(16, triton.next_power_of_2(c_out_g)))
+    bk = min(64 if dtype == torch.float16 else 32, max(16, triton.next_power_of_2(c_in_g)))
+    warps = 8 if bn == 128 else 4
+    stages = 4 if dtype == torch.float16 and bn * bk <= 64 * 64 else 3
+    return _cfg(128, bn, bk, warps, stages)
+
+
+def check_config(config: dict, keys: Sequence[str] = _CONFIG_KEYS, min_block: int = 16) -> dict:
+    """Validate a tiling dict (GPU limits the interpreter does not check) and return a copy."""
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ValueError(f"config is missing {missing}; expected keys {tuple(keys)}")
+    for key in (k for k in keys if k.startswith("BLOCK_")):
+        v = config[key]
+        if v < min_block or v & (v - 1):
+            raise ValueError(f"config {key} must be a power of two >= {min_block}, got {v}")
+    return dict(config)
+
+
+def pack_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[C_out, C_in/g, KH, KW] -> contiguous [C_out, KH, KW, C_in/g]: k runs along channels, so a
+    B tile reads contiguous memory in the same order as the channels_last A tile."""
+    return weight.detach().permute(0, 2, 3, 1).to(dtype).contiguous()
+
+
+def conv_output_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def _pair(v: IntPair, name: str) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(i, int) for i in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return pair
+
+
+def segment_args(outs: Sequence[torch.Tensor], c_out: int) -> tuple[int, list[int]]:
+    """Kernel scalars describing the output segments: (NUM_SEG, [c1, c2, c3, o1, o2, o3, 16
+    strides]) with c_i the first channel of segment i and o_i its element offset from outs[0]."""
+    n = len(outs)
+    if not 1 <= n <= MAX_SEGMENTS:
+        raise ValueError(f"expected 1 to {MAX_SEGMENTS} output views, got {n}")
+    base, storage = outs[0], outs[0].untyped_storage().data_ptr()
+    starts, offs, strides, c = [], [], [], 0
+    for i, t in enumerate(outs):
+        if t.dim() != 4:
+            raise ValueError(f"outs[{i}] must be 4D (N, C, OH, OW), got shape {tuple(t.shape)}")
+        if t.dtype != base.dtype or t.device != base.device:
+            raise ValueError(f"outs[{i}] is {t.dtype} on {t.device}, expected "
+                             f"{base.dtype} on {base.device} like outs[0]")
+        if t.untyped_storage().data_ptr() != storage:
+            raise ValueError(f"outs[{i}] must share outs[0]'s storage (one buffer, many views)")
+        delta = t.data_ptr() - base.data_ptr()
+        if delta % t.element_size():
+            raise ValueError(f"outs[{i}] is not element-aligned with outs[0]")
+        starts.append(c)
+        offs.append(delta // t.element_size())
+        strides += list(t.stride())
+        c += t.shape[1]
+    if c != c_out:
+        raise ValueError(f"output views hold {c} channels in all, expected C_out={c_out}")
+    pad = MAX_SEGMENTS - n
+    return n, starts[1:] + [c_out] * pad + offs[1:] + [0] * pad + strides + [0] * 4 * pad
+
+
+@triton.jit
+def conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, s_rn, s_rc, s_rh, s_rw,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                  POST_ACT: tl.constexpr):
+    """(acc + bias[co]) -> act -> + residual[nb, co, oh, ow] -> post_act, all in fp32.
+    co: [BLOCK_N] global output channels; nb (int64), oh, ow: [BLOCK_M] pixel coordinates,
+    all in range (the caller wraps the tile's overhang), so nothing here needs a mask."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co).to(tl.float32)[None, :]
+    acc = activate(acc, ACT)
+    if HAS_RES:
+        # Unmasked: the caller wraps out-of-range rows and columns onto valid ones.
+        r_off = (nb * s_rn + oh * s_rh + ow * s_rw)[:, None] + (co * s_rc)[None, :]
+        acc += tl.load(res_ptr + r_off).to(tl.float32)
+    return activate(acc, POST_ACT)
+
+
+@triton.jit
+def store_segments(out_ptr, val, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3,
+                   seg_o1, seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w,
+                   s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w, NUM_SEG: tl.constexpr):
+    """One masked store of val[BLOCK_M, BLOCK_N]; column co goes to the segment holding it.
+    Segments are consecutive channel ranges, so each later segment overrides from its start."""
+    off = (nb * s0n + oh * s0h + ow * s0w)[:, None] + (co * s0c)[None, :]
+    if NUM_SEG > 1:
+        off1 = seg_o1 + (nb * s1n + oh * s1h + ow * s1w)[:, None] + ((co - seg_c1) * s1c)[None, :]
+        off = tl.where((co >= seg_c1)[None, :], off1, off)
+    if NUM_SEG > 2:
+        off2 = seg_o2 + (nb * s2n + oh * s2h + ow * s2w)[:, None] + ((co - seg_c2) * s2c)[None, :]
+        off = tl.where((co >= seg_c2)[None, :], off2, off)
+    if NUM_SEG > 3:
+        off3 = seg_o3 + (nb * s3n + oh * s3h + ow * s3w)[:, None] + ((co - seg_c3) * s3c)[None, :]
+        off = tl.where((co >= seg_c3)[None, :], off3, off)
+    tl.store(out_ptr + off, val.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv2d_kernel(
+    # pointers: input, packed weight [C_out, KH, KW, C_in_g], fp32 bias, residual, outs[0]
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    # sizes; channel counts are per group
+    H, W, C_in_g, OH, OW, C_out_g, M,
+    # strides in logical NCHW order: input, residual
+    s_xn, s_xc, s_xh, s_xw, s_rn, s_rc, s_rh, s_rw,
+    # output segments 1..3: first channel, element offset from out_ptr; then strides of 0..3
+    seg_c1, seg_c2, seg_c3, seg_o1, seg_o2, seg_o3,
+    s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
+    # geometry: specializing on it unrolls the (kh, kw) loop and drops needless border checks
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    # epilogue
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, POST_ACT: tl.constexpr,
+    NUM_SEG: tl.constexpr,
+    # tiling
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Grouped launch order (as in Triton's matmul tutorial): GROUP_M row tiles share their
+    # input rows in L2 while all column tiles go through them.
+    pid, g = tl.program_id(0), tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(C_out_g, BLOCK_N)
+    group_id = pid // (GROUP_M * num_pid_n)
+    first_m = group_id * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < C_out_g
+    # Rows/columns past the end wrap onto valid ones: their loads need no mask, and the results
+    # are discarded by the store mask.
+    m_ld = offs_m % M
+    ow = m_ld % OW
+    oh = (m_ld // OW) % OH
+    nb = (m_ld // (OW * OH)).to(tl.int64)  # int64: batch * image stride can pass 2**31
+    co = g * C_out_g + offs_n % C_out_g
+    x_rows = x_ptr + nb * s_xn + (g * C_in_g) * s_xc
+    w_cols = w_ptr + co.to(tl.int64) * (KH * KW * C_in_g)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+        for kw in tl.static_range(KW):
+            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+            # Zero padding. Without padding every tap is inside the image (OH, OW were checked
+            # against the conv formula), so the check vanishes at compile time.
+            inside = tl.full((BLOCK_M,), 1, tl.int1)
+            if PAD_H > 0:
+                inside = inside & (ih >= 0) & (ih < H)
+            if PAD_W > 0:
+                inside = inside & (iw >= 0) & (iw < W)
+            a_rows = x_rows + ih * s_xh + iw * s_xw
+            b_cols = w_cols + (kh * KW + kw) * C_in_g
+            for c0 in range(0, C_in_g, BLOCK_K):
+                c = c0 + offs_k
+                a_ptrs = a_rows[:, None] + (c * s_xc)[None, :]
+                b_ptrs = b_cols[None, :] + c[:, None]
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=inside[:, None], other=0.0)
+                    b = tl.load(b_ptrs)
+                else:
+                    a = tl.load(a_ptrs, mask=inside[:, None] & (c < C_in_g)[None, :], other=0.0)
+                    b = tl.load(b_ptrs, mask=(c < C_in_g)[:, None], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, s_rn, s_rc, s_rh, s_rw,
+                        HAS_BIAS, ACT, HAS_RES, POST_ACT)
+    store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o1, seg_o2,
+                   seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
+                   s3n, s3c, s3h, s3w, NUM_SEG)
+
+
+class Conv2d:
+    """A convolution bound at build time to its packed weights, geometry and fused epilogue.
+
+    Calling it writes ``epilogue(conv(x))`` into ``outs``, a list of 1..4 views of one buffer
+    splitting C_out in order, and allocates nothing. ``configs`` lists candidate tilings for the
+    tuner; ``config`` is the one used (settable).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                 stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
+                 groups: int = 1, activation: Optional[str] = None,
+                 post_activation: Optional[str] = None, dtype: torch.dtype = torch.float16,
+                 config: Optional[dict] = None, fp32_precision: str = "ieee") -> None:
+        if weight.dim() != 4:
+            raise ValueError(f"weight must be 4D [C_out, C_in/groups, KH, KW], "
+                             f"got shape {tuple(weight.shape)}")
+        if dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"dtype must be torch.float16 or torch.float32, got {dtype}")
+        if fp32_precision not in FP32_PRECISIONS:
+            raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, "
+                             f"got {fp32_precision!r}")
+        c_out, c_in_g, kh, kw = weight.shape
+        if groups < 1 or c_out % groups:
+            raise ValueError(f"groups={groups} must be >= 1 and divide C_out={c_out}")
+        self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        if min(self.stride + self.dilation) < 1 or min(self.padding) < 0:
+            raise ValueError(f"need stride, dilation >= 1 and padding >= 0, got stride="
+                             f"{self.stride}, padding={self.padding}, dilation={self.dilation}")
+        self.groups, self.kernel_size = groups, (kh, kw)
+        self.out_channels, self.in_channels = c_out, c_in_g * groups
+        self.dtype, self.fp32_precision = dtype, fp32_precision
+        self.act, self.post_act = activation_code(activation), activation_code(post_activation)
+        self._check_groups()
+        if bias is not None and tuple(bias.shape) != (c_out,):
+            raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
+        # Bias stays fp32: it is added to the fp32 accumulator.
+        self.bias = None if bias is None else bias.detach().to(weight.device, torch.float32)
+        self.weight = self._pack(weight)
+        self.configs = self._candidate_configs()
+        self.config = config if config is not None else self.configs[0]
+
+    @property
+    def config(self) -> dict:
+        return self._config
+
+    @config.setter
+    def config(self, config: dict) -> None:
+        self._config = check_config(config, self._config_keys, self._min_block)
+
+    _config_keys = _CONFIG_KEYS
+    _min_block = 16  # every tl.dot dimension must be >= 16
+
+    # Hooks the depthwise variant overrides.
+    def _check_groups(self) -> None:
+        pass
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return pack_conv_weight(weight, self.dtype)
+
+    def _candidate_configs(self) -> list[dict]:
+        return conv2d_configs(self.out_channels // self.groups,
+                              self.in_channels // self.groups, self.dtype)
+
+    def __call__(self, x: torch.Tensor, outs: Union[torch.Tensor, Sequence[torch.Tensor]],
+                 residual: Optional[torch.Tensor] = None) -> None:
+        outs = [outs] if isinstance(outs, torch.Tensor) else list(outs)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be 4D (N, {self.in_channels}, H, W), "
+                             f"got shape {tuple(x.shape)}")
+        if x.dtype != self.dtype:
+            raise ValueError(f"x dtype: expected {self.dtype}, got {x.dtype}")
+        if x.device != self.weight.device:
+            raise ValueError(f"x is on {x.device}, weights on {self.weight.device}")
+        num_seg, seg = segment_args(outs, self.out_channels)
+        if outs[0].dtype != self.dtype or outs[0].device != x.device:
+            raise ValueError(f"outs: expected {self.dtype} on {x.device}, "
+                             f"got {outs[0].dtype} on {outs[0].device}")
+        n, _, h, w = x.shape
+        oh, ow = (conv_output_size(s, k, st, p, d) for s, k, st, p, d in zip(
+            (h, w), self.kernel_size, self.stride, self.padding, self.dilation))
+        for i, t in enumerate(outs):
+            if (t.shape[0], t.shape[2], t.shape[3]) != (n, oh, ow):
+                raise ValueError(f"outs[{i}] has shape {tuple(t.shape)}, expected "
+                                 f"(N, C, OH, OW) = ({n}, C, {oh}, {ow}) for x {tuple(x.shape)}")
+        res_strides = [0, 0, 0, 0]
+        if residual is not None:
+            if num_seg != 1:
+                raise ValueError(f"a residual needs a single output view, got {num_seg}")
+            if tuple(residual.shape) != (n, self.out_channels, oh, ow):
+                raise ValueError(f"residual shape: expected {(n, self.out_channels, oh, ow)}, "
+                                 f"got {tuple(residual.shape)}")
+            if residual.dtype != self.dtype or residual.device != x.device:
+                raise ValueError(f"residual: expected {self.dtype} on {x.device}, "
+                                 f"got {residual.dtype} on {residual.device}")
+            res_strides = list(residual.stride())
+        if n * oh * ow == 0:
+            return
+        self._launch(x, outs[0], residual, res_strides, num_seg, seg, oh, ow)
+
+    def _launch(self, x, out, residual, res_strides, num_seg, seg, oh, ow) -> None:
+        n, _, h, w = x.shape
+        c_in_g, c_out_g = self.in_channels // self.groups, self.out_channels // self.groups
+        cfg, m = self._config, n * oh * ow
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]),
+                self.groups)
+        # The precision only matters for fp32 operands; "tf32" is Triton's own default, so fp16
+        # compiles exactly as if none were given.
+        precision = self.fp32_precision if self.dtype == torch.float32 else "tf32"
+        _conv2d_kernel[grid](
+            x, self.weight, self.bias, residual, out,
+            h, w, c_in_g, oh, ow, c_out_g, m,
+            *x.stride(), *res_strides, *seg,
+            KH=self.kernel_size[0], KW=self.kernel_size[1],
+            STRIDE_H=self.stride[0], STRIDE_W=self.stride[1],
+            PAD_H=self.padding[0], PAD_W=self.padding[1],
+            DIL_H=self.dilation[0], DIL_W=self.dilation[1],
+            HAS_BIAS=self.bias is not None, ACT=self.act, HAS_RES=residual is not None,
+            POST_ACT=self.post_act, NUM_SEG=num_seg,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8,
+            EVEN_K=c_in_g % cfg["BLOCK_K"] == 0, DOT_PRECISION=precision,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+
+def allocate_output(x: torch.Tensor, layer: Conv2d) -> torch.Tensor:
+    """A channels_last output of the conv's full shape (for the convenience functions)."""
+    n, _, h, w = x.shape
+    oh, ow = (conv_output_size(s, k, st, p, d) for s, k, st, p, d in zip(
+        (h, w), layer.kernel_size, layer.stride, layer.padding, layer.dilation))
+    return torch.empty((n, layer.out_channels, oh, ow), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
+           activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
+           post_activation: Optional[str] = None, out: Optional[torch.Tensor] = None,
+           config: Optional[dict] = None) -> torch.Tensor:
+    """One-shot ``post_act(act(conv2d(x, weight) + bias) + residual)``; packs weights per call,
+    so compiled models use :class:`Conv2d` instead."""
+    layer = Conv2d(weight, bias, stride=stride, padding=padding, dilation=dilation,
+                   groups=groups, activation=activation, post_activation=post_activation,
+                   dtype=x.dtype, config=config)
+    out = allocate_output(x, layer) if out is None else out
+    layer(x, [out], residual)
+    return out

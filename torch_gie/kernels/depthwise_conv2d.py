@@ -1,0 +1,166 @@
+"""Direct depthwise 2D convolution on strided (typically channels_last) views, fused epilogue.
+
+groups == C_in and C_out = C_in·mult, so each output sums only KH·KW products:
+    out[n, co, oh, ow] = sum_{kh, kw} x[n, co // mult, oh·s_h - p_h + kh·d_h, ow·s_w - p_w + kw·d_w]
+                                      · weight[co, 0, kh, kw]
+As a GEMM that is K = KH·KW with N = 1 per group, far below tensor-core tiles, so this kernel
+multiplies directly on [BLOCK_M pixels, BLOCK_C channels] tiles (channels contiguous) with an
+unrolled (kh, kw) loop. Epilogue, output segments and the bound-layer interface are conv2d's.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from torch_gie.kernels.conv2d import (
+    Conv2d,
+    IntPair,
+    allocate_output,
+    conv_epilogue,
+    store_segments,
+)
+
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_C", "num_warps", "num_stages")
+
+
+def _cfg(bm: int, bc: int, warps: int) -> dict:
+    # One stage: the (kh, kw) loop is unrolled, there is no runtime loop to pipeline.
+    return dict(zip(_CONFIG_KEYS, (bm, bc, warps, 1)))
+
+
+def default_depthwise_config(c_out: int) -> dict:
+    """Untuned H100 tiling: up to 128 channels (256 B of fp16) per pixel row, 4 warps."""
+    bc = min(128, max(16, triton.next_power_of_2(c_out)))
+    return _cfg(max(32, 4096 // bc), bc, 4)
+
+
+def depthwise_conv2d_configs(c_out: int) -> list[dict]:
+    """Candidate tilings for the tuner: the default first."""
+    cands = [default_depthwise_config(c_out)]
+    for bm, bc, warps in ((32, 32, 4), (64, 32, 4), (128, 32, 4), (32, 64, 4), (64, 64, 4),
+                          (128, 64, 8), (16, 128, 4), (32, 128, 4), (64, 128, 8), (16, 16, 2)):
+        if bc > 2 * max(16, triton.next_power_of_2(c_out)):
+            continue
+        if _cfg(bm, bc, warps) not in cands:
+            cands.append(_cfg(bm, bc, warps))
+    return cands
+
+
+def pack_depthwise_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[C_out, 1, KH, KW] -> contiguous [KH, KW, C_out]: one tap's weights for a channel tile
+    are one contiguous vector."""
+    return weight.detach()[:, 0].permute(1, 2, 0).to(dtype).contiguous()
+
+
+@triton.jit
+def _depthwise_conv2d_kernel(
+    # pointers: input, packed weight [KH, KW, C_out], fp32 bias, residual, outs[0]
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    # sizes
+    H, W, OH, OW, C_out, M,
+    # strides in logical NCHW order: input, residual
+    s_xn, s_xc, s_xh, s_xw, s_rn, s_rc, s_rh, s_rw,
+    # output segments, as in conv2d
+    seg_c1, seg_c2, seg_c3, seg_o1, seg_o2, seg_o3,
+    s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
+    # geometry; MULT = C_out / C_in (output channels per input channel)
+    MULT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    # epilogue
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, POST_ACT: tl.constexpr,
+    NUM_SEG: tl.constexpr,
+    # tiling
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_m < M)[:, None] & (offs_c < C_out)[None, :]
+    # Overhanging rows/columns wrap onto valid ones so only the zero padding masks loads.
+    m_ld = offs_m % M
+    ow = m_ld % OW
+    oh = (m_ld // OW) % OH
+    nb = (m_ld // (OW * OH)).to(tl.int64)  # int64: batch * image stride can pass 2**31
+    co = offs_c % C_out
+    x_rows = x_ptr + nb * s_xn
+    x_cols = (co // MULT) * s_xc
+
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+        for kw in tl.static_range(KW):
+            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+            # Without padding every tap is inside the image (OH, OW match the conv formula).
+            inside = tl.full((BLOCK_M,), 1, tl.int1)
+            if PAD_H > 0:
+                inside = inside & (ih >= 0) & (ih < H)
+            if PAD_W > 0:
+                inside = inside & (iw >= 0) & (iw < W)
+            xv = tl.load((x_rows + ih * s_xh + iw * s_xw)[:, None] + x_cols[None, :],
+                         mask=inside[:, None], other=0.0)
+            wv = tl.load(w_ptr + (kh * KW + kw) * C_out + co)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+
+    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, s_rn, s_rc, s_rh, s_rw,
+                        HAS_BIAS, ACT, HAS_RES, POST_ACT)
+    store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o1, seg_o2,
+                   seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
+                   s3n, s3c, s3h, s3w, NUM_SEG)
+
+
+class DepthwiseConv2d(Conv2d):
+    """Conv2d's bound-layer interface for groups == C_in (weight [C_out, 1, KH, KW]), on the
+    direct kernel; configs hold BLOCK_M, BLOCK_C, num_warps, num_stages."""
+
+    _config_keys = _CONFIG_KEYS
+    _min_block = 1  # no tl.dot: any power of two works
+
+    def _check_groups(self) -> None:
+        if self.groups != self.in_channels:
+            raise ValueError(f"DepthwiseConv2d needs groups == C_in (weight [C_out, 1, KH, KW]); "
+                             f"got groups={self.groups}, C_in={self.in_channels}")
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return pack_depthwise_weight(weight, self.dtype)
+
+    def _candidate_configs(self) -> list[dict]:
+        return depthwise_conv2d_configs(self.out_channels)
+
+    def _launch(self, x, out, residual, res_strides, num_seg, seg, oh, ow) -> None:
+        n, _, h, w = x.shape
+        cfg, m = self._config, n * oh * ow
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(self.out_channels, cfg["BLOCK_C"]))
+        _depthwise_conv2d_kernel[grid](
+            x, self.weight, self.bias, residual, out,
+            h, w, oh, ow, self.out_channels, m,
+            *x.stride(), *res_strides, *seg,
+            MULT=self.out_channels // self.in_channels,
+            KH=self.kernel_size[0], KW=self.kernel_size[1],
+            STRIDE_H=self.stride[0], STRIDE_W=self.stride[1],
+            PAD_H=self.padding[0], PAD_W=self.padding[1],
+            DIL_H=self.dilation[0], DIL_W=self.dilation[1],
+            HAS_BIAS=self.bias is not None, ACT=self.act, HAS_RES=residual is not None,
+            POST_ACT=self.post_act, NUM_SEG=num_seg,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
+                     groups: Optional[int] = None, activation: Optional[str] = None,
+                     residual: Optional[torch.Tensor] = None,
+                     post_activation: Optional[str] = None, out: Optional[torch.Tensor] = None,
+                     config: Optional[dict] = None) -> torch.Tensor:
+    """One-shot depthwise ``post_act(act(conv2d(x, weight) + bias) + residual)``; groups
+    defaults to C_in. Packs weights per call, so compiled models use :class:`DepthwiseConv2d`."""
+    layer = DepthwiseConv2d(weight, bias, stride=stride, padding=padding, dilation=dilation,
+                            groups=x.shape[1] if groups is None else groups,
+                            activation=activation, post_activation=post_activation,
+                            dtype=x.dtype, config=config)
+    out = allocate_output(x, layer) if out is None else out
+    layer(x, [out], residual)
+    return out
