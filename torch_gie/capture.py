@@ -177,6 +177,10 @@ def _normalize_function(gm: fx.GraphModule, node: fx.Node) -> Canonical:
                                                         else "gelu_tanh")
     if t is F.hardtanh and kw.get("min_val", -1.0) == 0.0 and kw.get("max_val", 1.0) == 6.0:
         return ops.activation, [x], ops.ActivationSpec("relu6")
+    if getattr(t, "__name__", "") == "stochastic_depth" and getattr(t, "__module__", "").startswith("torchvision"):
+        if node.kwargs.get("training", node.args[3] if len(node.args) > 3 else True):
+            raise _NotCanonical
+        return ops.identity, [node.args[0]], ops.IdentitySpec("stochastic_depth")
     if t in _DROPOUT_FUNCTIONS and not kw.get("training", True):
         return ops.identity, [x], ops.IdentitySpec(t.__name__)
     if t is F.conv2d:
@@ -223,9 +227,19 @@ def _normalize(gm: fx.GraphModule, node: fx.Node) -> Optional[Canonical]:
         return None
     fn, inputs, _ = canon
     tensor_ins = all(isinstance(i, fx.Node) and "shape" in i.meta for i in inputs)
-    if not tensor_ins or "shape" not in node.meta:
+    if not tensor_ins or "shape" not in node.meta or not node.meta["dtype"].is_floating_point:
         return None
     return canon
+
+
+def _holds_tensor(meta) -> bool:
+    if isinstance(meta, TensorMetadata):
+        return True
+    if isinstance(meta, (tuple, list)):
+        return any(_holds_tensor(m) for m in meta)
+    if isinstance(meta, dict):
+        return any(_holds_tensor(m) for m in meta.values())
+    return False
 
 
 def _record_tensor_meta(gm: fx.GraphModule) -> None:
@@ -234,6 +248,7 @@ def _record_tensor_meta(gm: fx.GraphModule) -> None:
         if isinstance(tm, TensorMetadata):
             node.meta["shape"] = tuple(tm.shape)
             node.meta["dtype"] = tm.dtype
+        node.meta["tensor_valued"] = _holds_tensor(tm)
 
 
 def as_input_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
@@ -279,12 +294,12 @@ def capture(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Gra
             fn, inputs, spec = canon
             new = graph.create_node("call_function", fn, tuple(env[i] for i in inputs), {}, name=node.name)
             new.meta["spec"] = spec
-        for key in ("shape", "dtype"):
+        for key in ("shape", "dtype", "tensor_valued"):
             if key in node.meta:
                 new.meta[key] = node.meta[key]
         new.meta["source"] = node.name
         env[node] = new
-    graph.eliminate_dead_code()
     out = fx.GraphModule(gm, graph)
+    out.graph.eliminate_dead_code()
     log.debug("captured %s: %d nodes", type(module).__name__, len(graph.nodes))
     return out

@@ -32,7 +32,10 @@ def spec(node: fx.Node):
 
 
 def is_fallback_compute(node: fx.Node) -> bool:
-    """A node PyTorch executes because no canonical op covers it (and that does real work)."""
+    """A node PyTorch executes because no canonical op covers it and that produces tensors
+    (Python arithmetic on sizes is not a kernel)."""
+    if not node.meta.get("tensor_valued", False):
+        return False
     if node.op == "call_module":
         return True
     if node.op == "call_function":

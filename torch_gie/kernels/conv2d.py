@@ -13,7 +13,7 @@ along channels into up to four destination views of one buffer (so a concat cost
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -22,7 +22,7 @@ import triton.language as tl
 from torch_gie.activations import activation_code
 from torch_gie.kernels.epilogue import activate
 
-IntPair = Union[int, Sequence[int]]
+IntPair = int | Sequence[int]
 MAX_SEGMENTS = 4
 # Names tl.dot accepts for fp32 operands on NVIDIA in Triton 3.x (keyword ``input_precision``).
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -241,11 +241,11 @@ class Conv2d:
     tuner; ``config`` is the one used (settable).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
-                 groups: int = 1, activation: Optional[str] = None,
-                 post_activation: Optional[str] = None, dtype: torch.dtype = torch.float16,
-                 config: Optional[dict] = None, fp32_precision: str = "ieee") -> None:
+                 groups: int = 1, activation: str | None = None,
+                 post_activation: str | None = None, dtype: torch.dtype = torch.float16,
+                 config: dict | None = None, fp32_precision: str = "ieee") -> None:
         if weight.dim() != 4:
             raise ValueError(f"weight must be 4D [C_out, C_in/groups, KH, KW], "
                              f"got shape {tuple(weight.shape)}")
@@ -297,8 +297,8 @@ class Conv2d:
         return conv2d_configs(self.out_channels // self.groups,
                               self.in_channels // self.groups, self.dtype)
 
-    def __call__(self, x: torch.Tensor, outs: Union[torch.Tensor, Sequence[torch.Tensor]],
-                 residual: Optional[torch.Tensor] = None) -> None:
+    def __call__(self, x: torch.Tensor, outs: torch.Tensor | Sequence[torch.Tensor],
+                 residual: torch.Tensor | None = None) -> None:
         outs = [outs] if isinstance(outs, torch.Tensor) else list(outs)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be 4D (N, {self.in_channels}, H, W), "
@@ -367,11 +367,11 @@ def allocate_output(x: torch.Tensor, layer: Conv2d) -> torch.Tensor:
                        memory_format=torch.channels_last)
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
-           activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
-           post_activation: Optional[str] = None, out: Optional[torch.Tensor] = None,
-           config: Optional[dict] = None) -> torch.Tensor:
+           activation: str | None = None, residual: torch.Tensor | None = None,
+           post_activation: str | None = None, out: torch.Tensor | None = None,
+           config: dict | None = None) -> torch.Tensor:
     """One-shot ``post_act(act(conv2d(x, weight) + bias) + residual)``; packs weights per call,
     so compiled models use :class:`Conv2d` instead."""
     layer = Conv2d(weight, bias, stride=stride, padding=padding, dilation=dilation,

@@ -1,15 +1,13 @@
 """Direct depthwise 2D convolution on strided (typically channels_last) views, fused epilogue.
 
 groups == C_in and C_out = C_in·mult, so each output sums only KH·KW products:
-    out[n, co, oh, ow] = sum_{kh, kw} x[n, co // mult, oh·s_h - p_h + kh·d_h, ow·s_w - p_w + kw·d_w]
-                                      · weight[co, 0, kh, kw]
+    out[n, co, oh, ow] = sum_{kh, kw} weight[co, 0, kh, kw]
+                         · x[n, co // mult, oh·s_h - p_h + kh·d_h, ow·s_w - p_w + kw·d_w]
 As a GEMM that is K = KH·KW with N = 1 per group, far below tensor-core tiles, so this kernel
 multiplies directly on [BLOCK_M pixels, BLOCK_C channels] tiles (channels contiguous) with an
 unrolled (kh, kw) loop. Epilogue, output segments and the bound-layer interface are conv2d's.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import triton
@@ -149,12 +147,12 @@ class DepthwiseConv2d(Conv2d):
         )
 
 
-def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                      stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
-                     groups: Optional[int] = None, activation: Optional[str] = None,
-                     residual: Optional[torch.Tensor] = None,
-                     post_activation: Optional[str] = None, out: Optional[torch.Tensor] = None,
-                     config: Optional[dict] = None) -> torch.Tensor:
+                     groups: int | None = None, activation: str | None = None,
+                     residual: torch.Tensor | None = None,
+                     post_activation: str | None = None, out: torch.Tensor | None = None,
+                     config: dict | None = None) -> torch.Tensor:
     """One-shot depthwise ``post_act(act(conv2d(x, weight) + bias) + residual)``; groups
     defaults to C_in. Packs weights per call, so compiled models use :class:`DepthwiseConv2d`."""
     layer = DepthwiseConv2d(weight, bias, stride=stride, padding=padding, dilation=dilation,

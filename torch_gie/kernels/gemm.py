@@ -1,12 +1,11 @@
-"""GEMM for Linear layers: ``out = act(x @ W^T + bias)`` on strided views, in one launch.
+"""GEMM for Linear layers: ``out = post_act(act(x @ W^T + bias) + residual)`` in one launch.
 
 With x viewed as rows ``[M, K]`` (M = product of the leading dims) and W packed once as
 ``W^T [K, N]``, each program computes one ``BLOCK_M x BLOCK_N`` tile of the output, accumulating
-in fp32 over K; bias and activation are applied to the fp32 accumulator before the single store.
+in fp32 over K; the epilogue (bias, activation, optional residual and post-activation, as in
+``ops.Epilogue``) runs on the fp32 accumulator before the single store.
 """
 from __future__ import annotations
-
-from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -23,64 +22,76 @@ _ROW_ALIGN = 16
 # Roughly the SM count of an H100: below this many tiles the GPU is mostly idle, so the default
 # config shrinks the tile instead (no split-K: it would need a zeroed output or a workspace).
 _TARGET_PROGRAMS = 128
-_SMEM_BUDGET = 160 * 1024
+_SMEM_BUDGET = 160 * 1024  # bytes of shared memory a config's pipeline stages may take
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
 
-class GemmConfig(NamedTuple):
-    """One launch configuration; every block dim is >= 16 because tl.dot requires it."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
+    return dict(zip(_CONFIG_KEYS, (bm, bn, bk, warps, stages), strict=True))
 
 
-def linear_configs(dtype: torch.dtype = torch.float16) -> list[GemmConfig]:
-    """Candidate configs for a tuner, from skinny (batch 1) to large tiles, fitting shared memory."""
+def linear_configs(dtype: torch.dtype = torch.float16) -> list[dict]:
+    """Candidate tilings for the tuner, skinny (batch 1) to large, that fit shared memory.
+
+    Each is a dict with keys BLOCK_M, BLOCK_N, BLOCK_K (powers of two >= 16, as tl.dot requires),
+    num_warps and num_stages, the same form the conv kernels use.
+    """
     candidates = [
-        # M <= 16 (batch 1..16): weight-bandwidth bound, so many narrow programs and long K steps.
-        GemmConfig(16, 16, 256, 2, 4),
-        GemmConfig(16, 32, 128, 4, 4),
-        GemmConfig(16, 64, 128, 4, 4),
-        GemmConfig(32, 32, 128, 4, 4),
-        GemmConfig(32, 64, 64, 4, 4),
-        GemmConfig(64, 64, 64, 4, 4),
-        GemmConfig(64, 128, 64, 4, 3),
-        GemmConfig(128, 64, 64, 4, 3),
-        GemmConfig(128, 128, 32, 8, 4),
-        GemmConfig(128, 128, 64, 8, 3),
-        GemmConfig(128, 256, 64, 8, 3),
+        # M <= 16 (batch 1..16): weight-bandwidth bound, so many narrow programs, long K steps.
+        _cfg(16, 16, 256, 2, 4),
+        _cfg(16, 32, 128, 4, 4),
+        _cfg(16, 64, 128, 4, 4),
+        _cfg(32, 32, 128, 4, 4),
+        _cfg(32, 64, 64, 4, 4),
+        _cfg(64, 64, 64, 4, 4),
+        _cfg(64, 128, 64, 4, 3),
+        _cfg(128, 64, 64, 4, 3),
+        _cfg(128, 128, 32, 8, 4),
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 256, 64, 8, 3),
     ]
     size = torch.finfo(dtype).bits // 8
-    return [c for c in candidates
-            if (c.block_m + c.block_n) * c.block_k * size * c.num_stages <= _SMEM_BUDGET]
+    return [c for c in candidates if (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * size
+            * c["num_stages"] <= _SMEM_BUDGET]
 
 
-def default_config(m: int, n: int, dtype: torch.dtype = torch.float16) -> GemmConfig:
-    """The largest tile that still yields enough programs to fill the GPU; the smallest otherwise."""
+def default_config(m: int, n: int, dtype: torch.dtype = torch.float16) -> dict:
+    """The largest tile that still yields enough programs to fill the GPU, else the smallest."""
     configs = linear_configs(dtype)
-    skinny = [c for c in configs if c.block_m == 16]
-    pool = skinny if m <= 16 else [c for c in configs if c.block_m > 16]
-    by_size = sorted(pool, key=lambda c: (c.block_m * c.block_n, c.block_k), reverse=True)
+    pool = [c for c in configs if (c["BLOCK_M"] == 16) == (m <= 16)]
+    by_size = sorted(pool, key=lambda c: (c["BLOCK_M"] * c["BLOCK_N"], c["BLOCK_K"]), reverse=True)
     for c in by_size:
-        if triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n) >= _TARGET_PROGRAMS:
+        if triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]) >= _TARGET_PROGRAMS:
             return c
     return by_size[-1]
+
+
+def check_config(config: dict) -> dict:
+    """Validate a tiling (GPU limits the interpreter does not check) and return a copy."""
+    missing = [k for k in _CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"config is missing {missing}; expected keys {_CONFIG_KEYS}")
+    for key in _CONFIG_KEYS[:3]:
+        v = config[key]
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"config {key} must be a power of two >= 16 (tl.dot), got {v}")
+    return {key: config[key] for key in _CONFIG_KEYS}  # extra keys would reach the launch
 
 
 @triton.jit
 def _linear_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, out_ptr,
-    # sizes; row m of x/out lives at (m // ROWS_INNER, m % ROWS_INNER) of its 3D view
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    # sizes; row m of x/res/out lives at (m // ROWS_INNER, m % ROWS_INNER) of its 3D view
     M, N, K, ROWS_INNER,
     # strides (the packed weight has unit stride along N)
     stride_xo, stride_xi, stride_xk,
     stride_wk,
+    stride_ro, stride_ri, stride_rn,
     stride_oo, stride_oi, stride_on,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, POST_ACT: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # N varies fastest across programs so consecutive programs share the same x rows in L2.
@@ -110,9 +121,16 @@ def _linear_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
     acc = activate(acc, ACT)
-    out_rows = (rm64 // ROWS_INNER) * stride_oo + (rm64 % ROWS_INNER) * stride_oi
-    out_ptrs = out_ptr + out_rows[:, None] + rn[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    mask = m_ok[:, None] & n_ok[None, :]
+    row_o = rm64 // ROWS_INNER
+    row_i = rm64 % ROWS_INNER
+    if HAS_RES:
+        res_ptrs = (res_ptr + (row_o * stride_ro + row_i * stride_ri)[:, None]
+                    + rn[None, :] * stride_rn)
+        acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+        acc = activate(acc, POST_ACT)
+    out_ptrs = out_ptr + (row_o * stride_oo + row_i * stride_oi)[:, None] + rn[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -132,31 +150,38 @@ def _as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 class Linear:
-    """A Linear layer bound at compile time: weight packed once, then ``layer(x, out)`` per forward."""
+    """A Linear layer bound at build time: the weight is packed once, then
+    ``layer(x, out[, residual])`` writes ``post_act(act(x @ W^T + bias) + residual)`` every
+    forward and allocates nothing. ``configs`` lists candidate tilings for the tuner; ``config``
+    (settable) is the one used."""
 
     def __init__(
         self,
         weight: torch.Tensor,
-        bias: Optional[torch.Tensor] = None,
+        bias: torch.Tensor | None = None,
         *,
-        activation: Optional[str] = None,
+        activation: str | None = None,
+        post_activation: str | None = None,
         dtype: torch.dtype = torch.float16,
-        config: Optional[GemmConfig] = None,
+        config: dict | None = None,
         fp32_precision: str = "ieee",
     ) -> None:
         if weight.dim() != 2:
-            raise ValueError(f"weight must be 2D [out_features, in_features], got shape {tuple(weight.shape)}")
+            raise ValueError(f"weight must be 2D [out_features, in_features], "
+                             f"got shape {tuple(weight.shape)}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
         if fp32_precision not in _FP32_PRECISIONS:
-            raise ValueError(f"fp32_precision must be one of {_FP32_PRECISIONS}, got {fp32_precision!r}")
+            raise ValueError(f"fp32_precision must be one of {_FP32_PRECISIONS}, "
+                             f"got {fp32_precision!r}")
         n, k = weight.shape
         if bias is not None and tuple(bias.shape) != (n,):
             raise ValueError(f"bias must have shape ({n},) to match weight {tuple(weight.shape)}, "
                              f"got {tuple(bias.shape)}")
         self.out_features, self.in_features = n, k
-        self.activation = activation
-        self._act = activation_code(activation)
+        self.activation, self.post_activation = activation, post_activation
+        # post_activation follows the residual, so it applies only to calls given one.
+        self._act, self._post_act = activation_code(activation), activation_code(post_activation)
         self.dtype = dtype
         self.fp32_precision = fp32_precision
         # W^T as [K, N_pad] in the compute dtype: tiles of it load N-contiguous, matching tl.dot's
@@ -166,54 +191,82 @@ class Linear:
         packed[:, :n] = weight.detach().t().to(dtype)
         self.weight_t = packed
         # Bias stays fp32: it is added to the fp32 accumulator.
-        self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self.bias = (None if bias is None
+                     else bias.detach().to(weight.device, torch.float32).contiguous())
         self.configs = linear_configs(dtype)
-        self.config = config  # None: default_config() picks one per call from the row count
+        self.config = config
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Write ``act(x @ W^T + bias)`` into ``out``; x is (..., K), out is (..., N)."""
+    @property
+    def config(self) -> dict | None:
+        """The tiling used; None (the default) picks one per call from the row count."""
+        return self._config
+
+    @config.setter
+    def config(self, config: dict | None) -> None:
+        self._config = None if config is None else check_config(config)
+
+    def config_for(self, m: int) -> dict:
+        """The tiling a call with ``m`` rows uses: ``config``, else the default for ``m``."""
+        return self.config or default_config(m, self.out_features, self.dtype)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor,
+                 residual: torch.Tensor | None = None) -> None:
+        """Write the layer's output into ``out``; x is (..., K), out and residual (..., N)."""
         k, n = self.in_features, self.out_features
         if x.dim() < 1 or x.shape[-1] != k:
             raise ValueError(f"x must have shape (..., {k}), got {tuple(x.shape)}")
         if tuple(out.shape) != (*x.shape[:-1], n):
             raise ValueError(f"out must have shape {(*x.shape[:-1], n)} for x of shape "
                              f"{tuple(x.shape)}, got {tuple(out.shape)}")
-        for name, t in (("x", x), ("out", out)):
+        if residual is not None and residual.shape != out.shape:
+            raise ValueError(f"residual must have out's shape {tuple(out.shape)}, "
+                             f"got {tuple(residual.shape)}")
+        for name, t in (("x", x), ("out", out), ("residual", residual)):
+            if t is None:
+                continue
             if t.dtype != self.dtype:
                 raise ValueError(f"{name} must be {self.dtype} (the layer's dtype), got {t.dtype}")
             if t.device != self.weight_t.device:
-                raise ValueError(f"{name} is on {t.device} but the weight is on {self.weight_t.device}")
+                raise ValueError(f"{name} is on {t.device} but the weight is on "
+                                 f"{self.weight_t.device}")
         x3, o3 = _as_rows(x, "x"), _as_rows(out, "out")
+        r3 = o3 if residual is None else _as_rows(residual, "residual")
         m = x3.shape[0] * x3.shape[1]
         if m == 0:
             return
-        cfg = self.config or default_config(m, n, self.dtype)
+        cfg = self.config_for(m)
         # The precision option only concerns fp32 operands; None keeps Triton's default for fp16.
         precision = self.fp32_precision if self.dtype == torch.float32 else None
-        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]))
         _linear_kernel[grid](
-            x3, self.weight_t, self.bias if self.bias is not None else self.weight_t, o3,
+            x3, self.weight_t, self.bias if self.bias is not None else self.weight_t, r3, o3,
             m, n, k, x3.shape[1],
             x3.stride(0), x3.stride(1), x3.stride(2),
             self.weight_t.stride(0),
+            r3.stride(0), r3.stride(1), r3.stride(2),
             o3.stride(0), o3.stride(1), o3.stride(2),
-            HAS_BIAS=self.bias is not None, ACT=self._act, PRECISION=precision,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HAS_BIAS=self.bias is not None, ACT=self._act,
+            HAS_RES=residual is not None, POST_ACT=self._post_act, PRECISION=precision,
+            **cfg,
         )
 
 
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    activation: Optional[str] = None,
-    out: Optional[torch.Tensor] = None,
-    config: Optional[GemmConfig] = None,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    post_activation: str | None = None,
 ) -> torch.Tensor:
-    """``act(x @ weight^T + bias)`` in x's dtype, allocating ``out`` when not given."""
-    layer = Linear(weight, bias, activation=activation, dtype=x.dtype, config=config)
+    """``post_act(act(x @ weight^T + bias) + residual)`` in x's dtype (no residual: just
+    ``act(x @ weight^T + bias)``), allocating ``out`` when not given."""
+    layer = Linear(weight, bias, activation=activation, post_activation=post_activation,
+                   dtype=x.dtype, config=config)
     if out is None:
         out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
-    layer(x, out)
+    layer(x, out, residual)
     return out

@@ -1,19 +1,19 @@
-"""2D pooling on NCHW-shaped strided views (channels_last in practice): max, average, adaptive average.
+"""2D max / average / adaptive-average pooling on NCHW-shaped strided views (channels_last).
 
-Output ``(n, c, oh, ow)`` reduces the window ``ih = oh*SH - PH + kh*DH`` (kh < KH), likewise for w;
-max ignores taps in the padding (as -inf), average divides by PyTorch's count. Adaptive pooling uses
-``[floor(oh*H/OH), ceil((oh+1)*H/OH))``. Programs tile (output pixels x channels), channels contiguous.
+Output ``(n, c, oh, ow)`` reduces the taps ``ih = oh*SH - PH + kh*DH`` (kh < KH), likewise for w;
+max ignores taps in the padding (as -inf), average divides by PyTorch's count. Adaptive pooling
+reduces ``[floor(oh*H/OH), ceil((oh+1)*H/OH))``. Programs tile (output pixels x channels), with
+channels contiguous.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Optional, Union
+from functools import cache
 
 import torch
 import triton
 import triton.language as tl
 
-IntPair = Union[int, tuple[int, int]]
+IntPair = int | tuple[int, int]
 
 _DTYPES = (torch.float16, torch.float32)
 _MAX, _AVG, _ADAPTIVE_AVG = 0, 1, 2  # kernel modes
@@ -135,11 +135,14 @@ def _pair(v: IntPair, name: str, minimum: int) -> tuple[int, int]:
 
 def _check_io(x: torch.Tensor, out: torch.Tensor) -> None:
     if x.dim() != 4 or out.dim() != 4:
-        raise ValueError(f"x and out must be 4D (N, C, H, W), got shapes {tuple(x.shape)} and {tuple(out.shape)}")
+        raise ValueError(f"x and out must be 4D (N, C, H, W), got shapes {tuple(x.shape)} "
+                         f"and {tuple(out.shape)}")
     if out.shape[:2] != x.shape[:2]:
-        raise ValueError(f"out must keep x's (N, C) = {tuple(x.shape[:2])}, got {tuple(out.shape[:2])}")
+        raise ValueError(f"out must keep x's (N, C) = {tuple(x.shape[:2])}, "
+                         f"got {tuple(out.shape[:2])}")
     if x.dtype not in _DTYPES or out.dtype != x.dtype:
-        raise ValueError(f"x and out must share a dtype in {_DTYPES}, got {x.dtype} and {out.dtype}")
+        raise ValueError(f"x and out must share a dtype in {_DTYPES}, "
+                         f"got {x.dtype} and {out.dtype}")
     if x.device != out.device:
         raise ValueError(f"x and out must be on one device, got {x.device} and {out.device}")
 
@@ -156,7 +159,8 @@ def _launch_windowed(x: torch.Tensor, out: torch.Tensor, **meta) -> None:
                          BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4, **meta)
 
 
-def pooled_size(size: int, kernel: int, stride: int, pad: int, dilation: int, ceil_mode: bool) -> int:
+def pooled_size(size: int, kernel: int, stride: int, pad: int, dilation: int,
+                ceil_mode: bool) -> int:
     """PyTorch's pooling output size, including the ceil_mode rule that the last window must
     start inside the input or its left padding."""
     span = size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
@@ -173,12 +177,12 @@ class Pool2d:
         self,
         kind: str,
         kernel_size: IntPair,
-        stride: Optional[IntPair] = None,
+        stride: IntPair | None = None,
         padding: IntPair = 0,
         dilation: IntPair = 1,
         ceil_mode: bool = False,
         count_include_pad: bool = True,
-        divisor_override: Optional[int] = None,
+        divisor_override: int | None = None,
     ) -> None:
         if kind not in ("max", "avg"):
             raise ValueError(f"kind must be 'max' or 'avg', got {kind!r}")
@@ -187,10 +191,12 @@ class Pool2d:
         self.stride = self.kernel_size if stride is None else _pair(stride, "stride", 1)
         self.padding = _pair(padding, "padding", 0)
         self.dilation = _pair(dilation, "dilation", 1)
-        if any(p > k // 2 for p, k in zip(self.padding, self.kernel_size)):
-            raise ValueError(f"padding {self.padding} must be at most half of kernel_size {self.kernel_size}")
+        if any(p > k // 2 for p, k in zip(self.padding, self.kernel_size, strict=True)):
+            raise ValueError(f"padding {self.padding} must be at most half of kernel_size "
+                             f"{self.kernel_size}")
         if kind == "avg" and self.dilation != (1, 1):
-            raise ValueError(f"average pooling has no dilation (as in PyTorch), got {self.dilation}")
+            raise ValueError(f"average pooling has no dilation (as in PyTorch), "
+                             f"got {self.dilation}")
         if divisor_override is not None and (kind == "max" or divisor_override == 0):
             raise ValueError(f"divisor_override must be a nonzero int for average pooling, got "
                              f"{divisor_override!r} for {kind} pooling")
@@ -200,22 +206,25 @@ class Pool2d:
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """(OH, OW) for an (h, w) input, by PyTorch's formula."""
-        return tuple(pooled_size(s, k, st, p, d, self.ceil_mode) for s, k, st, p, d in zip(
-            (h, w), self.kernel_size, self.stride, self.padding, self.dilation))
+        dims = zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation, strict=True)
+        return tuple(pooled_size(*dim, self.ceil_mode) for dim in dims)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
         _check_io(x, out)
         expected = self.output_size(*x.shape[2:])
         if tuple(out.shape[2:]) != expected or min(expected) < 1:
-            raise ValueError(f"{self.kind} pool {self.kernel_size}/{self.stride} pad {self.padding} of a "
-                             f"{tuple(x.shape[2:])} input gives {expected}; out has {tuple(out.shape[2:])}")
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+            raise ValueError(f"{self.kind} pool {self.kernel_size}, stride {self.stride}, padding "
+                             f"{self.padding} of a {tuple(x.shape[2:])} input gives {expected}; "
+                             f"out has {tuple(out.shape[2:])}")
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
+                                                  self.dilation)
         _launch_windowed(x, out, MODE=_MAX if self.kind == "max" else _AVG,
                          KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
-                         COUNT_INCLUDE_PAD=self.count_include_pad, DIVISOR=self.divisor_override or 0)
+                         COUNT_INCLUDE_PAD=self.count_include_pad,
+                         DIVISOR=self.divisor_override or 0)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _largest_window(size: int, out_size: int) -> int:
     return max(-(-(i + 1) * size // out_size) - i * size // out_size for i in range(out_size))
 
@@ -223,8 +232,10 @@ def _largest_window(size: int, out_size: int) -> int:
 class AdaptiveAvgPool2d:
     """Adaptive average pooling to out's spatial size; ``output_size``, if given, is checked too."""
 
-    def __init__(self, output_size: Optional[Union[int, tuple[Optional[int], Optional[int]]]] = None) -> None:
-        self.output_size = (output_size, output_size) if isinstance(output_size, int) else output_size
+    def __init__(self, output_size: int | tuple[int | None, int | None] | None = None) -> None:
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.output_size = output_size
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
         _check_io(x, out)
@@ -232,11 +243,13 @@ class AdaptiveAvgPool2d:
         oh, ow = out.shape[2:]
         if self.output_size is not None:
             # None in output_size keeps that input dim, as in PyTorch.
-            expected = tuple(s if e is None else e for e, s in zip(self.output_size, (h, w)))
+            expected = tuple(s if e is None else e
+                             for e, s in zip(self.output_size, (h, w), strict=True))
             if (oh, ow) != expected:
                 raise ValueError(f"out spatial size must be {expected}, got {(oh, ow)}")
         if min(h, w, oh, ow) < 1:
-            raise ValueError(f"adaptive pooling needs nonempty input and output, got {(h, w)} -> {(oh, ow)}")
+            raise ValueError(f"adaptive pooling needs nonempty input and output, "
+                             f"got {(h, w)} -> {(oh, ow)}")
         if n * c == 0:
             return
         if (oh, ow) == (1, 1):
@@ -246,7 +259,9 @@ class AdaptiveAvgPool2d:
             _global_avg_kernel[grid](x, out, c, h, w, *x.stride(), out.stride(0), out.stride(1),
                                      BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
             return
-        _launch_windowed(x, out, MODE=_ADAPTIVE_AVG, KH=_largest_window(h, oh), KW=_largest_window(w, ow),
+        # KH, KW bound the largest window; shorter windows mask their extra taps.
+        _launch_windowed(x, out, MODE=_ADAPTIVE_AVG,
+                         KH=_largest_window(h, oh), KW=_largest_window(w, ow),
                          SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, COUNT_INCLUDE_PAD=True, DIVISOR=0)
 
 
@@ -254,18 +269,19 @@ def pool2d(
     x: torch.Tensor,
     kind: str,
     kernel_size: IntPair,
-    stride: Optional[IntPair] = None,
+    stride: IntPair | None = None,
     padding: IntPair = 0,
     dilation: IntPair = 1,
     ceil_mode: bool = False,
     count_include_pad: bool = True,
-    divisor_override: Optional[int] = None,
-    out: Optional[torch.Tensor] = None,
+    divisor_override: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Max/avg pooling of x, allocating ``out`` (channels_last) when not given."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4D (N, C, H, W), got shape {tuple(x.shape)}")
-    layer = Pool2d(kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad, divisor_override)
+    layer = Pool2d(kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad,
+                   divisor_override)
     if out is None:
         oh, ow = layer.output_size(*x.shape[-2:])
         out = torch.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype, device=x.device,
@@ -274,7 +290,8 @@ def pool2d(
     return out
 
 
-def adaptive_avg_pool2d(x: torch.Tensor, output_size: IntPair, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def adaptive_avg_pool2d(x: torch.Tensor, output_size: IntPair,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     """Adaptive average pooling of x, allocating ``out`` (channels_last) when not given."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4D (N, C, H, W), got shape {tuple(x.shape)}")

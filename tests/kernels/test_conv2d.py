@@ -1,0 +1,299 @@
+"""Implicit-GEMM conv2d against torch.nn.functional.conv2d: geometry, layouts (channel slices,
+NCHW, storage offsets), output segments, fused epilogue, dtypes and input validation.
+
+Outputs live in NaN-poisoned buffers, so an unwritten element fails the comparison and a stray
+write outside the target views fails the poison check. Shapes are tiny: on CPU every kernel
+runs in the Triton interpreter.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torch_gie.activations import ACTIVATION_NAMES, apply_activation
+from torch_gie.kernels.conv2d import (
+    Conv2d,
+    conv2d,
+    conv2d_configs,
+    default_conv2d_config,
+)
+
+SMALL = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def poisoned(shape, dtype, device, channels_last=True) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(
+        memory_format=fmt)
+
+
+def reference(x, w, b, stride, padding, dilation, groups, act=None, res=None, post=None):
+    """fp32 eager reference on the same (already rounded) inputs."""
+    y = F.conv2d(x.float(), w.float(), None if b is None else b.float(), stride, padding,
+                 dilation, groups)
+    y = apply_activation(y, act)
+    if res is not None:
+        y = y + res.float()
+    return apply_activation(y, post)
+
+
+def check(out, ref, dtype):
+    assert torch.isfinite(out).all(), "unwritten (poisoned) output elements"
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def run(n, c_in, c_out, h, w, k, stride=1, padding=0, dilation=1, groups=1, *, dtype=torch.float32,
+        device="cpu", act=None, config=SMALL, x_slice=False, nchw=False, out_slice=True):
+    """Build inputs (optionally as a channel slice of a bigger buffer or NCHW), run the bound
+    layer into a channel slice of a poisoned channels_last buffer and check both."""
+    kh, kw = (k, k) if isinstance(k, int) else k
+    if x_slice:  # channels [2, 2 + c_in) of a channels_last buffer: storage offset + pixel stride
+        x = torch.randn(n, c_in + 5, h, w, device=device)
+        x = x.to(dtype, memory_format=torch.channels_last)[:, 2:2 + c_in]
+    elif nchw:
+        x = torch.randn(n, c_in, h, w, device=device, dtype=dtype)
+    else:
+        x = torch.randn(n, c_in, h, w, device=device).to(dtype, memory_format=torch.channels_last)
+    fan_in = c_in // groups * kh * kw
+    wt = (torch.randn(c_out, c_in // groups, kh, kw, device=device) / fan_in**0.5).to(dtype)
+    b = torch.randn(c_out, device=device)
+    ref = reference(x, wt, b, stride, padding, dilation, groups, act)
+    big = poisoned((n, c_out + 7 if out_slice else c_out, *ref.shape[2:]), dtype, device)
+    out = big[:, 3:3 + c_out] if out_slice else big
+    layer = Conv2d(wt, b, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                   activation=act, dtype=dtype, config=config)
+    layer(x, [out])
+    check(out, ref, dtype)
+    if out_slice:
+        assert big[:, :3].isnan().all() and big[:, 3 + c_out:].isnan().all()
+
+
+# name: (n, c_in, c_out, h, w, k, stride, padding, dilation, groups)
+GEOMETRIES = {
+    "1x1": (2, 16, 32, 4, 4, 1, 1, 0, 1, 1),
+    "1x1_stride2": (1, 8, 16, 7, 6, 1, 2, 0, 1, 1),
+    "3x3_pad1": (1, 8, 16, 6, 5, 3, 1, 1, 1, 1),
+    "3x3_stride2": (1, 8, 16, 7, 7, 3, 2, 1, 1, 1),
+    "5x5_pad2": (1, 4, 8, 6, 6, 5, 1, 2, 1, 1),
+    "7x7_stride2_pad3": (1, 3, 16, 9, 9, 7, 2, 3, 1, 1),
+    "dilation2": (1, 8, 16, 7, 7, 3, 1, 2, 2, 1),
+    "odd_sizes_batch3": (3, 3, 10, 7, 5, 3, 1, 1, 1, 1),
+    "no_pad_3x3": (2, 5, 10, 5, 6, 3, 1, 0, 1, 1),
+    "asymmetric": (1, 8, 16, 7, 5, (3, 1), (2, 1), (1, 0), 1, 1),
+    "k_loop_ragged": (1, 40, 24, 3, 3, 3, 1, 1, 1, 1),  # 40 = 2.5 BLOCK_K
+    "k_loop_even": (1, 32, 16, 3, 4, 1, 1, 0, 1, 1),
+    "groups2": (1, 8, 12, 5, 5, 3, 1, 1, 1, 2),
+    "groups4": (3, 16, 16, 4, 5, 3, 1, 1, 1, 4),
+    "groups8_width2": (1, 16, 32, 4, 4, 3, 2, 1, 1, 8),
+}
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_geometry_fp32(name, device):
+    run(*GEOMETRIES[name], device=device)
+
+
+@pytest.mark.parametrize("name", ["1x1", "3x3_pad1", "7x7_stride2_pad3", "odd_sizes_batch3",
+                                  "groups4"])
+def test_geometry_fp16(name, device):
+    run(*GEOMETRIES[name], dtype=torch.float16, device=device)
+
+
+@pytest.mark.parametrize("layout", ["x_slice", "nchw", "out_full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_layouts(layout, dtype, device):
+    run(2, 12, 20, 5, 6, 3, padding=1, groups=2, dtype=dtype, device=device,
+        x_slice=layout == "x_slice", nchw=layout == "nchw", out_slice=layout != "out_full")
+
+
+def test_nchw_output(device):
+    x = torch.randn(2, 6, 5, 5, device=device)
+    wt, b = torch.randn(10, 6, 3, 3, device=device), torch.randn(10, device=device)
+    out = poisoned((2, 10, 5, 5), torch.float32, device, channels_last=False)
+    Conv2d(wt, b, padding=1, dtype=torch.float32, config=SMALL)(x, [out])
+    check(out, reference(x, wt, b, 1, 1, 1, 1), torch.float32)
+
+
+@pytest.mark.parametrize("act", ACTIVATION_NAMES)
+def test_activations(act, device):
+    run(1, 8, 16, 4, 4, 3, padding=1, act=act, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("act,post", [(None, "relu"), ("relu", None), ("silu", "hardswish")])
+def test_residual_post_activation(act, post, dtype, device):
+    n, c_in, c_out = 2, 8, 12
+    x = torch.randn(n, c_in, 6, 6, device=device).to(dtype, memory_format=torch.channels_last)
+    wt = (torch.randn(c_out, c_in, 3, 3, device=device) / 8).to(dtype)
+    b = torch.randn(c_out, device=device)
+    # The residual is itself a channel slice of a channels_last buffer.
+    res = torch.randn(n, c_out + 4, 3, 3, device=device)
+    res = res.to(dtype, memory_format=torch.channels_last)[:, 4:]
+    out = poisoned((n, c_out, 3, 3), dtype, device)
+    Conv2d(wt, b, stride=2, padding=1, activation=act, post_activation=post, dtype=dtype,
+           config=SMALL)(x, [out], residual=res)
+    check(out, reference(x, wt, b, 2, 1, 1, 1, act, res, post), dtype)
+
+
+def test_residual_in_place(device):
+    """out = relu(conv(x) + out): each element's residual is read before it is overwritten."""
+    x = torch.randn(1, 8, 5, 5, device=device).to(memory_format=torch.channels_last)
+    wt, b = torch.randn(16, 8, 1, 1, device=device), torch.randn(16, device=device)
+    out = torch.randn(1, 16, 5, 5, device=device).to(memory_format=torch.channels_last)
+    ref = reference(x, wt, b, 1, 0, 1, 1, None, out.clone(), "relu")
+    Conv2d(wt, b, post_activation="relu", dtype=torch.float32, config=SMALL)(x, [out], out)
+    check(out, ref, torch.float32)
+
+
+def two_buffers_in_one_storage(n, oh, ow, dtype, device):
+    """Two distinct 4D buffers (channels_last with 12 channels, NCHW with 9) carved out of one
+    poisoned flat storage, with a gap between them; returns (flat, buf_a, buf_b, as_views)."""
+    size_a, gap, size_b = n * 12 * oh * ow, 5, n * 9 * oh * ow
+    flat = torch.full((size_a + gap + size_b,), float("nan"), dtype=dtype, device=device)
+
+    def as_views(t):
+        a = t.as_strided((n, 12, oh, ow), (12 * oh * ow, 1, ow * 12, 12), 0)
+        b = t.as_strided((n, 9, oh, ow), (9 * oh * ow, oh * ow, ow, 1), size_a + gap)
+        return a, b
+
+    return flat, *as_views(flat), as_views
+
+
+@pytest.mark.parametrize("order", ["a_first", "b_first"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_segments_across_buffers(order, dtype, device):
+    n, c_in, oh, ow = 2, 6, 4, 3
+    flat, buf_a, buf_b, as_views = two_buffers_in_one_storage(n, oh, ow, dtype, device)
+    # 3 segments, 4 + 5 + 3 = 12 channels; "b_first" puts outs[0] after outs[1] in memory, so
+    # the relative offsets go negative.
+    if order == "a_first":
+        pick = [lambda a, b: a[:, 2:6], lambda a, b: b[:, 1:6], lambda a, b: a[:, 8:11]]
+    else:
+        pick = [lambda a, b: b[:, 3:7], lambda a, b: a[:, 0:5], lambda a, b: a[:, 7:10]]
+    outs = [p(buf_a, buf_b) for p in pick]
+    x = torch.randn(n, c_in, oh, ow, device=device).to(dtype, memory_format=torch.channels_last)
+    wt = (torch.randn(12, c_in, 3, 3, device=device) / 4).to(dtype)
+    b = torch.randn(12, device=device)
+    Conv2d(wt, b, padding=1, activation="relu6", dtype=dtype, config=SMALL)(x, outs)
+    ref = reference(x, wt, b, 1, 1, 1, 1, "relu6")
+    check(torch.cat(outs, dim=1), ref, dtype)
+    written = torch.zeros(flat.shape, dtype=torch.bool, device=device)
+    for p in pick:
+        p(*as_views(written)).fill_(True)
+    assert flat[~written].isnan().all(), "write outside the output segments"
+
+
+def test_four_segments_one_buffer(device):
+    x = torch.randn(1, 4, 5, 5, device=device).to(memory_format=torch.channels_last)
+    wt, b = torch.randn(20, 4, 1, 1, device=device), torch.randn(20, device=device)
+    big = poisoned((1, 24, 5, 5), torch.float32, device)
+    outs = [big[:, 0:3], big[:, 4:10], big[:, 10:11], big[:, 12:22]]
+    Conv2d(wt, b, dtype=torch.float32, config=SMALL)(x, outs)
+    check(torch.cat(outs, dim=1), reference(x, wt, b, 1, 0, 1, 1), torch.float32)
+    assert big[:, [3, 11, 22, 23]].isnan().all()
+
+
+def test_tf32_precision_runs(device):
+    x = torch.randn(1, 16, 4, 4, device=device).to(memory_format=torch.channels_last)
+    wt = torch.randn(16, 16, 3, 3, device=device)
+    out = poisoned((1, 16, 4, 4), torch.float32, device)
+    Conv2d(wt, padding=1, dtype=torch.float32, config=SMALL, fp32_precision="tf32")(x, [out])
+    assert rel_err(out, reference(x, wt, None, 1, 1, 1, 1)) < 1e-2  # tf32 keeps 10 mantissa bits
+
+
+def test_convenience_and_default_config(device):
+    x = torch.randn(1, 24, 5, 5, device=device).to(memory_format=torch.channels_last)
+    wt, b = torch.randn(40, 24, 3, 3, device=device), torch.randn(40, device=device)
+    out = conv2d(x, wt, b, stride=2, padding=1, activation="silu")  # default (large) tiling
+    assert out.shape == (1, 40, 3, 3) and out.is_contiguous(memory_format=torch.channels_last)
+    check(out, reference(x, wt, b, 2, 1, 1, 1, "silu"), torch.float32)
+
+
+def test_configs():
+    for c_out_g, c_in_g in [(4, 4), (10, 3), (64, 64), (256, 512), (2048, 512)]:
+        for dtype in (torch.float16, torch.float32):
+            cands = conv2d_configs(c_out_g, c_in_g, dtype)
+            assert cands[0] == default_conv2d_config(c_out_g, c_in_g, dtype)
+            assert len(cands) == len({tuple(sorted(c.items())) for c in cands}) > 2
+            for c in cands:
+                for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+                    assert c[key] >= 16 and c[key] & (c[key] - 1) == 0
+    layer = Conv2d(torch.randn(8, 4, 3, 3))
+    layer.config = SMALL
+    assert layer.config == SMALL and layer.configs
+
+
+def _layer_error(**kw):
+    args = {"weight": torch.randn(8, 4, 3, 3), "dtype": torch.float32}
+    args.update(kw)
+    return Conv2d(args.pop("weight"), **args)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"weight": torch.randn(8, 4, 3)}, "4D"),
+    ({"groups": 3}, "groups"),
+    ({"bias": torch.randn(7)}, "bias"),
+    ({"activation": "swish"}, "unknown activation"),
+    ({"stride": (1, 2, 3)}, "stride"),
+    ({"padding": -1}, "padding"),
+    ({"dtype": torch.bfloat16}, "dtype"),
+    ({"fp32_precision": "fast"}, "fp32_precision"),
+    ({"config": dict(SMALL, BLOCK_K=8)}, "BLOCK_K"),
+    ({"config": {"BLOCK_M": 32}}, "missing"),
+])
+def test_bad_layer_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _layer_error(**kw)
+
+
+def test_bad_call_arguments(device):
+    layer = Conv2d(torch.randn(8, 4, 3, 3, device=device), padding=1, dtype=torch.float32,
+                   config=SMALL)
+    x = torch.randn(2, 4, 5, 5, device=device)
+    out = torch.empty(2, 8, 5, 5, device=device)
+    cases = [
+        ((torch.randn(2, 3, 5, 5, device=device), [out]), "x must be 4D"),
+        ((x.half(), [out]), "expected torch.float32, got torch.float16"),
+        ((x, [torch.empty(2, 8, 4, 5, device=device)]), "expected"),
+        ((x, [out[:, :6]]), "C_out=8"),
+        ((x, [out.half()]), "expected torch.float32"),
+        ((x, [out[:, :4], torch.empty(2, 4, 5, 5, device=device)]), "storage"),
+        ((x, [out[:, :2]] * 5), "1 to 4"),
+        ((x, [out[:, :4], out[:, 4:]], out), "single output view"),
+        ((x, [out], torch.empty(2, 8, 5, 4, device=device)), "residual shape"),
+        ((x, [out], out.half()), "residual"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            layer(*args)
+
+
+# ResNet-50 / ResNeXt layers (C_in, C_out, k, stride, pad, H, groups) at batch 8, fp16.
+RESNET_LAYERS = [
+    (3, 64, 7, 2, 3, 224, 1), (64, 64, 1, 1, 0, 56, 1), (64, 64, 3, 1, 1, 56, 1),
+    (64, 256, 1, 1, 0, 56, 1), (256, 128, 1, 1, 0, 56, 1), (128, 128, 3, 2, 1, 56, 1),
+    (256, 512, 1, 2, 0, 56, 1), (256, 256, 3, 1, 1, 14, 1), (1024, 2048, 1, 2, 0, 14, 1),
+    (512, 512, 3, 1, 1, 7, 1), (2048, 512, 1, 1, 0, 7, 1), (128, 128, 3, 1, 1, 56, 32),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c_in,c_out,k,s,p,h,g", RESNET_LAYERS)
+def test_resnet50_layers_gpu(c_in, c_out, k, s, p, h, g):
+    dev = torch.device("cuda")
+    x = torch.randn(8, c_in, h, h, device=dev).to(torch.float16, memory_format=torch.channels_last)
+    wt = (torch.randn(c_out, c_in // g, k, k, device=dev) / (c_in // g * k * k) ** 0.5).half()
+    b = torch.randn(c_out, device=dev)
+    ref = reference(x, wt, b, s, p, 1, g, "relu")
+    layer = Conv2d(wt, b, stride=s, padding=p, groups=g, activation="relu")
+    for config in layer.configs:
+        out = poisoned(tuple(ref.shape), torch.float16, dev)
+        layer.config = config
+        layer(x, [out])
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), config
+        assert rel_err(out, ref) < 1e-2, config

@@ -1,0 +1,220 @@
+"""Direct depthwise conv2d against torch.nn.functional.conv2d: kernel sizes, strides, channel
+multipliers, layouts, output segments, fused epilogue, dtypes and input validation.
+
+Outputs live in NaN-poisoned buffers, so unwritten elements and stray writes both fail. Shapes
+are tiny: on CPU every kernel runs in the Triton interpreter.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torch_gie.activations import ACTIVATION_NAMES, apply_activation
+from torch_gie.kernels.depthwise_conv2d import (
+    DepthwiseConv2d,
+    default_depthwise_config,
+    depthwise_conv2d,
+    depthwise_conv2d_configs,
+)
+
+SMALL = {"BLOCK_M": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1}
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def poisoned(shape, dtype, device, channels_last=True) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(
+        memory_format=fmt)
+
+
+def reference(x, w, b, stride, padding, dilation, act=None, res=None, post=None):
+    """fp32 eager reference on the same (already rounded) inputs; groups = C_in."""
+    y = F.conv2d(x.float(), w.float(), None if b is None else b.float(), stride, padding,
+                 dilation, x.shape[1])
+    y = apply_activation(y, act)
+    if res is not None:
+        y = y + res.float()
+    return apply_activation(y, post)
+
+
+def check(out, ref, dtype):
+    assert torch.isfinite(out).all(), "unwritten (poisoned) output elements"
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def run(n, c, h, w, k, stride=1, padding=0, dilation=1, mult=1, *, dtype=torch.float32,
+        device="cpu", act=None, bias=True, config=SMALL, x_slice=False, nchw=False):
+    """Depthwise conv of x (optionally a channel slice of a bigger buffer, or NCHW) into a
+    channel slice of a poisoned channels_last buffer; checks values and the poison around."""
+    if x_slice:
+        x = torch.randn(n, c + 6, h, w, device=device).to(dtype, memory_format=torch.channels_last)
+        x = x[:, 4:4 + c]
+    elif nchw:
+        x = torch.randn(n, c, h, w, device=device, dtype=dtype)
+    else:
+        x = torch.randn(n, c, h, w, device=device).to(dtype, memory_format=torch.channels_last)
+    wt = (torch.randn(c * mult, 1, k, k, device=device) / k).to(dtype)
+    b = torch.randn(c * mult, device=device) if bias else None
+    ref = reference(x, wt, b, stride, padding, dilation, act)
+    big = poisoned((n, c * mult + 5, *ref.shape[2:]), dtype, device)
+    out = big[:, 2:2 + c * mult]
+    layer = DepthwiseConv2d(wt, b, stride=stride, padding=padding, dilation=dilation, groups=c,
+                            activation=act, dtype=dtype, config=config)
+    layer(x, [out])
+    check(out, ref, dtype)
+    assert big[:, :2].isnan().all() and big[:, 2 + c * mult:].isnan().all()
+
+
+# name: (n, c, h, w, k, stride, padding, dilation, multiplier)
+GEOMETRIES = {
+    "3x3_s1": (2, 16, 6, 5, 3, 1, 1, 1, 1),
+    "3x3_s2": (1, 24, 7, 7, 3, 2, 1, 1, 1),
+    "5x5_s1": (1, 10, 6, 6, 5, 1, 2, 1, 1),
+    "5x5_s2": (3, 8, 9, 7, 5, 2, 2, 1, 1),
+    "7x7_convnext": (1, 20, 7, 7, 7, 1, 3, 1, 1),
+    "3x3_no_pad": (1, 16, 5, 6, 3, 1, 0, 1, 1),
+    "dilation2": (1, 16, 7, 7, 3, 1, 2, 2, 1),
+    "odd_c3": (3, 3, 7, 5, 3, 1, 1, 1, 1),
+    "multiplier2": (1, 6, 5, 5, 3, 1, 1, 1, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_geometry_fp32(name, device):
+    run(*GEOMETRIES[name], device=device)
+
+
+@pytest.mark.parametrize("name", ["3x3_s2", "5x5_s1", "7x7_convnext", "multiplier2"])
+def test_geometry_fp16(name, device):
+    run(*GEOMETRIES[name], dtype=torch.float16, device=device)
+
+
+@pytest.mark.parametrize("layout", ["x_slice", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_input_layouts(layout, dtype, device):
+    run(2, 12, 5, 6, 3, padding=1, dtype=dtype, device=device, x_slice=layout == "x_slice",
+        nchw=layout == "nchw")
+
+
+def test_no_bias_nchw_output(device):
+    x = torch.randn(2, 10, 6, 6, device=device)
+    wt = torch.randn(10, 1, 3, 3, device=device)
+    out = poisoned((2, 10, 3, 3), torch.float32, device, channels_last=False)
+    DepthwiseConv2d(wt, stride=2, padding=1, groups=10, dtype=torch.float32, config=SMALL)(
+        x, [out])
+    check(out, reference(x, wt, None, 2, 1, 1), torch.float32)
+
+
+@pytest.mark.parametrize("act", ACTIVATION_NAMES)
+def test_activations(act, device):
+    run(1, 16, 4, 4, 3, padding=1, act=act, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("act,post", [(None, "relu"), ("relu6", None), ("silu", "hardswish")])
+def test_residual_post_activation(act, post, dtype, device):
+    n, c = 2, 12
+    x = torch.randn(n, c, 6, 6, device=device).to(dtype, memory_format=torch.channels_last)
+    wt = (torch.randn(c, 1, 5, 5, device=device) / 5).to(dtype)
+    b = torch.randn(c, device=device)
+    res = torch.randn(n, c + 3, 3, 3, device=device).to(dtype, memory_format=torch.channels_last)
+    res = res[:, 3:]  # a channel slice: storage offset and pixel stride c + 3
+    out = poisoned((n, c, 3, 3), dtype, device)
+    DepthwiseConv2d(wt, b, stride=2, padding=2, groups=c, activation=act, post_activation=post,
+                    dtype=dtype, config=SMALL)(x, [out], residual=res)
+    check(out, reference(x, wt, b, 2, 2, 1, act, res, post), dtype)
+
+
+def test_segments_across_buffers(device):
+    """3 segments in two buffers (channels_last and NCHW) carved from one flat storage."""
+    n, c, oh, ow = 2, 12, 4, 3
+    size_a, gap = n * 10 * oh * ow, 3
+    flat = torch.full((size_a + gap + n * 9 * oh * ow,), float("nan"), device=device)
+
+    def views(t):
+        a = t.as_strided((n, 10, oh, ow), (10 * oh * ow, 1, ow * 10, 10), 0)
+        b = t.as_strided((n, 9, oh, ow), (9 * oh * ow, oh * ow, ow, 1), size_a + gap)
+        return b[:, 2:7], a[:, 1:5], a[:, 6:9]  # 5 + 4 + 3 channels, outs[0] last in memory
+
+    x = torch.randn(n, c, oh, ow, device=device).to(memory_format=torch.channels_last)
+    wt, b = torch.randn(c, 1, 3, 3, device=device), torch.randn(c, device=device)
+    outs = views(flat)
+    DepthwiseConv2d(wt, b, padding=1, groups=c, activation="hardswish", dtype=torch.float32,
+                    config=SMALL)(x, list(outs))
+    check(torch.cat(outs, dim=1), reference(x, wt, b, 1, 1, 1, "hardswish"), torch.float32)
+    written = torch.zeros(flat.shape, dtype=torch.bool, device=device)
+    for v in views(written):
+        v.fill_(True)
+    assert flat[~written].isnan().all(), "write outside the output segments"
+
+
+def test_convenience_and_default_config(device):
+    x = torch.randn(1, 40, 5, 5, device=device).to(memory_format=torch.channels_last)
+    wt, b = torch.randn(40, 1, 3, 3, device=device), torch.randn(40, device=device)
+    out = depthwise_conv2d(x, wt, b, stride=2, padding=1, activation="relu")  # default tiling
+    assert out.shape == (1, 40, 3, 3) and out.is_contiguous(memory_format=torch.channels_last)
+    check(out, reference(x, wt, b, 2, 1, 1, "relu"), torch.float32)
+
+
+def test_configs():
+    for c in (3, 16, 96, 672, 1152):
+        cands = depthwise_conv2d_configs(c)
+        assert cands[0] == default_depthwise_config(c) and len(cands) > 2
+        for cfg in cands:
+            assert cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1) == 0
+            assert cfg["BLOCK_C"] & (cfg["BLOCK_C"] - 1) == 0
+
+
+@pytest.mark.parametrize("weight,kw,match", [
+    ((8, 2, 3, 3), {"groups": 8}, "groups == C_in"),
+    ((8, 1, 3, 3), {"groups": 16}, "groups"),
+    ((8, 1, 3, 3), {"groups": 8, "config": {**SMALL, "BLOCK_M": 24}}, "BLOCK_M"),
+    ((8, 1, 3, 3), {"groups": 8, "config": {"BLOCK_M": 16, "BLOCK_N": 16}}, "missing"),
+])
+def test_bad_layer_arguments(weight, kw, match):
+    with pytest.raises(ValueError, match=match):
+        DepthwiseConv2d(torch.randn(*weight), dtype=torch.float32, **kw)
+
+
+def test_bad_call_arguments(device):
+    layer = DepthwiseConv2d(torch.randn(8, 1, 3, 3, device=device), padding=1, groups=8,
+                            dtype=torch.float32, config=SMALL)
+    x = torch.randn(1, 8, 5, 5, device=device)
+    out = torch.empty(1, 8, 5, 5, device=device)
+    cases = [
+        ((torch.randn(1, 4, 5, 5, device=device), [out]), "x must be 4D"),
+        ((x.half(), [out]), "expected torch.float32, got torch.float16"),
+        ((x, [torch.empty(1, 8, 3, 3, device=device)]), "expected"),
+        ((x, [out[:, :4], out[:, 4:]], out), "single output view"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            layer(*args)
+
+
+# MobileNetV2/V3, EfficientNet, ConvNeXt depthwise layers (C, k, stride, H) at batch 8, fp16.
+MOBILE_LAYERS = [
+    (32, 3, 1, 112), (96, 3, 2, 112), (144, 5, 2, 56), (240, 5, 1, 28), (672, 5, 2, 14),
+    (1152, 3, 1, 7), (96, 7, 1, 56), (768, 7, 1, 7),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c,k,s,h", MOBILE_LAYERS)
+def test_mobile_layers_gpu(c, k, s, h):
+    dev = torch.device("cuda")
+    x = torch.randn(8, c, h, h, device=dev).to(torch.float16, memory_format=torch.channels_last)
+    wt = (torch.randn(c, 1, k, k, device=dev) / k).half()
+    b = torch.randn(c, device=dev)
+    ref = reference(x, wt, b, s, k // 2, 1, "hardswish")
+    layer = DepthwiseConv2d(wt, b, stride=s, padding=k // 2, groups=c, activation="hardswish")
+    for config in layer.configs:
+        out = poisoned(tuple(ref.shape), torch.float16, dev)
+        layer.config = config
+        layer(x, [out])
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), config
+        assert rel_err(out, ref) < 1e-2, config

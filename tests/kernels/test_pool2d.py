@@ -1,0 +1,173 @@
+"""Pooling kernels against torch.nn.functional on fp32 references, outputs poisoned first."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torch_gie.kernels.pool2d import (
+    AdaptiveAvgPool2d,
+    Pool2d,
+    adaptive_avg_pool2d,
+    pool2d,
+)
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def channel_slice(n, c, h, w, dtype, device, fill=None, extra=5):
+    """Channels [2, 2 + c) of a wider channels_last buffer: the layout a removed concat leaves."""
+    shape = (n, c + extra, h, w)
+    if fill is None:
+        buf = torch.randn(shape, device=device).to(dtype)
+    else:
+        buf = torch.full(shape, fill, dtype=dtype, device=device)
+    buf = buf.contiguous(memory_format=torch.channels_last)
+    return buf, buf[:, 2:2 + c]
+
+
+def assert_rest_poisoned(buf, c):
+    rest = torch.cat([buf[:, :2], buf[:, 2 + c:]], dim=1)
+    assert torch.isnan(rest).all()
+    assert not torch.isnan(buf[:, 2:2 + c]).any()
+
+
+def check(out, ref, kind, dtype):
+    if kind == "max":  # a max selects one input value: exact in any dtype
+        assert torch.equal(out.float(), ref)
+    else:
+        assert rel_err(out, ref) < TOL[dtype]
+
+
+# (kind, kernel, stride, padding, dilation, ceil_mode, count_include_pad, divisor_override)
+POOLS = [
+    ("max", 3, 2, 1, 1, False, True, None),  # ResNet stem
+    ("avg", 3, 2, 1, 1, False, True, None),
+    ("avg", 3, 2, 1, 1, False, False, None),
+    ("max", 2, 2, 0, 1, False, True, None),  # VGG
+    ("avg", 2, 2, 0, 1, False, True, None),  # DenseNet transition
+    ("max", 3, 1, 1, 1, True, True, None),  # GoogLeNet inception branch
+    ("max", 3, 2, 0, 1, True, True, None),  # GoogLeNet stem: windows overhang the input
+    ("avg", 3, 2, 1, 1, True, True, None),  # overhanging windows clipped at input + padding
+    ("avg", 3, 2, 1, 1, True, False, None),
+    ("avg", 3, 1, 1, 1, False, True, None),  # Inception-v3 branch pool
+    ("avg", 3, 1, 1, 1, False, False, None),
+    ("avg", 3, 2, 1, 1, False, True, 5),
+    ("max", 3, 2, 1, 2, False, True, None),
+    ("max", (3, 2), (2, 1), (1, 0), (1, 2), False, True, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hw", [(9, 11), (8, 10)])
+@pytest.mark.parametrize("params", POOLS, ids=lambda p: "-".join(map(str, p)))
+def test_pool2d(device, dtype, hw, params):
+    kind, k, s, p, d, ceil_mode, cip, div = params
+    torch.manual_seed(0)
+    _, x = channel_slice(2, 5, *hw, dtype, device)
+    layer = Pool2d(kind, k, s, p, d, ceil_mode, cip, div)
+    oh, ow = layer.output_size(*hw)
+    buf, out = channel_slice(2, 5, oh, ow, dtype, device, fill=float("nan"))
+    layer(x, out)
+    if kind == "max":
+        ref = F.max_pool2d(x.float(), k, s, p, d, ceil_mode)
+    else:
+        ref = F.avg_pool2d(x.float(), k, s, p, ceil_mode, cip, div)
+    assert tuple(ref.shape[2:]) == (oh, ow)
+    check(out, ref, kind, dtype)
+    assert_rest_poisoned(buf, 5)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_pool2d_nchw_many_channels(device, kind):
+    # Plain NCHW input (channels strided) and more channels than one block.
+    torch.manual_seed(1)
+    x = torch.randn(1, 70, 6, 7, device=device)
+    out = pool2d(x, kind, 3, 2, 1)
+    ref = F.max_pool2d(x, 3, 2, 1) if kind == "max" else F.avg_pool2d(x, 3, 2, 1)
+    check(out, ref, kind, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("in_hw,out_hw,c", [
+    ((13, 11), (1, 1), 70),  # global path, two channel blocks, several pixel chunks
+    ((13, 11), (7, 7), 5),
+    ((5, 7), (2, 3), 5),
+    ((7, 7), (7, 7), 3),  # identity (torchvision VGG/AlexNet heads at 224)
+    ((4, 6), (8, 9), 3),  # upsampling: windows of one pixel, repeated
+])
+def test_adaptive_avg_pool2d(device, dtype, in_hw, out_hw, c):
+    torch.manual_seed(2)
+    _, x = channel_slice(2, c, *in_hw, dtype, device)
+    buf, out = channel_slice(2, c, *out_hw, dtype, device, fill=float("nan"))
+    AdaptiveAvgPool2d(out_hw)(x, out)
+    assert rel_err(out, F.adaptive_avg_pool2d(x.float(), out_hw)) < TOL[dtype]
+    assert_rest_poisoned(buf, c)
+
+
+def test_adaptive_convenience_and_none(device):
+    x = torch.randn(1, 4, 6, 5, device=device)
+    assert rel_err(adaptive_avg_pool2d(x, 1), F.adaptive_avg_pool2d(x, 1)) < 1e-5
+    out = torch.empty(1, 4, 3, 5, device=device)
+    AdaptiveAvgPool2d((3, None))(x, out)  # None keeps the input width, as in PyTorch
+    assert rel_err(out, F.adaptive_avg_pool2d(x, (3, None))) < 1e-5
+
+
+def test_pool2d_errors(device):
+    x = torch.randn(1, 3, 8, 8, device=device)
+    with pytest.raises(ValueError, match="kind"):
+        Pool2d("min", 3)
+    with pytest.raises(ValueError, match="at most half"):
+        Pool2d("max", 3, 1, 2)
+    with pytest.raises(ValueError, match="no dilation"):
+        Pool2d("avg", 3, dilation=2)
+    with pytest.raises(ValueError, match="divisor_override"):
+        Pool2d("avg", 3, divisor_override=0)
+    with pytest.raises(ValueError, match="kernel_size"):
+        Pool2d("max", 0)
+    layer = Pool2d("max", 3, 2, 1)
+    with pytest.raises(ValueError, match=r"gives \(4, 4\)"):
+        layer(x, torch.empty(1, 3, 5, 5, device=device))
+    with pytest.raises(ValueError, match="keep x's"):
+        layer(x, torch.empty(1, 4, 4, 4, device=device))
+    with pytest.raises(ValueError, match="dtype"):
+        layer(x, torch.empty(1, 3, 4, 4, device=device, dtype=torch.float16))
+    with pytest.raises(ValueError, match="4D"):
+        layer(x[0], torch.empty(3, 4, 4, device=device))
+    with pytest.raises(ValueError, match="out spatial size"):
+        AdaptiveAvgPool2d(2)(x, torch.empty(1, 3, 3, 3, device=device))
+    with pytest.raises(ValueError, match="4D"):
+        adaptive_avg_pool2d(x[0], 1)
+
+
+def test_output_size_matches_pytorch():
+    # Includes ceil_mode cases where the last window would start in the right padding (dropped).
+    for k, s, p, d in [(2, 2, 1, 1), (3, 2, 0, 1), (3, 2, 1, 1), (3, 1, 1, 1), (3, 3, 1, 2)]:
+        for size in range(max(k, 2), 13):
+            for ceil_mode in (False, True):
+                x = torch.zeros(1, 1, size, size + 1)
+                expected = tuple(F.max_pool2d(x, k, s, p, d, ceil_mode).shape[2:])
+                assert Pool2d("max", k, s, p, d, ceil_mode).output_size(size, size + 1) == expected
+
+
+@pytest.mark.gpu
+def test_resnet_maxpool_gpu():
+    torch.manual_seed(3)
+    x = torch.randn(8, 64, 112, 112, device="cuda").half()
+    x = x.contiguous(memory_format=torch.channels_last)
+    buf, out = channel_slice(8, 64, 56, 56, torch.float16, "cuda", fill=float("nan"))
+    Pool2d("max", 3, 2, 1)(x, out)
+    check(out, F.max_pool2d(x.float(), 3, 2, 1), "max", torch.float16)
+    assert_rest_poisoned(buf, 64)
+
+
+@pytest.mark.gpu
+def test_resnet_global_pool_gpu():
+    torch.manual_seed(4)
+    x = torch.randn(128, 2048, 7, 7, device="cuda").half()
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = torch.full((128, 2048, 1, 1), float("nan"), dtype=torch.float16, device="cuda")
+    AdaptiveAvgPool2d(1)(x, out)
+    assert rel_err(out, F.adaptive_avg_pool2d(x.float(), 1)) < 1e-2

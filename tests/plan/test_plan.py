@@ -1,0 +1,36 @@
+import torch
+import torchvision
+
+from helpers import ops, randomize_
+from torch_gie.capture import capture
+from torch_gie.passes import run_passes
+from torch_gie.plan import make_plan
+
+
+def _plan(model, x, dtype=torch.float32):
+    gm = capture(model.eval(), (x,))
+    run_passes(gm)
+    return gm, make_plan(gm, dtype)
+
+
+def test_concat_producers_share_the_concat_buffer():
+    model = randomize_(torchvision.models.googlenet(weights=None, init_weights=True))
+    gm, plan = _plan(model, torch.randn(1, 3, 64, 64))
+    cats = [n for n in gm.graph.nodes if n.target is ops.cat]
+    assert len(cats) == 9
+    for cat in cats:
+        producers = [p for p in cat.args]
+        buf = plan.placements[cat].buffer
+        assert all(plan.placements[p].buffer is buf for p in producers)
+        offsets = [plan.placements[p].channel_offset for p in producers]
+        assert offsets == sorted(offsets) and offsets[0] == 0
+
+
+def test_arena_reuses_memory_and_respects_lifetimes():
+    gm, plan = _plan(randomize_(torchvision.models.resnet18()), torch.randn(2, 3, 64, 64), torch.float16)
+    assert plan.arena_bytes < plan.naive_bytes / 2
+    assert all(b.dtype == torch.float16 for b in plan.buffers)
+    for a in plan.buffers:
+        for b in plan.buffers:
+            if a is not b and not (a.last < b.first or b.last < a.first):
+                assert a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset

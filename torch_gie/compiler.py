@@ -1,0 +1,120 @@
+"""The two entry points: ``compile`` (capture -> passes -> plan -> build) and ``explain``
+(the same without building kernels)."""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .capture import as_input_tuple, capture
+from .errors import CompileError
+from .passes import PassContext, run_passes
+from .plan import make_plan
+from .report import build_report, count_compute_ops
+from .runtime.module import GIEModule
+from .runtime.program import build_program
+
+log = logging.getLogger("torch_gie")
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
+BACKENDS = ("auto", "triton", "reference")
+_OPTIONS = {"dump_dir", "disable_passes", "cuda_graph", "static_outputs", "dot", "tune"}
+
+
+def _check_args(module, precision: str, backend: str, options: dict) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision == "int8":
+        raise NotImplementedError("precision='int8' (calibrated int8 kernels) is not implemented yet; "
+                                  "use 'fp16' or 'fp32'")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; known options: {sorted(_OPTIONS)}")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    return backend
+
+
+def _prepare(module: nn.Module, example_inputs, precision: str, backend: str, options: dict):
+    _check_args(module, precision, backend, options)
+    inputs = as_input_tuple(example_inputs)
+    devices = {t.device for t in inputs}
+    if len(devices) != 1:
+        raise ValueError(f"all example inputs must be on one device, got {sorted(map(str, devices))}")
+    device = inputs[0].device
+    param = next(iter(module.parameters()), None)
+    if param is not None and param.device != device:
+        raise ValueError(f"the module's parameters are on {param.device} but the example inputs are on "
+                         f"{device}; move one of them (module.to(device)) before compiling")
+    if module.training:
+        log.warning("torch_gie: %s is in training mode; compiling its eval-mode behaviour "
+                    "(the module you passed is left unchanged)", type(module).__name__)
+    model = copy.deepcopy(module).eval()  # never mutate what the user gave us
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gm = capture(model, inputs)
+    layers_in = count_compute_ops(gm)
+    ctx = PassContext(disabled=frozenset(options.get("disable_passes", ())), dump_dir=options.get("dump_dir"))
+    results = run_passes(gm, ctx)
+    plan = make_plan(gm, PRECISIONS[precision])
+    return model, inputs, device, gm, layers_in, results, plan
+
+
+def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backend: str = "auto",
+            **options: Any) -> GIEModule:
+    """Compile ``module`` for inputs shaped like ``example_inputs`` (a tensor or tuple of tensors).
+
+    precision: "fp32" | "fp16" ("int8" is not implemented yet). backend: "auto" (triton on CUDA,
+    reference on CPU) | "triton" | "reference". Options: ``cuda_graph`` (default True on CUDA),
+    ``static_outputs`` (return internal buffers, default False), ``disable_passes`` (names),
+    ``dump_dir`` (write the graph after each pass), ``tune`` (time kernel configs per layer).
+    """
+    model, inputs, device, gm, layers_in, results, plan = _prepare(module, example_inputs, precision,
+                                                                    backend, options)
+    backend = _resolve_backend(backend, device)
+    lowering, fallback = _lowering(backend, plan, device, options)
+    program = build_program(gm, plan, lowering, backend, device)
+    with torch.no_grad():
+        program._load_inputs(inputs)
+        program.warm_up(fallback)
+        if device.type == "cuda" and options.get("cuda_graph", True):
+            program.capture_cuda_graph()
+    report = build_report(model=type(module).__name__, layers_in=layers_in, results=results, gm=gm, plan=plan,
+                          steps=program.steps, precision=precision, backend=backend, device=str(device))
+    log.info("torch_gie: compiled %s: %d ops -> %d launches", report["model"], layers_in, report["launches"])
+    return GIEModule(program, inputs, report, static_outputs=options.get("static_outputs", False))
+
+
+def explain(module: nn.Module, example_inputs, *, precision: str = "fp16", backend: str = "auto",
+            dot: Optional[str] = None, **options: Any) -> dict[str, Any]:
+    """The compile report without building kernels; ``dot="graph.dot"`` also writes the optimized
+    graph for Graphviz (and an SVG beside it when ``dot`` is installed)."""
+    model, inputs, device, gm, layers_in, results, plan = _prepare(module, example_inputs, precision,
+                                                                    backend, options)
+    program = build_program(gm, plan, lambda node: None, "none", torch.device("meta"))
+    report = build_report(model=type(module).__name__, layers_in=layers_in, results=results, gm=gm, plan=plan,
+                          steps=program.steps, precision=precision, backend=_resolve_backend(backend, device),
+                          device=str(device))
+    if dot:
+        from .dot import write_dot
+        report["dot"] = write_dot(gm, dot)
+    return report
+
+
+def _lowering(backend: str, plan, device: torch.device, options: dict):
+    from .backends import reference
+    ref = lambda node: reference.lower(node, plan.dtype, device)  # noqa: E731
+    if backend == "reference":
+        return ref, None
+    from .backends import triton as triton_backend
+    return (lambda node: triton_backend.lower(node, plan.dtype, device, options)), ref

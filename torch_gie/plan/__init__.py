@@ -1,0 +1,104 @@
+"""Planning: layout, precision and memory for the optimized graph.
+
+- Layout: every planned 4D activation is NHWC (channels_last strides on a logical NCHW shape),
+  so channel slices are plain strided views and kernels read channels contiguously.
+- Precision: canonical ops compute and store in the network precision; fallback ops see the
+  dtypes of the original model (the executor casts at the boundary).
+- Memory: one buffer per root value (a concat's producers share its buffer), liveness over the
+  execution order, offsets in one arena (``plan.memory``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .. import ops
+from ..graph import is_canonical, is_fallback_compute
+from .memory import Buffer, Placement, assign_offsets, extend_lifetimes
+
+__all__ = ["Plan", "make_plan", "is_planned", "Buffer", "Placement"]
+
+
+@dataclass
+class Plan:
+    order: list[fx.Node]
+    dtype: torch.dtype
+    placements: dict[fx.Node, Placement]
+    buffers: list[Buffer]
+    arena_bytes: int
+    naive_bytes: int
+    value_dtypes: dict[fx.Node, torch.dtype] = field(default_factory=dict)
+
+    def value_dtype(self, node: fx.Node) -> torch.dtype:
+        return self.value_dtypes.get(node, node.meta.get("dtype"))
+
+
+def is_planned(node: fx.Node) -> bool:
+    """Values that live in the arena: inputs, canonical results and merged-conv segments."""
+    if node.op == "placeholder":
+        return "shape" in node.meta
+    if "segment_of" in node.meta:
+        return True
+    if not is_canonical(node) or node.target in ops.VIEW_OPS:
+        return False
+    return getattr(node.meta["spec"], "out_splits", None) is None
+
+
+def _root(node: fx.Node) -> tuple[fx.Node, int]:
+    offset = 0
+    while "slot" in node.meta:
+        node, off = node.meta["slot"]
+        offset += off
+    return node, offset
+
+
+def _writer(node: fx.Node) -> fx.Node:
+    return node.meta.get("segment_of", node)
+
+
+def make_plan(gm: fx.GraphModule, dtype: torch.dtype) -> Plan:
+    order = [n for n in gm.graph.nodes if n.op != "output"]
+    pos = {n: i for i, n in enumerate(order)}
+    buffers: dict[fx.Node, Buffer] = {}
+    placements: dict[fx.Node, Placement] = {}
+    value_dtypes: dict[fx.Node, torch.dtype] = {}
+    for node in order:
+        if not is_planned(node):
+            continue
+        root, offset = _root(node)
+        if root not in buffers:
+            shape = tuple(root.meta["shape"])
+            buffers[root] = Buffer(len(buffers), shape, dtype, channels_last=len(shape) == 4,
+                                   first=pos[_writer(node)], last=pos[_writer(node)])
+        buf = buffers[root]
+        buf.first = min(buf.first, pos[_writer(node)])
+        channels = node.meta["shape"][1] if len(node.meta["shape"]) > 1 else node.meta["shape"][0]
+        placements[node] = Placement(buf, offset, channels)
+        value_dtypes[node] = dtype
+
+    extend_lifetimes(buffers.values(), order + [gm.graph.output_node()],
+                     _buffer_reads(gm, order, placements, len(order)))
+    arena = assign_offsets(buffers.values())
+    naive = sum(b.nbytes for b in buffers.values())
+    return Plan(order, dtype, placements, list(buffers.values()), arena, naive, value_dtypes)
+
+
+def _buffer_reads(gm, order, placements, end) -> dict[fx.Node, set[int]]:
+    """For each node, the buffers it may read: through its inputs, and through any view or
+    fallback result that may alias a planned buffer (a permute of a conv output, say)."""
+    may_alias: dict[fx.Node, set[int]] = {}
+    for node in order:
+        if node in placements:
+            may_alias[node] = {placements[node].buffer.index}
+        elif is_fallback_compute(node) or node.op == "call_function" and not \
+                (is_canonical(node, ops.conv2d)):
+            may_alias[node] = set().union(*(may_alias.get(i, set()) for i in node.all_input_nodes))
+        else:  # a merged conv's tuple: its segments are planned values of their own
+            may_alias[node] = set()
+    reads = {node: set().union(*(may_alias.get(i, set()) for i in node.all_input_nodes))
+             for node in order}
+    out = gm.graph.output_node()
+    reads[out] = set().union(*(may_alias.get(i, set()) for i in out.all_input_nodes))
+    return reads

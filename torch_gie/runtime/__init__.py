@@ -1,0 +1,1 @@
+"""Runtime: the compiled program (arena, steps, CUDA graph) and the ``GIEModule`` wrapper."""

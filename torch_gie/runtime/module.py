@@ -1,0 +1,55 @@
+"""``GIEModule``: the drop-in ``nn.Module`` a compile returns. It checks every call's inputs
+against the compiled signature (count, shape, dtype, device) and runs the program."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .program import Program
+
+
+class GIEModule(nn.Module):
+    """A compiled model. Call it like the original; ``report()`` says what was built.
+
+    Outputs are fresh tensors in the original dtype and a contiguous layout. With
+    ``static_outputs=True`` the module returns its internal output buffers instead (no copy, no
+    allocation; the next call overwrites them).
+    """
+
+    def __init__(self, program: Program, example_inputs: tuple[torch.Tensor, ...], report: dict[str, Any],
+                 static_outputs: bool = False):
+        super().__init__()
+        self._program = program
+        self._signature = [(tuple(t.shape), t.dtype, t.device) for t in example_inputs]
+        self._report = report
+        self.static_outputs = static_outputs
+
+    def report(self) -> dict[str, Any]:
+        return self._report
+
+    def _check_inputs(self, inputs: tuple) -> None:
+        if len(inputs) != len(self._signature):
+            raise ValueError(f"expected {len(self._signature)} input tensor(s), got {len(inputs)}")
+        for i, (t, (shape, dtype, device)) in enumerate(zip(inputs, self._signature)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"input {i}: expected a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                hint = " (the batch size is fixed at compile time: compile again for this batch size)" \
+                    if len(shape) == t.dim() and tuple(t.shape[1:]) == shape[1:] else ""
+                raise ValueError(f"input {i}: expected shape {shape}, got {tuple(t.shape)}{hint}")
+            if t.dtype != dtype:
+                raise ValueError(f"input {i}: expected dtype {dtype}, got {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"input {i}: expected device {device}, got {t.device}")
+
+    @torch.no_grad()
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        self._check_inputs(inputs)
+        return self._program.run(inputs, static_outputs=self.static_outputs)
+
+    def extra_repr(self) -> str:
+        r = self._report
+        return (f"model={r['model']}, precision={r['precision']}, backend={r['backend']}, "
+                f"launches={r['launches']}, layers_in={r['layers_in']}")

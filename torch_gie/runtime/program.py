@@ -1,0 +1,154 @@
+"""A compiled program: the arena, the static input views, and the list of steps that run the
+optimized graph; optionally captured once into a CUDA graph and replayed.
+
+``build_program`` turns (graph, plan, lowering) into steps; ``Program.run`` copies the inputs
+into their static views, runs (or replays) the steps and returns the outputs, by default as
+fresh tensors in the original dtypes and layout.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import fx
+
+from .. import ops
+from ..graph import is_canonical, is_fallback_compute, spec
+from ..plan import Plan
+from ..plan.memory import materialize
+from .steps import CopyStep, FallbackStep, Kernel, KernelStep, Step, ViewStep
+
+log = logging.getLogger(__name__)
+
+Lowering = Callable[[fx.Node], Kernel]
+
+
+class Program:
+    def __init__(self, gm: fx.GraphModule, plan: Plan, steps: list[Step], env: list,
+                 ids: dict[fx.Node, int], arena: torch.Tensor, static_inputs: list[torch.Tensor]):
+        self.gm, self.plan, self.steps, self.env, self.ids = gm, plan, steps, env, ids
+        self.arena, self.static_inputs = arena, static_inputs
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+
+    @property
+    def launches(self) -> int:
+        return sum(s.launches for s in self.steps)
+
+    def _load_inputs(self, inputs: Sequence[torch.Tensor]) -> None:
+        for dst, src in zip(self.static_inputs, inputs):
+            dst.copy_(src)
+
+    def _run_steps(self) -> None:
+        for step in self.steps:
+            step(self.env)
+
+    def run(self, inputs: Sequence[torch.Tensor], *, static_outputs: bool = False) -> Any:
+        self._load_inputs(inputs)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._run_steps()
+        return self.outputs(fresh=not static_outputs)
+
+    def outputs(self, fresh: bool = True) -> Any:
+        """The graph's outputs from env: fresh contiguous copies in the original dtypes, or the
+        static buffers themselves (overwritten by the next call)."""
+        def value(n: fx.Node):
+            t = self.env[self.ids[n]]
+            if not fresh or not isinstance(t, torch.Tensor):
+                return t
+            return t.to(dtype=n.meta.get("dtype", t.dtype), memory_format=torch.contiguous_format, copy=True)
+        return fx.node.map_arg(self.gm.graph.output_node().args[0], value)
+
+    def capture_cuda_graph(self) -> None:
+        """Record the steps once into a CUDA graph (after a warm-up run compiled the kernels)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._run_steps()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._run_steps()
+        self.graph = graph
+
+    def warm_up(self, fallback_lowering: Optional[Lowering]) -> None:
+        """Run every step once; a kernel step that fails is replaced by ``fallback_lowering``
+        for that layer, with a warning (a layer Triton cannot compile must not sink the model)."""
+        for step in self.steps:
+            try:
+                step(self.env)
+            except Exception as exc:
+                if not isinstance(step, KernelStep) or fallback_lowering is None or step.backend == "reference":
+                    raise
+                warnings.warn(f"torch_gie: no kernel for layer {step.name} ({step.op}): "
+                              f"{type(exc).__name__}: {exc}; running it with PyTorch instead", stacklevel=2)
+                step.kernel, step.backend = fallback_lowering(step.node), "reference"
+                step(self.env)
+
+
+def _fallback_callable(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)
+    if node.op == "call_method":
+        return lambda self_, *args, **kwargs: getattr(self_, node.target)(*args, **kwargs)
+    return node.target
+
+
+def build_program(gm: fx.GraphModule, plan: Plan, lowering: Lowering, backend: str,
+                  device: torch.device) -> Program:
+    ids = {n: i for i, n in enumerate(gm.graph.nodes)}
+    env: list = [None] * len(ids)
+    arena = torch.empty(max(plan.arena_bytes, 1), dtype=torch.uint8, device=device)
+    for node, placement in plan.placements.items():
+        env[ids[node]] = materialize(arena, placement)
+
+    def casts_for(node: fx.Node, inputs: Sequence[fx.Node], want: Callable[[fx.Node], torch.dtype]):
+        return {i: want(i) for i in inputs if plan.value_dtype(i) != want(i)
+                and plan.value_dtype(i) is not None and want(i) is not None}
+
+    steps: list[Step] = []
+    static_inputs = []
+    for node in plan.order:
+        if node.op == "placeholder":
+            static_inputs.append(env[ids[node]])
+        elif node.op == "get_attr":
+            env[ids[node]] = operator.attrgetter(node.target)(gm)
+        elif is_canonical(node, ops.cat):
+            copies = [(ids[node.args[i]], None, _slot_view(env[ids[node]], node, i))
+                      for i in node.meta.get("cat_copies", range(len(node.args)))]
+            if copies:
+                steps.append(CopyStep(node, copies))
+        elif is_canonical(node) and node.target in ops.VIEW_OPS:
+            s = spec(node)
+            fn = (lambda x, s=s: torch.flatten(x, s.start_dim, s.end_dim)) if node.target is ops.flatten \
+                else (lambda x: x)
+            steps.append(ViewStep(node, fn, ids[node.args[0]], ids[node]))
+        elif is_canonical(node):
+            outs = [env[ids[u]] for u in _segments(node)] if getattr(spec(node), "out_splits", None) \
+                else [env[ids[node]]]
+            casts = [plan.dtype if plan.value_dtype(i) != plan.dtype else None for i in node.args]
+            steps.append(KernelStep(node, lowering(node), [ids[i] for i in node.args], casts, outs, backend))
+        elif "segment_of" in node.meta:
+            continue  # written by its merged conv
+        else:
+            casts = casts_for(node, node.all_input_nodes, lambda n: n.meta.get("dtype"))
+            steps.append(FallbackStep(node, _fallback_callable(gm, node), ids, casts, ids[node],
+                                      launches=1 if is_fallback_compute(node) else 0))
+
+    return Program(gm, plan, steps, env, ids, arena, static_inputs)
+
+
+def _segments(node: fx.Node) -> list[fx.Node]:
+    users = sorted((u for u in node.users if u.target is operator.getitem), key=lambda u: u.args[1])
+    if [u.args[1] for u in users] != list(range(len(spec(node).out_splits))):
+        raise RuntimeError(f"merged conv {node.name} must be used through one getitem per segment")
+    return users
+
+
+def _slot_view(cat_value: torch.Tensor, cat: fx.Node, i: int) -> torch.Tensor:
+    offset = sum(a.meta["shape"][1] for a in cat.args[:i])
+    return cat_value.narrow(1, offset, cat.args[i].meta["shape"][1])
