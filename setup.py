@@ -10,6 +10,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy",
+        "tqdm",
         "triton>=3.0; platform_system=='Linux' and platform_machine=='x86_64'",
     ],
     extras_require={

@@ -84,9 +84,15 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
     backend = _resolve_backend(backend, device)
     lowering, fallback = _lowering(backend, plan, device, options)
     program = build_program(gm, plan, lowering, backend, device)
+    tuner = None
+    if options.get("tune") and device.type == "cuda" and backend == "triton":
+        from .tune import Tuner
+        tuner = Tuner()
     with torch.no_grad():
         program._load_inputs(inputs)
-        program.warm_up(fallback)
+        program.warm_up(fallback, tuner)
+        if tuner is not None:
+            tuner.save()
         if device.type == "cuda" and options.get("cuda_graph", True):
             program.capture_cuda_graph()
     report = build_report(model=type(module).__name__, layers_in=layers_in, results=results, gm=gm, plan=plan,

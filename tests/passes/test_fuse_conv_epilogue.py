@@ -59,7 +59,7 @@ def test_no_fusion_when_intermediate_has_two_users():
     assert result.counts.get("fused_ops", 0) == 0 and count(gm, ops.activation) == 1
 
 
-def test_linear_takes_activation_but_not_residual():
+def test_linear_takes_activation_and_residual():
     class Mlp(nn.Module):
         def __init__(self):
             super().__init__()
@@ -69,8 +69,9 @@ def test_linear_takes_activation_but_not_residual():
             return nn.functional.gelu(self.fc(x)) + x
 
     gm, _ = check_pass(fuse_conv_epilogue, Mlp(), torch.randn(3, 6))
-    assert count(gm, ops.add) == 1
-    assert spec(next(n for n in gm.graph.nodes if n.target is ops.linear)).epilogue.activation == "gelu"
+    assert count(gm, ops.add) == 0
+    ep = spec(next(n for n in gm.graph.nodes if n.target is ops.linear)).epilogue
+    assert ep.activation == "gelu" and ep.residual
 
 
 def test_resnet50_every_block_fused():

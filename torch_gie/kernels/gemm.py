@@ -235,8 +235,9 @@ class Linear:
         if m == 0:
             return
         cfg = self.config_for(m)
-        # The precision option only concerns fp32 operands; None keeps Triton's default for fp16.
-        precision = self.fp32_precision if self.dtype == torch.float32 else None
+        # The precision only matters for fp32 operands; "tf32" is Triton's own default, so fp16
+        # compiles exactly as if none were given (as in conv2d).
+        precision = self.fp32_precision if self.dtype == torch.float32 else "tf32"
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]))
         _linear_kernel[grid](
             x3, self.weight_t, self.bias if self.bias is not None else self.weight_t, r3, o3,

@@ -1,8 +1,8 @@
 """Vertical fusion ("CBR"): absorb into a conv (or linear) what follows it, so one kernel
 computes it with a single store:
 ``act2(act1(conv(x) + b) + r)``  from  ``conv -> act1 -> add(r) -> act2``.
-The absorbed node's input must have no other consumer. Linear absorbs its activation only
-(the GEMM kernel has no residual input)."""
+The absorbed node's input must have no other consumer. Linear layers fuse the same way (a
+transformer MLP's last projection takes the residual stream)."""
 from typing import Optional
 
 from torch import fx
@@ -50,8 +50,7 @@ def _absorb_residual(node: fx.Node, add_node: fx.Node, other: fx.Node) -> fx.Nod
 def fuse_conv_epilogue(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult()
     for node in list(gm.graph.nodes):
-        is_conv = is_canonical(node, ops.conv2d)
-        if not (is_conv or is_canonical(node, ops.linear)) or spec(node).epilogue.residual:
+        if not (is_canonical(node, ops.conv2d) or is_canonical(node, ops.linear)) or spec(node).epilogue.residual:
             continue
         absorbed = [node]
         while (user := sole_user(node)) is not None:
@@ -59,7 +58,7 @@ def fuse_conv_epilogue(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if is_canonical(user, ops.activation) and can_absorb_activation(ep):
                 absorbed.append(user)
                 _absorb_activation(node, user)
-            elif is_conv and is_canonical(user, ops.add) and not ep.residual and ep.post_activation is None \
+            elif is_canonical(user, ops.add) and not ep.residual and ep.post_activation is None \
                     and (other := residual_operand(node, user)) is not None:
                 absorbed.append(user)
                 node = _absorb_residual(node, user, other)

@@ -75,11 +75,14 @@ class Program:
             self._run_steps()
         self.graph = graph
 
-    def warm_up(self, fallback_lowering: Optional[Lowering]) -> None:
-        """Run every step once; a kernel step that fails is replaced by ``fallback_lowering``
-        for that layer, with a warning (a layer Triton cannot compile must not sink the model)."""
-        for step in self.steps:
+    def warm_up(self, fallback_lowering: Optional[Lowering], tuner=None) -> None:
+        """Run every step once (tuning it first when a tuner is given); a kernel step that fails
+        is replaced by ``fallback_lowering`` for that layer, with a warning (a layer Triton
+        cannot compile must not sink the model)."""
+        for step in _progress(self.steps, "building kernels"):
             try:
+                if tuner is not None and isinstance(step, KernelStep):
+                    tuner.tune(step, self.env)
                 step(self.env)
             except Exception as exc:
                 if not isinstance(step, KernelStep) or fallback_lowering is None or step.backend == "reference":
@@ -88,6 +91,37 @@ class Program:
                               f"{type(exc).__name__}: {exc}; running it with PyTorch instead", stacklevel=2)
                 step.kernel, step.backend = fallback_lowering(step.node), "reference"
                 step(self.env)
+
+
+    def profile(self, iters: int = 20) -> list[dict]:
+        """Per-step GPU time (median ms over ``iters`` eager runs of the step list), to see where
+        a forward spends its time. Steps run one by one, so launch gaps are not included."""
+        times: dict[int, list[float]] = {i: [] for i in range(len(self.steps))}
+        for _ in range(iters):
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(len(self.steps) + 1)]
+            events[0].record()
+            for i, step in enumerate(self.steps):
+                step(self.env)
+                events[i + 1].record()
+            torch.cuda.synchronize()
+            for i in range(len(self.steps)):
+                times[i].append(events[i].elapsed_time(events[i + 1]))
+        rows = []
+        for i, step in enumerate(self.steps):
+            t = sorted(times[i])
+            kernel = getattr(getattr(step, "kernel", None), "describe", None)
+            rows.append({"name": step.name, "op": step.op, "ms": t[len(t) // 2],
+                         "kernel": kernel() if kernel else step.op})
+        return rows
+
+
+def _progress(items: list, what: str):
+    """Iterate with a progress bar on a terminal when tqdm is installed (builds can take minutes)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=f"torch_gie: {what}", leave=False, disable=None)
 
 
 def _fallback_callable(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:

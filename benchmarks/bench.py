@@ -1,0 +1,158 @@
+"""Side-by-side inference benchmark on one GPU, in one process: eager fp32, eager fp16
+channels_last (cudnn.benchmark), torch.compile (default; "reduce-overhead" for batch <= 8) and
+torch_gie fp32/fp16, on torchvision models at several batch sizes.
+
+Reports images/s, p50/p99 latency (CUDA events, warm-up, median of many runs), build time and
+relative error against the fp32 eager output (tf32 off), writes JSON and a markdown table under
+benchmarks/results/ and prints the table last. Example:
+
+    python benchmarks/bench.py --models resnet50,googlenet --batches 1,128
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+import torchvision
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import torch_gie  # noqa: E402
+from torch_gie.timing import time_calls  # noqa: E402
+
+MODELS = ["resnet50", "googlenet", "inception_v3", "vgg16", "mobilenet_v2", "densenet121"]
+VARIANTS = ["eager_fp32", "eager_fp16", "torch_compile", "gie_fp32", "gie_fp16"]
+
+
+def build_model(name: str) -> tuple[torch.nn.Module, int]:
+    kwargs = {"init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    size = 299 if name == "inception_v3" else 224
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, weights=None, **kwargs).eval().cuda(), size
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def make_variant(variant: str, model: torch.nn.Module, x: torch.Tensor, batch: int):
+    """(callable taking no args, build seconds)."""
+    t0 = time.perf_counter()
+    if variant == "eager_fp32":
+        fn = lambda: model(x)  # noqa: E731
+    elif variant in ("eager_fp16", "torch_compile"):
+        half = model.half().to(memory_format=torch.channels_last)
+        xh = x.half().to(memory_format=torch.channels_last)
+        if variant == "torch_compile":
+            mode = "reduce-overhead" if batch <= 8 else "default"
+            compiled = torch.compile(half, mode=mode)
+            for _ in range(3):
+                compiled(xh)
+            fn = lambda: compiled(xh)  # noqa: E731
+        else:
+            fn = lambda: half(xh)  # noqa: E731
+    else:
+        precision = variant.split("_")[1]
+        gie = torch_gie.compile(model, x, precision=precision, tune=ARGS.tune)
+        fn = lambda: gie(x)  # noqa: E731
+        fn.gie = gie
+    torch.cuda.synchronize()
+    return fn, time.perf_counter() - t0
+
+
+def bench_one(name: str, batch: int, variants: list[str]) -> list[dict]:
+    model, size = build_model(name)
+    torch.manual_seed(1)
+    x = torch.randn(batch, 3, size, size, device="cuda")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad():
+        ref = model(x).float().clone()
+    rows = []
+    for variant in variants:
+        torch.backends.cudnn.benchmark = variant != "eager_fp32"
+        fresh = build_model(name)[0] if variant != "eager_fp32" else model
+        row = {"model": name, "batch": batch, "variant": variant}
+        try:
+            with torch.no_grad():
+                fn, build_s = make_variant(variant, fresh, x, batch)
+                out = fn()
+                row["rel_err"] = rel_err(out.float(), ref)
+                t = time_calls(fn, iters=ARGS.iters, warmup=10)
+            row.update(t, build_s=round(build_s, 2), images_per_s=batch / t["p50_ms"] * 1e3)
+            gie = getattr(fn, "gie", None)
+            if gie is not None:
+                r = gie.report()
+                row.update(launches=r["launches"], layers_in=r["layers_in"], fallbacks=len(r["fallback_ops"]),
+                           arena_mib=round(r["arena_bytes"] / 2**20, 1))
+                if ARGS.layers:
+                    row["layer_ms"] = gie._program.profile()
+        except Exception as exc:  # one failing variant must not sink the whole run
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        print(json.dumps({k: v for k, v in row.items() if k != "layer_ms"}), flush=True)
+        rows.append(row)
+        del fresh
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | batch | variant | images/s | p50 ms | p99 ms | build s | rel err | launches | speedup of gie_fp16 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | error: {r['error'][:80]} |||||||")
+            continue
+        gie = next((g for g in rows if g["model"] == r["model"] and g["batch"] == r["batch"]
+                    and g["variant"] == "gie_fp16" and "p50_ms" in g), None)
+        speed = f"{r['p50_ms'] / gie['p50_ms']:.2f}x" if gie and r["variant"] != "gie_fp16" else ""
+        lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['images_per_s']:,.0f} | "
+                     f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['build_s']:.1f} | {r['rel_err']:.1e} | "
+                     f"{r.get('launches', '')} | {speed} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    global ARGS
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--batches", default="1,8,128")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--tune", action="store_true", help="let torch_gie time kernel configs per layer")
+    p.add_argument("--layers", action="store_true", help="record torch_gie's per-layer times")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ARGS = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py needs a CUDA GPU")
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": __import__("triton").__version__, "torchvision": torchvision.__version__,
+           "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    rows = []
+    for name in ARGS.models.split(","):
+        for batch in map(int, ARGS.batches.split(",")):
+            rows += bench_one(name, batch, ARGS.variants.split(","))
+    os.makedirs(ARGS.out, exist_ok=True)
+    stem = os.path.join(ARGS.out, f"bench-{env['date'].replace(':', '')}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"env": env, "rows": rows}, f, indent=1)
+    table = markdown(rows)
+    with open(stem + ".md", "w") as f:
+        f.write(f"{env}\n\n{table}\n")
+    print(env)
+    print(table)
+
+
+ARGS: argparse.Namespace
+if __name__ == "__main__":
+    main()
