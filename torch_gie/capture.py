@@ -152,6 +152,14 @@ def _same_shape_tensors(a, b) -> bool:
             and a.meta["shape"] == b.meta["shape"] and a.meta["dtype"] == b.meta["dtype"])
 
 
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    """Positional-or-keyword argument of a call, without schema lookups (torch builtins with
+    overloads, like torch.cat, do not normalize on every torch version)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
 def _normalize_function(gm: fx.GraphModule, node: fx.Node) -> Canonical:
     t = node.target
     if t in _ADD_FUNCTIONS:
@@ -159,15 +167,17 @@ def _normalize_function(gm: fx.GraphModule, node: fx.Node) -> Canonical:
             raise _NotCanonical
         return ops.add, list(node.args), ops.AddSpec()
     if t in _CAT_FUNCTIONS:
-        kw = _kwargs(node)
-        tensors, dim = kw["tensors"], kw.get("dim", 0)
+        tensors, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
         rank = len(node.meta.get("shape", ()))
-        if rank not in (2, 4) or dim % rank != 1 or not all(isinstance(n, fx.Node) for n in tensors):
+        if rank not in (2, 4) or not isinstance(dim, int) or dim % rank != 1 \
+                or not all(isinstance(n, fx.Node) for n in tensors):
             raise _NotCanonical
         return ops.cat, list(tensors), ops.CatSpec(1)
     if t is torch.flatten:
-        kw = _kwargs(node)
-        return ops.flatten, [kw["input"]], ops.FlattenSpec(kw.get("start_dim", 0), kw.get("end_dim", -1))
+        return ops.flatten, [_arg(node, 0, "input")], ops.FlattenSpec(_arg(node, 1, "start_dim", 0),
+                                                                       _arg(node, 2, "end_dim", -1))
+    if t in _ACTIVATION_FUNCTIONS and len(node.args) >= 1 and not set(node.kwargs) - {"inplace"}:
+        return ops.activation, [node.args[0]], ops.ActivationSpec(_ACTIVATION_FUNCTIONS[t])
     kw = _kwargs(node)
     x = kw.get("input")
     if t in _ACTIVATION_FUNCTIONS:

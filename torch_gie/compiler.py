@@ -21,7 +21,8 @@ log = logging.getLogger("torch_gie")
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 BACKENDS = ("auto", "triton", "reference")
-_OPTIONS = {"dump_dir", "disable_passes", "cuda_graph", "static_outputs", "dot", "tune"}
+_OPTIONS = {"dump_dir", "disable_passes", "cuda_graph", "static_outputs", "dot", "tune", "streams",
+            "fp32_precision"}
 
 
 def _check_args(module, precision: str, backend: str, options: dict) -> None:
@@ -66,7 +67,8 @@ def _prepare(module: nn.Module, example_inputs, precision: str, backend: str, op
     layers_in = count_compute_ops(gm)
     ctx = PassContext(disabled=frozenset(options.get("disable_passes", ())), dump_dir=options.get("dump_dir"))
     results = run_passes(gm, ctx)
-    plan = make_plan(gm, PRECISIONS[precision])
+    streams = options.get("streams", True) and device.type == "cuda" and options.get("cuda_graph", True)
+    plan = make_plan(gm, PRECISIONS[precision], streams=streams)
     return model, inputs, device, gm, layers_in, results, plan
 
 
@@ -77,7 +79,9 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
     precision: "fp32" | "fp16" ("int8" is not implemented yet). backend: "auto" (triton on CUDA,
     reference on CPU) | "triton" | "reference". Options: ``cuda_graph`` (default True on CUDA),
     ``static_outputs`` (return internal buffers, default False), ``disable_passes`` (names),
-    ``dump_dir`` (write the graph after each pass), ``tune`` (time kernel configs per layer).
+    ``dump_dir`` (write the graph after each pass), ``tune`` (time kernel configs per layer),
+    ``streams`` (run independent branches concurrently inside the CUDA graph, default True),
+    ``fp32_precision`` ("tf32x3" default: fp32-accurate tensor-core dots; "ieee", "tf32").
     """
     model, inputs, device, gm, layers_in, results, plan = _prepare(module, example_inputs, precision,
                                                                     backend, options)

@@ -42,12 +42,17 @@ class BoundKernel:
         return self._what + (f" {cfg}" if cfg else "")
 
 
+def _precision(dtype: torch.dtype, options: dict) -> dict:
+    """fp32 dots default to "tf32x3": three tf32 products, fp32-level error at tensor-core speed."""
+    return {"fp32_precision": options.get("fp32_precision", "tf32x3")} if dtype == torch.float32 else {}
+
+
 def _conv(node: fx.Node, dtype: torch.dtype, device: torch.device, options: dict) -> BoundKernel:
     s, ep = spec(node), spec(node).epilogue
     cls = DepthwiseConv2d if is_depthwise(s) else Conv2d
     layer = cls(s.weight.to(device), None if s.bias is None else s.bias.to(device), stride=s.stride,
                 padding=s.padding, dilation=s.dilation, groups=s.groups, activation=ep.activation,
-                post_activation=ep.post_activation, dtype=dtype)
+                post_activation=ep.post_activation, dtype=dtype, **_precision(dtype, options))
     if ep.residual:
         return BoundKernel(layer, lambda k, i, o: k(i[0], o, i[1]), cls.__name__)
     return BoundKernel(layer, lambda k, i, o: k(i[0], o), cls.__name__)
@@ -56,7 +61,8 @@ def _conv(node: fx.Node, dtype: torch.dtype, device: torch.device, options: dict
 def _linear(node: fx.Node, dtype: torch.dtype, device: torch.device, options: dict) -> BoundKernel:
     s, ep = spec(node), spec(node).epilogue
     layer = Linear(s.weight.to(device), None if s.bias is None else s.bias.to(device),
-                   activation=ep.activation, post_activation=ep.post_activation, dtype=dtype)
+                   activation=ep.activation, post_activation=ep.post_activation, dtype=dtype,
+                   **_precision(dtype, options))
     if ep.residual:
         return BoundKernel(layer, lambda k, i, o: k(i[0], o[0], i[1]), "Linear")
     return BoundKernel(layer, lambda k, i, o: k(i[0], o[0]), "Linear")

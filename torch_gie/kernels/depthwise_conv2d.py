@@ -87,7 +87,7 @@ def _depthwise_conv2d_kernel(
     x_cols = (co // MULT) * s_xc
 
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for kh in tl.static_range(KH):
+    for kh in range(KH):
         ih = oh * STRIDE_H - PAD_H + kh * DIL_H
         for kw in tl.static_range(KW):
             iw = ow * STRIDE_W - PAD_W + kw * DIL_W

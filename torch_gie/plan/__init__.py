@@ -17,8 +17,9 @@ from torch import fx
 from .. import ops
 from ..graph import is_canonical, is_fallback_compute
 from .memory import Buffer, Placement, assign_offsets, extend_lifetimes
+from .streams import StreamPlan, assign_streams, region_bounds
 
-__all__ = ["Plan", "make_plan", "is_planned", "Buffer", "Placement"]
+__all__ = ["Plan", "make_plan", "is_planned", "launches_kernel", "Buffer", "Placement", "StreamPlan"]
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Plan:
     arena_bytes: int
     naive_bytes: int
     value_dtypes: dict[fx.Node, torch.dtype] = field(default_factory=dict)
+    streams: StreamPlan = field(default_factory=StreamPlan)
 
     def value_dtype(self, node: fx.Node) -> torch.dtype:
         return self.value_dtypes.get(node, node.meta.get("dtype"))
@@ -46,6 +48,15 @@ def is_planned(node: fx.Node) -> bool:
     return getattr(node.meta["spec"], "out_splits", None) is None
 
 
+def launches_kernel(node: fx.Node) -> bool:
+    """Does this node start device work (a kernel, a copy, a PyTorch op)?"""
+    if is_canonical(node, ops.cat):
+        return bool(node.meta.get("cat_copies"))
+    if is_canonical(node):
+        return node.target not in ops.VIEW_OPS
+    return is_fallback_compute(node)
+
+
 def _root(node: fx.Node) -> tuple[fx.Node, int]:
     offset = 0
     while "slot" in node.meta:
@@ -58,7 +69,9 @@ def _writer(node: fx.Node) -> fx.Node:
     return node.meta.get("segment_of", node)
 
 
-def make_plan(gm: fx.GraphModule, dtype: torch.dtype) -> Plan:
+def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) -> Plan:
+    """Place every value; with ``streams``, also spread independent branches over CUDA streams
+    (only for graphs without fallbacks, whose reads and writes we cannot see)."""
     order = [n for n in gm.graph.nodes if n.op != "output"]
     pos = {n: i for i, n in enumerate(order)}
     buffers: dict[fx.Node, Buffer] = {}
@@ -80,9 +93,17 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype) -> Plan:
 
     extend_lifetimes(buffers.values(), order + [gm.graph.output_node()],
                      _buffer_reads(gm, order, placements, len(order)))
+    stream_plan = StreamPlan()
+    if streams and not any(is_fallback_compute(n) for n in order):
+        stream_plan = assign_streams(order, {n for n in order if launches_kernel(n)})
+    if stream_plan.streams > 1:
+        bounds = region_bounds(order)
+        for buf in buffers.values():  # no reuse inside a region whose branches may overlap
+            buf.first = bounds[buf.first][0]
+            buf.last = bounds[min(buf.last, len(order) - 1)][1] + (buf.last >= len(order))
     arena = assign_offsets(buffers.values())
     naive = sum(b.nbytes for b in buffers.values())
-    return Plan(order, dtype, placements, list(buffers.values()), arena, naive, value_dtypes)
+    return Plan(order, dtype, placements, list(buffers.values()), arena, naive, value_dtypes, stream_plan)
 
 
 def _buffer_reads(gm, order, placements, end) -> dict[fx.Node, set[int]]:

@@ -63,16 +63,41 @@ class Program:
             return t.to(dtype=n.meta.get("dtype", t.dtype), memory_format=torch.contiguous_format, copy=True)
         return fx.node.map_arg(self.gm.graph.output_node().args[0], value)
 
+    def _run_steps_on_streams(self) -> None:
+        """Issue each step on its planned stream, waiting only on the steps it reads from; the
+        side streams fork from and join back into the current stream (as graph capture needs)."""
+        plan = self.plan.streams
+        main = torch.cuda.current_stream()
+        streams = [main] + [torch.cuda.Stream() for _ in range(plan.streams - 1)]
+        for s in streams[1:]:
+            s.wait_stream(main)
+        events: dict[fx.Node, torch.cuda.Event] = {}
+        for step in self.steps:
+            index = plan.stream.get(step.node, 0)
+            stream = streams[index]
+            with torch.cuda.stream(stream):
+                for dep in plan.waits.get(step.node, ()):
+                    stream.wait_event(events[dep])
+                step(self.env)
+                if step.node in self._recorded:
+                    events[step.node] = torch.cuda.Event()
+                    events[step.node].record(stream)
+        for s in streams[1:]:
+            main.wait_stream(s)
+
     def capture_cuda_graph(self) -> None:
-        """Record the steps once into a CUDA graph (after a warm-up run compiled the kernels)."""
+        """Record the steps once into a CUDA graph (after a warm-up run compiled the kernels);
+        with a stream plan, independent branches become parallel branches of the graph."""
+        self._recorded = {d for deps in self.plan.streams.waits.values() for d in deps}
+        run = self._run_steps_on_streams if self.plan.streams.streams > 1 else self._run_steps
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._run_steps()
+            run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._run_steps()
+            run()
         self.graph = graph
 
     def warm_up(self, fallback_lowering: Optional[Lowering], tuner=None) -> None:

@@ -1,0 +1,66 @@
+"""The GPU runtime: CUDA graph replay, concurrent branches, no allocation per forward, and the
+Triton backend on whole networks (run on the H100 with ``pytest -m gpu``)."""
+import pytest
+import torch
+import torchvision
+
+import torch_gie
+from helpers import randomize_, rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+def _model(name, **kw):
+    if name in ("googlenet", "inception_v3"):
+        kw["init_weights"] = True
+    torch.manual_seed(0)
+    return randomize_(torchvision.models.get_model(name, weights=None, **kw)).eval().cuda()
+
+
+def test_forward_allocates_nothing_with_static_outputs():
+    model = _model("googlenet")
+    x = torch.randn(4, 3, 96, 96, device="cuda")
+    compiled = torch_gie.compile(model, x, precision="fp16", static_outputs=True)
+    compiled(x)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    for _ in range(3):
+        compiled(torch.randn_like(x))
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] - before == 3  # only the randn inputs
+
+
+def test_streams_match_single_stream_and_eager():
+    model = _model("inception_v3")
+    x = torch.randn(2, 3, 128, 128, device="cuda")
+    with torch.no_grad():
+        ref = model(x)
+    a = torch_gie.compile(model, x, precision="fp16")
+    b = torch_gie.compile(model, x, precision="fp16", streams=False)
+    assert a._program.plan.streams.streams > 1 and b._program.plan.streams.streams == 1
+    for _ in range(3):
+        x2 = torch.randn_like(x)
+        with torch.no_grad():
+            ref = model(x2)
+        assert rel_err(a(x2), ref) < 1e-2 and rel_err(b(x2), ref) < 1e-2
+
+
+GPU_MODELS = [("resnet50", 224), ("googlenet", 224), ("inception_v3", 299), ("vgg16", 224),
+              ("mobilenet_v2", 224), ("densenet121", 224)]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+@pytest.mark.parametrize("name,size", GPU_MODELS, ids=[m for m, _ in GPU_MODELS])
+def test_triton_backend_whole_model(name, size, precision):
+    model = _model(name)
+    x = torch.randn(2, 3, size, size, device="cuda")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    compiled = torch_gie.compile(model, x, precision=precision)
+    report = compiled.report()
+    assert report["fallback_ops"] == [] and all(layer["backend"] == "triton" for layer in report["layers"]
+                                               if layer["op"] != "cat_copy")
+    x2 = torch.randn_like(x)
+    with torch.no_grad():
+        ref = model(x2)
+    assert rel_err(compiled(x2), ref) < (1e-2 if precision == "fp16" else 1e-3)
