@@ -9,6 +9,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# fp32 references must be fp32: cuDNN and cuBLAS would otherwise use TF32 on the GPU (~1e-3 error).
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
