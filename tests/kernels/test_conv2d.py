@@ -18,6 +18,7 @@ from torch_gie.kernels.conv2d import (
 )
 
 SMALL = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
+SMALL_FLAT = {**SMALL, "FLAT_K": True}  # the (tap, channel block) loop as one runtime loop
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 
 
@@ -92,21 +93,22 @@ GEOMETRIES = {
 }
 
 
+@pytest.mark.parametrize("config", [SMALL, SMALL_FLAT], ids=["unrolled", "flat"])
 @pytest.mark.parametrize("name", list(GEOMETRIES))
-def test_geometry_fp32(name, device):
-    run(*GEOMETRIES[name], device=device)
+def test_geometry_fp32(name, config, device):
+    run(*GEOMETRIES[name], device=device, config=config)
 
 
 @pytest.mark.parametrize("name", ["1x1", "3x3_pad1", "7x7_stride2_pad3", "odd_sizes_batch3",
                                   "groups4"])
 def test_geometry_fp16(name, device):
-    run(*GEOMETRIES[name], dtype=torch.float16, device=device)
+    run(*GEOMETRIES[name], dtype=torch.float16, device=device, config=SMALL_FLAT)
 
 
 @pytest.mark.parametrize("layout", ["x_slice", "nchw", "out_full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_layouts(layout, dtype, device):
-    run(2, 12, 20, 5, 6, 3, padding=1, groups=2, dtype=dtype, device=device,
+    run(2, 12, 20, 5, 6, 3, padding=1, groups=2, dtype=dtype, device=device, config=SMALL_FLAT,
         x_slice=layout == "x_slice", nchw=layout == "nchw", out_slice=layout != "out_full")
 
 
@@ -214,17 +216,18 @@ def test_convenience_and_default_config(device):
 
 
 def test_configs():
-    for c_out_g, c_in_g in [(4, 4), (10, 3), (64, 64), (256, 512), (2048, 512)]:
+    for c_out_g, c_in_g, taps in [(4, 4, 9), (10, 3, 49), (64, 64, 9), (256, 512, 1), (2048, 8, 1)]:
         for dtype in (torch.float16, torch.float32):
-            cands = conv2d_configs(c_out_g, c_in_g, dtype)
-            assert cands[0] == default_conv2d_config(c_out_g, c_in_g, dtype)
+            cands = conv2d_configs(c_out_g, c_in_g, dtype, taps)
+            assert cands[0] == default_conv2d_config(c_out_g, c_in_g, dtype, taps)
             assert len(cands) == len({tuple(sorted(c.items())) for c in cands}) > 2
             for c in cands:
                 for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
                     assert c[key] >= 16 and c[key] & (c[key] - 1) == 0
     layer = Conv2d(torch.randn(8, 4, 3, 3))
+    assert layer.config == layer.configs[0] and layer.config["FLAT_K"]
     layer.config = SMALL
-    assert layer.config == SMALL and layer.configs
+    assert layer.config == SMALL
 
 
 def _layer_error(**kw):
@@ -281,19 +284,33 @@ RESNET_LAYERS = [
 ]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("c_in,c_out,k,s,p,h,g", RESNET_LAYERS)
-def test_resnet50_layers_gpu(c_in, c_out, k, s, p, h, g):
+def _gpu_case(c_in, c_out, k, s, p, h, g):
     dev = torch.device("cuda")
     x = torch.randn(8, c_in, h, h, device=dev).to(torch.float16, memory_format=torch.channels_last)
     wt = (torch.randn(c_out, c_in // g, k, k, device=dev) / (c_in // g * k * k) ** 0.5).half()
     b = torch.randn(c_out, device=dev)
     ref = reference(x, wt, b, s, p, 1, g, "relu")
-    layer = Conv2d(wt, b, stride=s, padding=p, groups=g, activation="relu")
+    return x, ref, Conv2d(wt, b, stride=s, padding=p, groups=g, activation="relu")
+
+
+def _gpu_check(x, ref, layer):
+    out = poisoned(tuple(ref.shape), torch.float16, x.device)
+    layer(x, [out])
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all(), layer.config
+    assert rel_err(out, ref) < 1e-2, layer.config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c_in,c_out,k,s,p,h,g", RESNET_LAYERS)
+def test_resnet50_layers_gpu(c_in, c_out, k, s, p, h, g):
+    _gpu_check(*_gpu_case(c_in, c_out, k, s, p, h, g))  # default config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c_in,c_out,k,s,p,h,g", [RESNET_LAYERS[2], RESNET_LAYERS[6]])
+def test_all_configs_gpu(c_in, c_out, k, s, p, h, g):
+    x, ref, layer = _gpu_case(c_in, c_out, k, s, p, h, g)
     for config in layer.configs:
-        out = poisoned(tuple(ref.shape), torch.float16, dev)
         layer.config = config
-        layer(x, [out])
-        torch.cuda.synchronize()
-        assert torch.isfinite(out).all(), config
-        assert rel_err(out, ref) < 1e-2, config
+        _gpu_check(x, ref, layer)

@@ -202,19 +202,34 @@ MOBILE_LAYERS = [
 ]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("c,k,s,h", MOBILE_LAYERS)
-def test_mobile_layers_gpu(c, k, s, h):
+def _gpu_case(c, k, s, h):
     dev = torch.device("cuda")
     x = torch.randn(8, c, h, h, device=dev).to(torch.float16, memory_format=torch.channels_last)
     wt = (torch.randn(c, 1, k, k, device=dev) / k).half()
     b = torch.randn(c, device=dev)
     ref = reference(x, wt, b, s, k // 2, 1, "hardswish")
-    layer = DepthwiseConv2d(wt, b, stride=s, padding=k // 2, groups=c, activation="hardswish")
+    return x, ref, DepthwiseConv2d(wt, b, stride=s, padding=k // 2, groups=c,
+                                   activation="hardswish")
+
+
+def _gpu_check(x, ref, layer):
+    out = poisoned(tuple(ref.shape), torch.float16, x.device)
+    layer(x, [out])
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all(), layer.config
+    assert rel_err(out, ref) < 1e-2, layer.config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c,k,s,h", MOBILE_LAYERS)
+def test_mobile_layers_gpu(c, k, s, h):
+    _gpu_check(*_gpu_case(c, k, s, h))  # default config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c,k,s,h", [MOBILE_LAYERS[2], MOBILE_LAYERS[6]])
+def test_all_configs_gpu(c, k, s, h):
+    x, ref, layer = _gpu_case(c, k, s, h)
     for config in layer.configs:
-        out = poisoned(tuple(ref.shape), torch.float16, dev)
         layer.config = config
-        layer(x, [out])
-        torch.cuda.synchronize()
-        assert torch.isfinite(out).all(), config
-        assert rel_err(out, ref) < 1e-2, config
+        _gpu_check(x, ref, layer)
