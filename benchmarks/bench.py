@@ -25,6 +25,7 @@ import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch_gie  # noqa: E402
+from torch_gie.testing import calibrate_batchnorm_, rel_err  # noqa: E402
 from torch_gie.timing import time_calls  # noqa: E402
 
 MODELS = ["resnet50", "googlenet", "inception_v3", "vgg16", "mobilenet_v2", "densenet121"]
@@ -32,14 +33,13 @@ VARIANTS = ["eager_fp32", "eager_fp16", "torch_compile", "gie_fp32", "gie_fp16"]
 
 
 def build_model(name: str) -> tuple[torch.nn.Module, int]:
+    """Random weights (nothing is downloaded), BatchNorm calibrated on random images so that
+    activations have the scale of a trained network's (fp16 stays in range)."""
     kwargs = {"init_weights": True} if name in ("googlenet", "inception_v3") else {}
     size = 299 if name == "inception_v3" else 224
     torch.manual_seed(0)
-    return torchvision.models.get_model(name, weights=None, **kwargs).eval().cuda(), size
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    model = torchvision.models.get_model(name, weights=None, **kwargs).cuda()
+    return calibrate_batchnorm_(model, torch.empty(8, 3, size, size, device="cuda")), size
 
 
 def make_variant(variant: str, model: torch.nn.Module, x: torch.Tensor, batch: int):

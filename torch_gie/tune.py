@@ -40,7 +40,7 @@ def signature(step: KernelStep, env: list) -> str:
 class Tuner:
     """Picks and remembers the fastest config per layer signature."""
 
-    def __init__(self, path: Optional[str] = None):
+    def __init__(self, path: Optional[str] = None, max_configs: int = 8):
         import triton
         self.path = path or cache_path()
         self.prefix = f"{torch.cuda.get_device_name()}|triton {triton.__version__}|"
@@ -51,6 +51,7 @@ class Tuner:
                     self.cache = json.load(f)
             except (OSError, json.JSONDecodeError):
                 log.warning("torch_gie: ignoring unreadable tuning cache %s", self.path)
+        self.max_configs = max_configs  # kernels list their configs best-guess first
         self.timed = self.reused = 0
 
     def tune(self, step: KernelStep, env: list) -> None:
@@ -65,7 +66,7 @@ class Tuner:
             return
         import triton.testing
         best, best_ms = None, float("inf")
-        for config in configs:
+        for config in configs[:self.max_configs]:
             try:
                 layer.config = config
                 ms = triton.testing.do_bench(lambda: step(env), warmup=3, rep=15, return_mode="median")

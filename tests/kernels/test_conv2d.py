@@ -19,6 +19,7 @@ from torch_gie.kernels.conv2d import (
 
 SMALL = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
 SMALL_FLAT = {**SMALL, "FLAT_K": True}  # the (tap, channel block) loop as one runtime loop
+SMALL_GATHER = {**SMALL, "GATHER_K": True}  # K flattened across taps (few input channels)
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 
 
@@ -93,7 +94,7 @@ GEOMETRIES = {
 }
 
 
-@pytest.mark.parametrize("config", [SMALL, SMALL_FLAT], ids=["unrolled", "flat"])
+@pytest.mark.parametrize("config", [SMALL, SMALL_FLAT, SMALL_GATHER], ids=["unrolled", "flat", "gather"])
 @pytest.mark.parametrize("name", list(GEOMETRIES))
 def test_geometry_fp32(name, config, device):
     run(*GEOMETRIES[name], device=device, config=config)
@@ -224,8 +225,10 @@ def test_configs():
             for c in cands:
                 for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
                     assert c[key] >= 16 and c[key] & (c[key] - 1) == 0
-    layer = Conv2d(torch.randn(8, 4, 3, 3))
+    layer = Conv2d(torch.randn(8, 16, 3, 3))
     assert layer.config == layer.configs[0] and layer.config["FLAT_K"]
+    stem = Conv2d(torch.randn(64, 3, 7, 7), stride=2, padding=3)
+    assert stem.config["GATHER_K"]
     layer.config = SMALL
     assert layer.config == SMALL
 

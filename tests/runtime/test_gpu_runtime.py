@@ -5,20 +5,21 @@ import torch
 import torchvision
 
 import torch_gie
-from helpers import randomize_, rel_err
+from helpers import calibrate_batchnorm_, randomize_, rel_err
 
 pytestmark = pytest.mark.gpu
 
 
-def _model(name, **kw):
+def _model(name, size=224, **kw):
     if name in ("googlenet", "inception_v3"):
         kw["init_weights"] = True
     torch.manual_seed(0)
-    return randomize_(torchvision.models.get_model(name, weights=None, **kw)).eval().cuda()
+    model = randomize_(torchvision.models.get_model(name, weights=None, **kw)).cuda()
+    return calibrate_batchnorm_(model, torch.empty(4, 3, size, size, device="cuda"))
 
 
 def test_forward_allocates_nothing_with_static_outputs():
-    model = _model("googlenet")
+    model = _model("googlenet", 96)
     x = torch.randn(4, 3, 96, 96, device="cuda")
     compiled = torch_gie.compile(model, x, precision="fp16", static_outputs=True)
     compiled(x)
@@ -31,7 +32,7 @@ def test_forward_allocates_nothing_with_static_outputs():
 
 
 def test_streams_match_single_stream_and_eager():
-    model = _model("inception_v3")
+    model = _model("inception_v3", 128)
     x = torch.randn(2, 3, 128, 128, device="cuda")
     with torch.no_grad():
         ref = model(x)
@@ -52,7 +53,7 @@ GPU_MODELS = [("resnet50", 224), ("googlenet", 224), ("inception_v3", 299), ("vg
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 @pytest.mark.parametrize("name,size", GPU_MODELS, ids=[m for m, _ in GPU_MODELS])
 def test_triton_backend_whole_model(name, size, precision):
-    model = _model(name)
+    model = _model(name, size)
     x = torch.randn(2, 3, size, size, device="cuda")
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -27,11 +27,14 @@ MAX_SEGMENTS = 4
 # Names tl.dot accepts for fp32 operands on NVIDIA in Triton 3.x (keyword ``input_precision``).
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-# Optional key FLAT_K (default False): run (tap, channel block) as one loop, see the kernel.
+# Optional keys FLAT_K (default False): run (tap, channel block) as one loop; GATHER_K (default
+# False): run the flattened K = KH*KW*C_in_g in BLOCK_K chunks, for convs with few input
+# channels (a 7x7 stem on RGB), where per-tap channel blocks would be mostly padding.
+GATHER_BELOW = 16  # C_in_g under this gathers K across taps
 
 
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, flat: bool) -> dict:
-    return {**dict(zip(_CONFIG_KEYS, (bm, bn, bk, warps, stages))), "FLAT_K": flat}
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, flat: bool, gather: bool = False) -> dict:
+    return {**dict(zip(_CONFIG_KEYS, (bm, bn, bk, warps, stages))), "FLAT_K": flat, "GATHER_K": gather}
 
 
 def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16,
@@ -41,6 +44,9 @@ def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.
     than the unrolled one (164 vs 247 for 3x3 64->64 at 128x64x64) and never spilled in our
     checks, and its loads pipeline across taps even when C_in_g is a single BLOCK_K."""
     fp16 = dtype == torch.float16
+    if taps > 1 and c_in_g < GATHER_BELOW:
+        bn = min(128, max(16, triton.next_power_of_2(c_out_g)))
+        return _cfg(128, bn, 32, 4, 3 if fp16 else 2, False, True)
     bn = min(128, max(16, triton.next_power_of_2(c_out_g)))
     bk = min(64 if fp16 else 32, max(16, triton.next_power_of_2(c_in_g)))
     bm = 128 if fp16 else 64  # fp32 runs on FMA (ieee) or tf32 with twice the smem per tile
@@ -54,6 +60,12 @@ def conv2d_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16
     """Candidate tilings for the tuner: the default first, then larger and small-channel ones,
     with both K-loop forms for multi-tap convs."""
     cands = [default_conv2d_config(c_out_g, c_in_g, dtype, taps)]
+    if taps > 1 and c_in_g < GATHER_BELOW:
+        for bm, bn, bk, warps, stages in ((128, 64, 64, 4, 3), (64, 64, 32, 4, 3), (128, 128, 32, 8, 3),
+                                          (64, 32, 32, 4, 2)):
+            cfg = _cfg(bm, min(bn, max(16, triton.next_power_of_2(c_out_g))), bk, warps, stages, False, True)
+            if cfg not in cands:
+                cands.append(cfg)
     bk_max = 64 if dtype == torch.float16 else 32  # fp32 tiles cost twice the shared memory
     for bm, bn, bk, warps, stages in (
         (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4),
@@ -210,7 +222,7 @@ def _conv2d_kernel(
     NUM_SEG: tl.constexpr,
     # tiling
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, FLAT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, FLAT_K: tl.constexpr, GATHER_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Grouped launch order (as in Triton's matmul tutorial): GROUP_M row tiles share their
     # input rows in L2 while all column tiles go through them.
@@ -238,7 +250,23 @@ def _conv2d_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FLAT_K:
+    if GATHER_K:
+        # K flattened across taps: each element of a K chunk decodes its own (kh, kw, c), so a
+        # 3-channel input fills the tile instead of padding every tap to BLOCK_K channels.
+        K_total = KH * KW * C_in_g
+        for k0 in range(0, K_total, BLOCK_K):
+            k = k0 + offs_k
+            c = k % C_in_g
+            tap = k // C_in_g
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = (oh * STRIDE_H - PAD_H)[:, None] + (kh * DIL_H)[None, :]
+            iw = (ow * STRIDE_W - PAD_W)[:, None] + (kw * DIL_W)[None, :]
+            a_mask = (k < K_total)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_rows[:, None] + ih * s_xh + iw * s_xw + (c * s_xc)[None, :], mask=a_mask, other=0.0)
+            b = tl.load(w_cols[None, :] + k[:, None], mask=(k < K_total)[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    elif FLAT_K:
         # One runtime loop over (tap, channel block): when C_in_g spans few BLOCK_Ks, this is
         # the only form whose loads the software pipeliner can overlap across taps.
         num_kc = tl.cdiv(C_in_g, BLOCK_K)
@@ -399,7 +427,7 @@ class Conv2d:
             POST_ACT=self.post_act, NUM_SEG=num_seg,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8,
             EVEN_K=c_in_g % cfg["BLOCK_K"] == 0, FLAT_K=cfg.get("FLAT_K", False),
-            DOT_PRECISION=precision,
+            GATHER_K=cfg.get("GATHER_K", False), DOT_PRECISION=precision,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
