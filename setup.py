@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="Ahead-of-time inference compiler for PyTorch: fx capture, graph fusion, Triton kernels",
     packages=find_packages(include=["torch_gie", "torch_gie.*"]),
+    package_data={"torch_gie": ["tuning_db.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

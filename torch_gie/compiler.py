@@ -16,6 +16,7 @@ from .plan import make_plan
 from .report import build_report, count_compute_ops
 from .runtime.module import GIEModule
 from .runtime.program import build_program
+from .tune import Tuner
 
 log = logging.getLogger("torch_gie")
 
@@ -89,9 +90,8 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
     lowering, fallback = _lowering(backend, plan, device, options)
     program = build_program(gm, plan, lowering, backend, device)
     tuner = None
-    if options.get("tune") and device.type == "cuda" and backend == "triton":
-        from .tune import Tuner
-        tuner = Tuner()
+    if device.type == "cuda" and backend == "triton":  # known timings always apply; tune=True times new layers
+        tuner = Tuner(time_new=bool(options.get("tune")))
     with torch.no_grad():
         program._load_inputs(inputs)
         program.warm_up(fallback, tuner)

@@ -28,8 +28,10 @@ MAX_SEGMENTS = 4
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 # Optional keys FLAT_K (default False): run (tap, channel block) as one loop; GATHER_K (default
-# False): run the flattened K = KH*KW*C_in_g in BLOCK_K chunks, for convs with few input
-# channels (a 7x7 stem on RGB), where per-tap channel blocks would be mostly padding.
+# False): for convs with few input channels (a 7x7 stem on RGB), where per-tap channel blocks
+# would be mostly padding: on dense NHWC input (and dilation_w 1) the KW*C_in_g values of one
+# kernel row are contiguous in memory and are loaded as one run per kh ("fold kw into c");
+# otherwise the flattened K is gathered element by element.
 GATHER_BELOW = 16  # C_in_g under this gathers K across taps
 
 
@@ -222,7 +224,8 @@ def _conv2d_kernel(
     NUM_SEG: tl.constexpr,
     # tiling
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, FLAT_K: tl.constexpr, GATHER_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, FLAT_K: tl.constexpr, GATHER_K: tl.constexpr, FOLD_KW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Grouped launch order (as in Triton's matmul tutorial): GROUP_M row tiles share their
     # input rows in L2 while all column tiles go through them.
@@ -250,7 +253,23 @@ def _conv2d_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATHER_K:
+    if FOLD_KW:
+        # Dense NHWC, dilation_w 1: for one kh, (kw, c) -> offset (iw0 + kw) * C + c is a single
+        # contiguous run of KW*C_in_g values, and k = kh*KW*C_in_g + j matches the packing.
+        KWC = KW * C_in_g
+        iw0 = ow * STRIDE_W - PAD_W
+        for kh in tl.static_range(KH):
+            ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+            row_ok = (ih >= 0) & (ih < H)
+            a_rows = x_rows + ih * s_xh + iw0 * s_xw
+            for j0 in range(0, KWC, BLOCK_K):
+                j = j0 + offs_k
+                iw = iw0[:, None] + (j // C_in_g)[None, :]
+                a_mask = row_ok[:, None] & (j < KWC)[None, :] & (iw >= 0) & (iw < W)
+                a = tl.load(a_rows[:, None] + j[None, :], mask=a_mask, other=0.0)
+                b = tl.load(w_cols[None, :] + (kh * KWC + j)[:, None], mask=(j < KWC)[:, None], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    elif GATHER_K:
         # K flattened across taps: each element of a K chunk decodes its own (kh, kw, c), so a
         # 3-channel input fills the tile instead of padding every tap to BLOCK_K channels.
         K_total = KH * KW * C_in_g
@@ -415,6 +434,10 @@ class Conv2d:
         # The precision only matters for fp32 operands; "tf32" is Triton's own default, so fp16
         # compiles exactly as if none were given.
         precision = self.fp32_precision if self.dtype == torch.float32 else "tf32"
+        gather = cfg.get("GATHER_K", False)
+        # Folding kw into channels needs dense NHWC input (one group) and dilation_w == 1.
+        fold = gather and self.groups == 1 and self.dilation[1] == 1 and x.stride(1) == 1 \
+            and x.stride(3) == self.in_channels
         _conv2d_kernel[grid](
             x, self.weight, self.bias, residual, out,
             h, w, c_in_g, oh, ow, c_out_g, m,
@@ -427,7 +450,7 @@ class Conv2d:
             POST_ACT=self.post_act, NUM_SEG=num_seg,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8,
             EVEN_K=c_in_g % cfg["BLOCK_K"] == 0, FLAT_K=cfg.get("FLAT_K", False),
-            GATHER_K=cfg.get("GATHER_K", False), DOT_PRECISION=precision,
+            GATHER_K=gather and not fold, FOLD_KW=fold, DOT_PRECISION=precision,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
