@@ -33,13 +33,16 @@ VARIANTS = ["eager_fp32", "eager_fp16", "torch_compile", "gie_fp32", "gie_fp16"]
 
 
 def build_model(name: str) -> tuple[torch.nn.Module, int]:
-    """Random weights (nothing is downloaded), BatchNorm calibrated on random images so that
-    activations have the scale of a trained network's (fp16 stays in range)."""
+    """torchvision's own random initialization (nothing is downloaded). Inception-v3's init
+    (std 0.1) with identity BatchNorm statistics overflows fp16 (eager too), so its BatchNorms
+    are calibrated on random images, as training would set them."""
     kwargs = {"init_weights": True} if name in ("googlenet", "inception_v3") else {}
     size = 299 if name == "inception_v3" else 224
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, **kwargs).cuda()
-    return calibrate_batchnorm_(model, torch.empty(8, 3, size, size, device="cuda")), size
+    model = torchvision.models.get_model(name, weights=None, **kwargs).cuda().eval()
+    if name == "inception_v3":
+        calibrate_batchnorm_(model, torch.empty(8, 3, size, size, device="cuda"))
+    return model, size
 
 
 def make_variant(variant: str, model: torch.nn.Module, x: torch.Tensor, batch: int):
