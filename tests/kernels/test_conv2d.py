@@ -19,7 +19,8 @@ from torch_gie.kernels.conv2d import (
 
 SMALL = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
 SMALL_FLAT = {**SMALL, "FLAT_K": True}  # the (tap, channel block) loop as one runtime loop
-SMALL_GATHER = {**SMALL, "GATHER_K": True}  # few input channels: kw folded into c on NHWC, else gathered
+SMALL_GATHER = {**SMALL, "GATHER_K": True}  # few input channels: K gathered across taps
+SMALL_FOLD = {**SMALL, "FOLD_KW": True}  # few input channels: kw folded into c on NHWC, else gathered
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 
 
@@ -319,11 +320,12 @@ def test_all_configs_gpu(c_in, c_out, k, s, p, h, g):
         _gpu_check(x, ref, layer)
 
 
+@pytest.mark.parametrize("config", [SMALL_GATHER, SMALL_FOLD], ids=["gather", "fold"])
 @pytest.mark.parametrize("layout", ["nhwc", "nchw", "slice"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_few_channel_stem_every_input_layout(layout, dtype, device):
-    """A 7x7/2 conv on 3 channels: dense NHWC folds kw into c; NCHW and channel slices gather."""
+def test_few_channel_stem_every_input_layout(layout, dtype, config, device):
+    """A 7x7/2 conv on 3 channels: dense NHWC may fold kw into c; NCHW and slices gather."""
     run(2, 3, 20, 13, 11, 7, stride=2, padding=3, dtype=dtype, device=device, act="relu",
-        config=SMALL_GATHER, nchw=layout == "nchw", x_slice=layout == "slice")
+        config=config, nchw=layout == "nchw", x_slice=layout == "slice")
     run(1, 5, 16, 9, 9, (3, 5), stride=(1, 2), padding=(1, 2), dtype=dtype, device=device,
-        config={**SMALL_GATHER, "BLOCK_K": 32}, nchw=layout == "nchw", x_slice=layout == "slice")
+        config={**config, "BLOCK_K": 32}, nchw=layout == "nchw", x_slice=layout == "slice")

@@ -35,8 +35,10 @@ _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 GATHER_BELOW = 16  # C_in_g under this gathers K across taps
 
 
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, flat: bool, gather: bool = False) -> dict:
-    return {**dict(zip(_CONFIG_KEYS, (bm, bn, bk, warps, stages))), "FLAT_K": flat, "GATHER_K": gather}
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, flat: bool, gather: bool = False,
+         fold: bool = False) -> dict:
+    cfg = {**dict(zip(_CONFIG_KEYS, (bm, bn, bk, warps, stages))), "FLAT_K": flat, "GATHER_K": gather}
+    return {**cfg, "FOLD_KW": True} if fold else cfg
 
 
 def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16,
@@ -63,9 +65,11 @@ def conv2d_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16
     with both K-loop forms for multi-tap convs."""
     cands = [default_conv2d_config(c_out_g, c_in_g, dtype, taps)]
     if taps > 1 and c_in_g < GATHER_BELOW:
-        for bm, bn, bk, warps, stages in ((128, 64, 64, 4, 3), (64, 64, 32, 4, 3), (128, 128, 32, 8, 3),
-                                          (64, 32, 32, 4, 2)):
-            cfg = _cfg(bm, min(bn, max(16, triton.next_power_of_2(c_out_g))), bk, warps, stages, False, True)
+        for bm, bn, bk, warps, stages, fold in ((128, 64, 32, 4, 3, True), (128, 64, 32, 4, 4, True),
+                                                (128, 64, 64, 4, 3, False), (128, 128, 32, 8, 3, True),
+                                                (64, 64, 32, 4, 3, False), (64, 64, 32, 4, 4, True)):
+            cfg = _cfg(bm, min(bn, max(16, triton.next_power_of_2(c_out_g))), bk, warps, stages, False,
+                       not fold, fold)
             if cfg not in cands:
                 cands.append(cfg)
     bk_max = 64 if dtype == torch.float16 else 32  # fp32 tiles cost twice the shared memory
@@ -256,19 +260,19 @@ def _conv2d_kernel(
     if FOLD_KW:
         # Dense NHWC, dilation_w 1: for one kh, (kw, c) -> offset (iw0 + kw) * C + c is a single
         # contiguous run of KW*C_in_g values, and k = kh*KW*C_in_g + j matches the packing.
+        # One runtime loop over (kh, j block) so the loads pipeline across kernel rows.
         KWC = KW * C_in_g
+        num_j = tl.cdiv(KWC, BLOCK_K)
         iw0 = ow * STRIDE_W - PAD_W
-        for kh in tl.static_range(KH):
+        for t in range(KH * num_j):
+            kh = t // num_j
+            j = (t - kh * num_j) * BLOCK_K + offs_k
             ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-            row_ok = (ih >= 0) & (ih < H)
-            a_rows = x_rows + ih * s_xh + iw0 * s_xw
-            for j0 in range(0, KWC, BLOCK_K):
-                j = j0 + offs_k
-                iw = iw0[:, None] + (j // C_in_g)[None, :]
-                a_mask = row_ok[:, None] & (j < KWC)[None, :] & (iw >= 0) & (iw < W)
-                a = tl.load(a_rows[:, None] + j[None, :], mask=a_mask, other=0.0)
-                b = tl.load(w_cols[None, :] + (kh * KWC + j)[:, None], mask=(j < KWC)[:, None], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            iw = iw0[:, None] + (j // C_in_g)[None, :]
+            a_mask = ((ih >= 0) & (ih < H))[:, None] & (j < KWC)[None, :] & (iw >= 0) & (iw < W)
+            a = tl.load((x_rows + ih * s_xh + iw0 * s_xw)[:, None] + j[None, :], mask=a_mask, other=0.0)
+            b = tl.load(w_cols[None, :] + (kh * KWC + j)[:, None], mask=(j < KWC)[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     elif GATHER_K:
         # K flattened across taps: each element of a K chunk decodes its own (kh, kw, c), so a
         # 3-channel input fills the tile instead of padding every tap to BLOCK_K channels.
@@ -434,10 +438,11 @@ class Conv2d:
         # The precision only matters for fp32 operands; "tf32" is Triton's own default, so fp16
         # compiles exactly as if none were given.
         precision = self.fp32_precision if self.dtype == torch.float32 else "tf32"
-        gather = cfg.get("GATHER_K", False)
-        # Folding kw into channels needs dense NHWC input (one group) and dilation_w == 1.
-        fold = gather and self.groups == 1 and self.dilation[1] == 1 and x.stride(1) == 1 \
-            and x.stride(3) == self.in_channels
+        # Folding kw into channels needs dense NHWC input (one group) and dilation_w == 1;
+        # otherwise a fold config gathers.
+        fold = cfg.get("FOLD_KW", False) and self.groups == 1 and self.dilation[1] == 1 \
+            and x.stride(1) == 1 and x.stride(3) == self.in_channels
+        gather = cfg.get("GATHER_K", False) or cfg.get("FOLD_KW", False)
         _conv2d_kernel[grid](
             x, self.weight, self.bias, residual, out,
             h, w, c_in_g, oh, ow, c_out_g, m,
