@@ -49,10 +49,11 @@ def calibrate_batchnorm_(model: nn.Module, example: torch.Tensor, batches: int =
     shaped like ``example`` (cumulative average over ``batches``); returns the model in eval."""
     norms = [m for m in model.modules() if isinstance(m, _NORMS)]
     saved = [m.momentum for m in norms]
+    model.eval()  # only the norms train: the model's own train-mode branches (aux heads) stay off
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
+        m.train()
     g = torch.Generator(device=example.device).manual_seed(0)
     for _ in range(batches):
         model(torch.randn(example.shape, generator=g, device=example.device, dtype=example.dtype))
