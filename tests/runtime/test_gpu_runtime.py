@@ -33,19 +33,28 @@ def test_forward_allocates_nothing_with_static_outputs():
     assert torch.cuda.memory_stats()["allocation.all.allocated"] - before == 3  # only the randn inputs
 
 
-def test_streams_match_single_stream_and_eager():
+def fp16_tolerance(model, x, ref) -> float:
+    """1e-2, or twice what eager PyTorch itself loses in fp16 on this (random) network, if more:
+    random weights with calibrated BatchNorm amplify rounding more than trained ones do."""
+    import copy
+    half = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        eager16 = half(x.half().to(memory_format=torch.channels_last)).float()
+    return max(1e-2, 2 * rel_err(eager16, ref))
+
+
+def test_streams_match_single_stream_bitwise():
     model = _model("inception_v3", 128)
     x = torch.randn(2, 3, 128, 128, device="cuda")
-    with torch.no_grad():
-        ref = model(x)
     a = torch_gie.compile(model, x, precision="fp16")
     b = torch_gie.compile(model, x, precision="fp16", streams=False)
     assert a._program.plan.streams.streams > 1 and b._program.plan.streams.streams == 1
-    for _ in range(3):
+    for _ in range(3):  # concurrent branches must compute exactly what one stream computes
         x2 = torch.randn_like(x)
-        with torch.no_grad():
-            ref = model(x2)
-        assert rel_err(a(x2), ref) < 1e-2 and rel_err(b(x2), ref) < 1e-2
+        assert torch.equal(a(x2), b(x2))
+    with torch.no_grad():
+        ref = model(x2)
+    assert rel_err(a(x2), ref) < fp16_tolerance(model, x2, ref)
 
 
 GPU_MODELS = [("resnet50", 224), ("googlenet", 224), ("inception_v3", 299), ("vgg16", 224),
@@ -66,4 +75,5 @@ def test_triton_backend_whole_model(name, size, precision):
     x2 = torch.randn_like(x)
     with torch.no_grad():
         ref = model(x2)
-    assert rel_err(compiled(x2), ref) < (1e-2 if precision == "fp16" else 1e-3)
+    tol = fp16_tolerance(model, x2, ref) if precision == "fp16" else 1e-3
+    assert rel_err(compiled(x2), ref) < tol
