@@ -110,8 +110,9 @@ def bench_one(name: str, batch: int, variants: list[str]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | batch | variant | images/s | p50 ms | p99 ms | build s | rel err | launches | speedup of gie_fp16 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["model", "batch", "variant", "images/s", "p50 ms", "p99 ms", "build s", "rel err", "launches",
+              "speedup of gie_fp16"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | error: {r['error'][:80]} |||||||")

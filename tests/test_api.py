@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
+from helpers import randomize_, rel_err
 from torch import nn
 
 import torch_gie
-from helpers import randomize_, rel_err
 
 
 def small_net():

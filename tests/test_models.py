@@ -3,9 +3,9 @@ model must match eager within 1e-4; the structural claims for GoogLeNet and ResN
 import pytest
 import torch
 import torchvision
+from helpers import randomize_, rel_err
 
 import torch_gie
-from helpers import randomize_, rel_err
 
 # (model, input size): small spatial sizes keep CI fast; each is the smallest the model allows.
 MODELS = [

@@ -6,7 +6,7 @@ see ``kernels/epilogue.py``), so the three can never disagree about what "hardsw
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ _TORCH_IMPL: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def activation_code(name: Optional[str]) -> int:
+def activation_code(name: str | None) -> int:
     """The integer a kernel specializes on for activation ``name`` (None means identity)."""
     name = name or "identity"
     if name not in ACTIVATION_NAMES:
@@ -45,6 +45,6 @@ def activation_code(name: Optional[str]) -> int:
     return ACTIVATION_NAMES.index(name)
 
 
-def apply_activation(x: torch.Tensor, name: Optional[str]) -> torch.Tensor:
+def apply_activation(x: torch.Tensor, name: str | None) -> torch.Tensor:
     """Reference (PyTorch) implementation of activation ``name`` (None means identity)."""
     return _TORCH_IMPL[name or "identity"](x)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -44,7 +45,7 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _attr(gm: fx.GraphModule, node) -> Optional[torch.Tensor]:
+def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
     """The constant tensor behind a get_attr node (None for None; raises for anything else)."""
     if node is None:
         return None
@@ -223,7 +224,7 @@ def _normalize_method(node: fx.Node) -> Canonical:
     raise _NotCanonical
 
 
-def _normalize(gm: fx.GraphModule, node: fx.Node) -> Optional[Canonical]:
+def _normalize(gm: fx.GraphModule, node: fx.Node) -> Canonical | None:
     try:
         if node.op == "call_module":
             canon = _normalize_module(gm, node)

@@ -42,7 +42,7 @@ def _build_model(name: str, size: int, weights: str | None) -> torch.nn.Module:
     try:
         model = torchvision.models.get_model(name, weights=None, **kwargs)
     except ValueError as exc:
-        raise SystemExit(f"torch-gie: unknown model {name!r}: {exc}")
+        raise SystemExit(f"torch-gie: unknown model {name!r}: {exc}") from exc
     if weights:
         model.load_state_dict(torch.load(weights, map_location="cpu"))
     return model.eval()

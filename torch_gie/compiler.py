@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from .capture import as_input_tuple, capture
-from .errors import CompileError
 from .passes import PassContext, run_passes
 from .plan import make_plan
 from .report import build_report, count_compute_ops
@@ -106,7 +105,7 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
 
 
 def explain(module: nn.Module, example_inputs, *, precision: str = "fp16", backend: str = "auto",
-            dot: Optional[str] = None, **options: Any) -> dict[str, Any]:
+            dot: str | None = None, **options: Any) -> dict[str, Any]:
     """The compile report without building kernels; ``dot="graph.dot"`` also writes the optimized
     graph for Graphviz (and an SVG beside it when ``dot`` is installed)."""
     model, inputs, device, gm, layers_in, results, plan = _prepare(module, example_inputs, precision,

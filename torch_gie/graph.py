@@ -8,7 +8,8 @@ propagation on the example inputs.
 from __future__ import annotations
 
 import operator
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import fx
@@ -61,7 +62,7 @@ def channels(node: fx.Node) -> int:
     return node.meta["shape"][1]
 
 
-def set_tensor_meta(node: fx.Node, like: Optional[fx.Node] = None, *, shape_=None, dtype=None) -> None:
+def set_tensor_meta(node: fx.Node, like: fx.Node | None = None, *, shape_=None, dtype=None) -> None:
     node.meta["shape"] = tuple(shape_ if shape_ is not None else like.meta["shape"])
     node.meta["dtype"] = dtype if dtype is not None else like.meta["dtype"]
 
@@ -70,7 +71,7 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes]
 
 
-def target_name(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> str:
+def target_name(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
     """A short human-readable name of what a node runs (for reports)."""
     if node.op == "call_module" and gm is not None:
         return type(gm.get_submodule(node.target)).__name__

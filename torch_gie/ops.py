@@ -10,7 +10,6 @@ therefore stays runnable after every pass (see ``torch_gie.graph.run_graph``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +24,9 @@ class Epilogue:
     """What a fused op applies to its accumulator before the single store:
     ``post_activation(activation(acc + bias) + residual)``; the residual is the op's last input."""
 
-    activation: Optional[str] = None
+    activation: str | None = None
     residual: bool = False
-    post_activation: Optional[str] = None
+    post_activation: str | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -42,14 +41,14 @@ class Epilogue:
 @dataclass
 class ConvSpec:
     weight: torch.Tensor  # [C_out, C_in / groups, KH, KW]
-    bias: Optional[torch.Tensor]
+    bias: torch.Tensor | None
     stride: Pair
     padding: Pair
     dilation: Pair
     groups: int
     epilogue: Epilogue = field(default_factory=Epilogue)
     # Channel split of the output after horizontal merging; a merged conv yields one tensor per part.
-    out_splits: Optional[tuple[int, ...]] = None
+    out_splits: tuple[int, ...] | None = None
 
     @property
     def out_channels(self) -> int:
@@ -59,7 +58,7 @@ class ConvSpec:
 @dataclass
 class LinearSpec:
     weight: torch.Tensor  # [out_features, in_features]
-    bias: Optional[torch.Tensor]
+    bias: torch.Tensor | None
     epilogue: Epilogue = field(default_factory=Epilogue)
 
 
@@ -69,7 +68,7 @@ class AffineSpec:
 
     scale: torch.Tensor
     shift: torch.Tensor
-    activation: Optional[str] = None
+    activation: str | None = None
 
 
 @dataclass
@@ -79,7 +78,7 @@ class ActivationSpec:
 
 @dataclass
 class AddSpec:
-    activation: Optional[str] = None
+    activation: str | None = None
 
 
 @dataclass
@@ -91,7 +90,7 @@ class PoolSpec:
     dilation: Pair = (1, 1)
     ceil_mode: bool = False
     count_include_pad: bool = True
-    divisor_override: Optional[int] = None
+    divisor_override: int | None = None
 
 
 @dataclass
@@ -117,7 +116,7 @@ class IdentitySpec:
     what: str = "identity"
 
 
-def conv2d(spec: ConvSpec, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+def conv2d(spec: ConvSpec, x: torch.Tensor, residual: torch.Tensor | None = None):
     y = F.conv2d(x, spec.weight.to(x.dtype), None if spec.bias is None else spec.bias.to(x.dtype),
                  spec.stride, spec.padding, spec.dilation, spec.groups)
     y = _apply_epilogue(y, spec.epilogue, residual)
@@ -126,7 +125,7 @@ def conv2d(spec: ConvSpec, x: torch.Tensor, residual: Optional[torch.Tensor] = N
     return tuple(torch.split(y, list(spec.out_splits), dim=1))
 
 
-def linear(spec: LinearSpec, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+def linear(spec: LinearSpec, x: torch.Tensor, residual: torch.Tensor | None = None):
     y = F.linear(x, spec.weight.to(x.dtype), None if spec.bias is None else spec.bias.to(x.dtype))
     return _apply_epilogue(y, spec.epilogue, residual)
 
@@ -168,7 +167,7 @@ def identity(spec: IdentitySpec, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _apply_epilogue(y: torch.Tensor, ep: Epilogue, residual: Optional[torch.Tensor]) -> torch.Tensor:
+def _apply_epilogue(y: torch.Tensor, ep: Epilogue, residual: torch.Tensor | None) -> torch.Tensor:
     y = apply_activation(y, ep.activation)
     if ep.residual:
         y = y + residual

@@ -77,7 +77,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['device']})",
         f"  ops in captured graph : {report['layers_in']}",
         f"  launches per forward  : {report['launches']}",
-        f"  fusions               : " + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())),
+        "  fusions               : " + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())),
         f"  concats eliminated    : {report['concats_eliminated']} (copies left: {report['concat_copies']})",
         f"  activation arena      : {report['arena_bytes'] / 2**20:.2f} MiB "
         f"(vs {report['naive_activation_bytes'] / 2**20:.2f} MiB without reuse, {report['buffers']} buffers)",

@@ -2,7 +2,8 @@
 after a warm-up, many runs, median and tail. Never time on zeros: callers pass real inputs."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

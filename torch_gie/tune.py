@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Optional
 
 import torch
 
@@ -57,7 +56,7 @@ def signature(step: KernelStep, env: list) -> str:
 class Tuner:
     """Picks and remembers the fastest config per layer signature."""
 
-    def __init__(self, path: Optional[str] = None, max_configs: int = 8, time_new: bool = True):
+    def __init__(self, path: str | None = None, max_configs: int = 8, time_new: bool = True):
         import triton
         self.path = path or cache_path()
         self.prefix = f"{torch.cuda.get_device_name()}|triton {triton.__version__}|"

@@ -1,7 +1,7 @@
 import torch
+from helpers import check_pass
 from torch import nn
 
-from helpers import check_pass
 from torch_gie.passes.eliminate_concat import eliminate_concat
 
 

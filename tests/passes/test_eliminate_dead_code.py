@@ -1,7 +1,7 @@
 import torch
+from helpers import captured, count, ops
 from torch import nn
 
-from helpers import captured, count, ops
 from torch_gie.graph import run_graph
 from torch_gie.passes import PassContext
 from torch_gie.passes.eliminate_dead_code import eliminate_dead_code

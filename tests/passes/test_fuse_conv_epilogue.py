@@ -1,8 +1,8 @@
 import torch
 import torchvision
+from helpers import check_pass, count, ops, randomize_
 from torch import nn
 
-from helpers import check_pass, count, ops, randomize_
 from torch_gie.capture import capture
 from torch_gie.graph import run_graph, spec
 from torch_gie.passes import PassContext

@@ -1,7 +1,7 @@
 import torch
+from helpers import check_pass, count, ops, randomize_
 from torch import nn
 
-from helpers import check_pass, count, ops, randomize_
 from torch_gie.passes.fuse_elementwise_activation import fuse_elementwise_activation
 
 

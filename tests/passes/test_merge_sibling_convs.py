@@ -1,9 +1,9 @@
 import operator
 
 import torch
+from helpers import check_pass, count, ops
 from torch import nn
 
-from helpers import check_pass, count, ops
 from torch_gie.graph import spec
 from torch_gie.passes.merge_sibling_convs import MAX_SEGMENTS, merge_sibling_convs
 

@@ -1,7 +1,7 @@
 import torch
+from helpers import check_pass, count, ops
 from torch import nn
 
-from helpers import check_pass, count, ops
 from torch_gie.passes.remove_identity import remove_identity
 
 

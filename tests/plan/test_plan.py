@@ -1,7 +1,7 @@
 import torch
 import torchvision
-
 from helpers import ops, randomize_
+
 from torch_gie.capture import capture
 from torch_gie.passes import run_passes
 from torch_gie.plan import make_plan

@@ -1,8 +1,8 @@
 import torch
 import torchvision
+from helpers import captured, randomize_
 from torch import nn
 
-from helpers import captured, randomize_
 from torch_gie.passes import run_passes
 from torch_gie.plan import launches_kernel, make_plan
 from torch_gie.plan.streams import assign_streams, launch_dependencies, region_bounds

@@ -3,9 +3,9 @@ Triton backend on whole networks (run on the H100 with ``pytest -m gpu``)."""
 import pytest
 import torch
 import torchvision
+from helpers import calibrate_batchnorm_, randomize_, rel_err
 
 import torch_gie
-from helpers import calibrate_batchnorm_, randomize_, rel_err
 
 pytestmark = pytest.mark.gpu
 

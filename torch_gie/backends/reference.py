@@ -3,7 +3,7 @@
 it checks the plan (placements, concat slices, lifetimes) independently of the kernels."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import fx

@@ -3,7 +3,7 @@
 with the node's inputs and its planned output views."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import fx

@@ -31,8 +31,15 @@ _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 # False): for convs with few input channels (a 7x7 stem on RGB), where per-tap channel blocks
 # would be mostly padding: on dense NHWC input (and dilation_w 1) the KW*C_in_g values of one
 # kernel row are contiguous in memory and are loaded as one run per kh ("fold kw into c");
-# otherwise the flattened K is gathered element by element.
+# otherwise the flattened K is gathered element by element. SPLIT_K (default 1, a power of two):
+# that many programs per output tile each sum a share of the K loop into an fp32 workspace,
+# and a second kernel adds the shares and runs the epilogue.
 GATHER_BELOW = 16  # C_in_g under this gathers K across taps
+# Split-K pays only when the output tiles leave SMs idle (batch 1, late ResNet stages).
+NUM_SMS = 132  # H100 SXM: the heuristic aims at about one program per SM
+SPLIT_K_MIN_K = 1024  # shorter K loops gain too little from splitting to pay for the reduction
+MAX_SPLIT_K = 16
+MIN_SPLIT_ITERS = 4  # K iterations each split keeps, so its loads still pipeline
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, flat: bool, gather: bool = False,
@@ -41,12 +48,11 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, flat: bool, gather:
     return {**cfg, "FOLD_KW": True} if fold else cfg
 
 
-def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16,
-                          taps: int = 1) -> dict:
-    """A sensible untuned tiling for H100 (taps = KH·KW): wide tiles narrowed to the channel
-    counts. Multi-tap convs use the flat K loop: compiled for sm_90 it needs fewer registers
-    than the unrolled one (164 vs 247 for 3x3 64->64 at 128x64x64) and never spilled in our
-    checks, and its loads pipeline across taps even when C_in_g is a single BLOCK_K."""
+def _with_split(cfg: dict, split: int) -> dict:
+    return {**cfg, "SPLIT_K": split} if split > 1 else cfg
+
+
+def _unsplit_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int) -> dict:
     fp16 = dtype == torch.float16
     if taps > 1 and c_in_g < GATHER_BELOW:
         bn = min(128, max(16, triton.next_power_of_2(c_out_g)))
@@ -59,11 +65,69 @@ def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.
     return _cfg(bm, bn, bk, warps, stages, taps > 1)
 
 
+def _tiles(cfg: dict, m: int, c_out_g: int, groups: int) -> int:
+    return triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]) * groups
+
+
+def _pick_split(tiles: int, k_iters: int) -> int:
+    """Double the split while the grid is under one wave and every split keeps at least
+    MIN_SPLIT_ITERS iterations of the K loop."""
+    split = 1
+    while split < MAX_SPLIT_K and tiles * split < NUM_SMS and k_iters >= 2 * split * MIN_SPLIT_ITERS:
+        split *= 2
+    return split
+
+
+def _split_k_configs(base: dict, c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int,
+                     m: int | None, groups: int) -> list[dict]:
+    """Split-K tilings, best guess first, for a long-K conv whose output tiles under ``base``
+    do not fill the GPU; [] otherwise. Tiles shrink to 64x64 or less (BLOCK_M to the pixel
+    count), then K splits until about one program per SM. They keep ``base``'s K-loop form:
+    FLAT_K for multi-tap convs (its (tap, channel block) loop splits evenly; the unrolled form
+    would split only the few channel blocks of each tap)."""
+    if m is None or taps * c_in_g < SPLIT_K_MIN_K or _tiles(base, m, c_out_g, groups) >= NUM_SMS:
+        return []
+    bm, bn, bk = min(64, max(16, triton.next_power_of_2(m))), min(64, base["BLOCK_N"]), base["BLOCK_K"]
+    k_iters = triton.cdiv(taps * c_in_g, bk) if base["GATHER_K"] else taps * triton.cdiv(c_in_g, bk)
+    stages = 4 if dtype == torch.float16 else 3
+    plans = []  # (tiling, split), the widest tiles first
+    for tbm, tbn in ((bm, bn), (bm, bn // 2), (bm // 2, bn)):
+        if min(tbm, tbn) >= 16:
+            tiling = _cfg(tbm, tbn, bk, 4, stages, base["FLAT_K"], base["GATHER_K"])
+            plans.append((tiling, _pick_split(_tiles(tiling, m, c_out_g, groups), k_iters)))
+    # The default: the widest tiles that reach 3/4 of a wave, else the most programs.
+    programs = [_tiles(t, m, c_out_g, groups) * s for t, s in plans]
+    full = [i for i, p in enumerate(programs) if 4 * p >= 3 * NUM_SMS]
+    tiling, split = plans[full[0] if full else programs.index(max(programs))]
+    if split == 1:
+        return []  # the small tiles alone fill the GPU: leave them to the unsplit list
+    cands = [_with_split(tiling, split), _with_split(tiling, split // 2)]
+    if 2 * split <= MAX_SPLIT_K and k_iters >= 4 * split:
+        cands.append(_with_split(tiling, 2 * split))
+    cands += [_with_split(t, s) for t, s in plans]
+    return [c for i, c in enumerate(cands) if "SPLIT_K" in c and c not in cands[:i]]
+
+
+def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16,
+                          taps: int = 1, m: int | None = None, groups: int = 1) -> dict:
+    """A sensible untuned tiling for H100 (taps = KH·KW): wide tiles narrowed to the channel
+    counts. Multi-tap convs use the flat K loop: compiled for sm_90 it needs fewer registers
+    than the unrolled one (164 vs 247 for 3x3 64->64 at 128x64x64) and never spilled in our
+    checks, and its loads pipeline across taps even when C_in_g is a single BLOCK_K.
+    Given m (output pixels N·OH·OW), a long-K conv with too few output tiles to fill the GPU
+    gets a split-K tiling instead."""
+    base = _unsplit_default(c_out_g, c_in_g, dtype, taps)
+    split = _split_k_configs(base, c_out_g, c_in_g, dtype, taps, m, groups)
+    return split[0] if split else base
+
+
 def conv2d_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16,
-                   taps: int = 1) -> list[dict]:
+                   taps: int = 1, m: int | None = None, groups: int = 1) -> list[dict]:
     """Candidate tilings for the tuner: the default first, then larger and small-channel ones,
-    with both K-loop forms for multi-tap convs."""
-    cands = [default_conv2d_config(c_out_g, c_in_g, dtype, taps)]
+    with both K-loop forms for multi-tap convs. Given m, split-K candidates (if any) lead, with
+    the unsplit default right after them (the tuner times only the first few)."""
+    base = _unsplit_default(c_out_g, c_in_g, dtype, taps)
+    cands = _split_k_configs(base, c_out_g, c_in_g, dtype, taps, m, groups) + [base]
     if taps > 1 and c_in_g < GATHER_BELOW:
         for bm, bn, bk, warps, stages, fold in ((128, 64, 32, 4, 3, True), (128, 64, 32, 4, 4, True),
                                                 (128, 64, 64, 4, 3, False), (128, 128, 32, 8, 3, True),
@@ -96,6 +160,9 @@ def check_config(config: dict, keys: Sequence[str] = _CONFIG_KEYS, min_block: in
         v = config[key]
         if v < min_block or v & (v - 1):
             raise ValueError(f"config {key} must be a power of two >= {min_block}, got {v}")
+    split = config.get("SPLIT_K", 1)
+    if not isinstance(split, int) or split < 1 or split & (split - 1):
+        raise ValueError(f"config SPLIT_K must be a power of two >= 1, got {split!r}")
     return dict(config)
 
 
@@ -194,6 +261,21 @@ def _inside(ih, iw, H, W, PAD_H: tl.constexpr, PAD_W: tl.constexpr, BLOCK_M: tl.
 
 
 @triton.jit
+def _split_range(total, STEP: tl.constexpr, SPLIT_K: tl.constexpr):
+    """This program's contiguous share [lo, hi) of a K loop ``range(0, total, STEP)``: split
+    program_id(2) of SPLIT_K gets 1/SPLIT_K of the iterations, rounded; a share may be empty
+    (its program then stores zeros). Unsplit, the loop keeps its literal bounds."""
+    lo = 0
+    hi = total
+    if SPLIT_K > 1:
+        iters = tl.cdiv(total, STEP)
+        split = tl.program_id(2)
+        lo = split * iters // SPLIT_K * STEP
+        hi = (split + 1) * iters // SPLIT_K * STEP
+    return lo, hi
+
+
+@triton.jit
 def _accumulate(acc, a_rows, inside, b_cols, c, C_in_g, s_xc, EVEN_K: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     """acc += A[rows, channels c] @ B[channels c, cols] for one tap; a_rows/b_cols point at the
@@ -211,8 +293,9 @@ def _accumulate(acc, a_rows, inside, b_cols, c, C_in_g, s_xc, EVEN_K: tl.constex
 
 @triton.jit
 def _conv2d_kernel(
-    # pointers: input, packed weight [C_out, KH, KW, C_in_g], fp32 bias, residual, outs[0]
-    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    # pointers: input, packed weight [C_out, KH, KW, C_in_g], fp32 bias, residual, outs[0],
+    # fp32 split-K workspace [SPLIT_K, M, C_out] (SPLIT_K > 1 only)
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, ws_ptr,
     # sizes; channel counts are per group
     H, W, C_in_g, OH, OW, C_out_g, M,
     # strides in logical NCHW order: input, residual
@@ -229,10 +312,10 @@ def _conv2d_kernel(
     # tiling
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, FLAT_K: tl.constexpr, GATHER_K: tl.constexpr, FOLD_KW: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Grouped launch order (as in Triton's matmul tutorial): GROUP_M row tiles share their
-    # input rows in L2 while all column tiles go through them.
+    # input rows in L2 while all column tiles go through them. Axis 2 is the K split.
     pid, g = tl.program_id(0), tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(C_out_g, BLOCK_N)
@@ -264,7 +347,8 @@ def _conv2d_kernel(
         KWC = KW * C_in_g
         num_j = tl.cdiv(KWC, BLOCK_K)
         iw0 = ow * STRIDE_W - PAD_W
-        for t in range(KH * num_j):
+        t_lo, t_hi = _split_range(KH * num_j, 1, SPLIT_K)
+        for t in range(t_lo, t_hi):
             kh = t // num_j
             j = (t - kh * num_j) * BLOCK_K + offs_k
             ih = oh * STRIDE_H - PAD_H + kh * DIL_H
@@ -277,7 +361,8 @@ def _conv2d_kernel(
         # K flattened across taps: each element of a K chunk decodes its own (kh, kw, c), so a
         # 3-channel input fills the tile instead of padding every tap to BLOCK_K channels.
         K_total = KH * KW * C_in_g
-        for k0 in range(0, K_total, BLOCK_K):
+        k_lo, k_hi = _split_range(K_total, BLOCK_K, SPLIT_K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + offs_k
             c = k % C_in_g
             tap = k // C_in_g
@@ -293,7 +378,8 @@ def _conv2d_kernel(
         # One runtime loop over (tap, channel block): when C_in_g spans few BLOCK_Ks, this is
         # the only form whose loads the software pipeliner can overlap across taps.
         num_kc = tl.cdiv(C_in_g, BLOCK_K)
-        for t in range(KH * KW * num_kc):
+        t_lo, t_hi = _split_range(KH * KW * num_kc, 1, SPLIT_K)
+        for t in range(t_lo, t_hi):
             tap = t // num_kc
             kh = tap // KW
             kw = tap - kh * KW
@@ -305,7 +391,9 @@ def _conv2d_kernel(
                               DOT_PRECISION)
     else:
         # Taps unrolled, channel blocks in a runtime loop: rows, border mask and tap offsets
-        # are computed once per tap; best when C_in_g spans several BLOCK_Ks.
+        # are computed once per tap; best when C_in_g spans several BLOCK_Ks. A split takes
+        # a share of every tap's channel blocks.
+        c_lo, c_hi = _split_range(C_in_g, BLOCK_K, SPLIT_K)
         for kh in tl.static_range(KH):
             ih = oh * STRIDE_H - PAD_H + kh * DIL_H
             for kw in tl.static_range(KW):
@@ -313,11 +401,55 @@ def _conv2d_kernel(
                 inside = _inside(ih, iw, H, W, PAD_H, PAD_W, BLOCK_M)
                 a_rows = x_rows + ih * s_xh + iw * s_xw
                 b_cols = w_cols + (kh * KW + kw) * C_in_g
-                for c0 in range(0, C_in_g, BLOCK_K):
+                for c0 in range(c_lo, c_hi, BLOCK_K):
                     acc = _accumulate(acc, a_rows, inside, b_cols, c0 + offs_k, C_in_g, s_xc,
                                       EVEN_K, DOT_PRECISION)
 
     mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        # A partial sum, stored raw: the epilogue must see the whole sum (_split_k_reduce_kernel).
+        C_out = C_out_g * tl.num_programs(1)
+        rows = (tl.program_id(2) * M + offs_m).to(tl.int64) * C_out
+        tl.store(ws_ptr + rows[:, None] + co[None, :], acc, mask=mask)
+    else:
+        acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, s_rn, s_rc, s_rh, s_rw,
+                            HAS_BIAS, ACT, HAS_RES, POST_ACT)
+        store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o1,
+                       seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h,
+                       s2w, s3n, s3c, s3h, s3w, NUM_SEG)
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    # pointers: fp32 partial sums [SPLIT_K, M, C_out], fp32 bias, residual, outs[0]
+    ws_ptr, bias_ptr, res_ptr, out_ptr,
+    # sizes; C_out over all groups, s_ws = M·C_out elements from one split's partials to the next
+    OH, OW, C_out, M, s_ws,
+    # residual strides, output segments: as in _conv2d_kernel
+    s_rn, s_rc, s_rh, s_rw, seg_c1, seg_c2, seg_c3, seg_o1, seg_o2, seg_o3,
+    s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
+    # epilogue
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, POST_ACT: tl.constexpr,
+    NUM_SEG: tl.constexpr,
+    # tiling
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Sum the SPLIT_K partials of a [BLOCK_M pixels, BLOCK_N channels] tile in a fixed order
+    (deterministic, no atomics), then the conv's epilogue and its one store."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < C_out)[None, :]
+    # As in the conv kernel, overhanging rows/columns wrap onto valid ones (no load masks).
+    m_ld = offs_m % M
+    ow = m_ld % OW
+    oh = (m_ld // OW) % OH
+    nb = (m_ld // (OW * OH)).to(tl.int64)
+    co = offs_n % C_out
+    ptrs = ws_ptr + (m_ld.to(tl.int64) * C_out)[:, None] + co[None, :]
+    acc = tl.load(ptrs)
+    for _ in tl.static_range(1, SPLIT_K):
+        ptrs += s_ws
+        acc += tl.load(ptrs)
     acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, s_rn, s_rc, s_rh, s_rw,
                         HAS_BIAS, ACT, HAS_RES, POST_ACT)
     store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o1, seg_o2,
@@ -329,15 +461,24 @@ class Conv2d:
     """A convolution bound at build time to its packed weights, geometry and fused epilogue.
 
     Calling it writes ``epilogue(conv(x))`` into ``outs``, a list of 1..4 views of one buffer
-    splitting C_out in order, and allocates nothing. ``configs`` lists candidate tilings for the
-    tuner; ``config`` is the one used (settable).
+    splitting C_out in order. ``configs`` lists candidate tilings for the tuner, built for the
+    real problem size when ``input_hw`` and ``batch`` are given (split-K ones for long-K convs
+    with few output tiles); ``config`` is the one used (settable).
+
+    A split-K config needs an fp32 workspace [SPLIT_K, N·OH·OW, C_out]. It is allocated on the
+    layer's device by the first call that needs more than the layer holds, and kept for the
+    layer's lifetime; later calls allocate nothing. So CUDA graph capture works after one
+    warm-up call with the final config and input size, and must not be followed by a call
+    needing a bigger workspace (a new, larger config or batch): that would replace the buffer
+    the graph writes to.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
                  groups: int = 1, activation: str | None = None,
                  post_activation: str | None = None, dtype: torch.dtype = torch.float16,
-                 config: dict | None = None, fp32_precision: str = "ieee") -> None:
+                 config: dict | None = None, fp32_precision: str = "ieee",
+                 input_hw: tuple[int, int] | None = None, batch: int | None = None) -> None:
         if weight.dim() != 4:
             raise ValueError(f"weight must be 4D [C_out, C_in/groups, KH, KW], "
                              f"got shape {tuple(weight.shape)}")
@@ -357,6 +498,11 @@ class Conv2d:
         self.groups, self.kernel_size = groups, (kh, kw)
         self.out_channels, self.in_channels = c_out, c_in_g * groups
         self.dtype, self.fp32_precision = dtype, fp32_precision
+        # Output pixels the configs are built for. The _config prefix keeps it out of the
+        # tuner's layer signature, which already holds the input shape: timing-cache keys stay
+        # as they were.
+        self._config_m = self._problem_pixels(input_hw, batch)
+        self._workspace: torch.Tensor | None = None
         self.act, self.post_act = activation_code(activation), activation_code(post_activation)
         self._check_groups()
         if bias is not None and tuple(bias.shape) != (c_out,):
@@ -387,7 +533,20 @@ class Conv2d:
 
     def _candidate_configs(self) -> list[dict]:
         return conv2d_configs(self.out_channels // self.groups, self.in_channels // self.groups,
-                              self.dtype, self.kernel_size[0] * self.kernel_size[1])
+                              self.dtype, self.kernel_size[0] * self.kernel_size[1],
+                              self._config_m, self.groups)
+
+    def _problem_pixels(self, input_hw: IntPair | None, batch: int | None) -> int | None:
+        """N·OH·OW for the input size given at build time, or None when it is not given."""
+        if input_hw is None and batch is None:
+            return None
+        if input_hw is None or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"input_hw and batch >= 1 go together, got input_hw={input_hw!r}, "
+                             f"batch={batch!r}")
+        oh, ow = self.output_hw(*_pair(input_hw, "input_hw"))
+        if min(oh, ow) < 1:
+            raise ValueError(f"input_hw={input_hw!r} is too small for this convolution")
+        return batch * oh * ow
 
     def output_hw(self, h: int, w: int) -> tuple[int, int]:
         """(OH, OW) of this convolution for an (H, W) input."""
@@ -433,8 +592,9 @@ class Conv2d:
         n, _, h, w = x.shape
         c_in_g, c_out_g = self.in_channels // self.groups, self.out_channels // self.groups
         cfg, m = self._config, n * oh * ow
+        split = cfg.get("SPLIT_K", 1)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]),
-                self.groups)
+                self.groups, split)
         # The precision only matters for fp32 operands; "tf32" is Triton's own default, so fp16
         # compiles exactly as if none were given.
         precision = self.fp32_precision if self.dtype == torch.float32 else "tf32"
@@ -443,21 +603,50 @@ class Conv2d:
         fold = cfg.get("FOLD_KW", False) and self.groups == 1 and self.dilation[1] == 1 \
             and x.stride(1) == 1 and x.stride(3) == self.in_channels
         gather = cfg.get("GATHER_K", False) or cfg.get("FOLD_KW", False)
+        epilogue = {"HAS_BIAS": self.bias is not None, "ACT": self.act,
+                    "HAS_RES": residual is not None, "POST_ACT": self.post_act, "NUM_SEG": num_seg}
+        bias, res, ws = self.bias, residual, None
+        if split > 1:
+            # The epilogue moves to the reduction: one partial kernel serves every epilogue.
+            ws = self._split_k_workspace(split * m * self.out_channels, x.device)
+            bias, res = None, None
+            epilogue = {"HAS_BIAS": False, "ACT": 0, "HAS_RES": False, "POST_ACT": 0, "NUM_SEG": 1}
         _conv2d_kernel[grid](
-            x, self.weight, self.bias, residual, out,
+            x, self.weight, bias, res, out, ws,
             h, w, c_in_g, oh, ow, c_out_g, m,
             *x.stride(), *res_strides, *seg,
             KH=self.kernel_size[0], KW=self.kernel_size[1],
             STRIDE_H=self.stride[0], STRIDE_W=self.stride[1],
             PAD_H=self.padding[0], PAD_W=self.padding[1],
-            DIL_H=self.dilation[0], DIL_W=self.dilation[1],
-            HAS_BIAS=self.bias is not None, ACT=self.act, HAS_RES=residual is not None,
-            POST_ACT=self.post_act, NUM_SEG=num_seg,
+            DIL_H=self.dilation[0], DIL_W=self.dilation[1], **epilogue,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8,
             EVEN_K=c_in_g % cfg["BLOCK_K"] == 0, FLAT_K=cfg.get("FLAT_K", False),
-            GATHER_K=gather and not fold, FOLD_KW=fold, DOT_PRECISION=precision,
+            GATHER_K=gather and not fold, FOLD_KW=fold, SPLIT_K=split, DOT_PRECISION=precision,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
+        if split > 1:
+            self._reduce_split_k(ws, residual, out, res_strides, seg, m, oh, ow, split, num_seg)
+
+    def _reduce_split_k(self, ws, residual, out, res_strides, seg, m, oh, ow, split,
+                        num_seg) -> None:
+        # Small tiles: the reduction is a few hundred KB, so what counts is spreading it over SMs.
+        c_out = self.out_channels
+        block_m, block_n = 16, min(64, max(16, triton.next_power_of_2(c_out)))
+        grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
+        _split_k_reduce_kernel[grid](
+            ws, self.bias, residual, out, oh, ow, c_out, m, m * c_out, *res_strides, *seg,
+            HAS_BIAS=self.bias is not None, ACT=self.act, HAS_RES=residual is not None,
+            POST_ACT=self.post_act, NUM_SEG=num_seg,
+            SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        )
+
+    def _split_k_workspace(self, numel: int, device: torch.device) -> torch.Tensor:
+        """The layer's fp32 split-K workspace, replaced only when too small (see the class
+        docstring: never during CUDA graph capture once a warm-up call has sized it)."""
+        ws = self._workspace
+        if ws is None or ws.numel() < numel or ws.device != device:
+            ws = self._workspace = torch.empty(numel, dtype=torch.float32, device=device)
+        return ws
 
 
 def allocate_output(x: torch.Tensor, layer: Conv2d) -> torch.Tensor:

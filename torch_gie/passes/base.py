@@ -6,7 +6,7 @@ A pass is ``def verb_object(gm: fx.GraphModule, ctx: PassContext) -> PassResult`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from torch import fx
 
@@ -16,7 +16,7 @@ class PassContext:
     """Options the passes read (``enabled`` switches passes off by name) and where to dump graphs."""
 
     disabled: frozenset[str] = frozenset()
-    dump_dir: Optional[str] = None
+    dump_dir: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -36,7 +36,7 @@ class PassResult:
         self.fusions.append({"kind": kind, "nodes": names, "into": into, "pass": self.name, **extra})
 
 
-def sole_user(node: fx.Node) -> Optional[fx.Node]:
+def sole_user(node: fx.Node) -> fx.Node | None:
     """The one node that uses ``node``, or None when it has zero or several users."""
     return next(iter(node.users)) if len(node.users) == 1 else None
 

@@ -3,7 +3,6 @@ computes it with a single store:
 ``act2(act1(conv(x) + b) + r)``  from  ``conv -> act1 -> add(r) -> act2``.
 The absorbed node's input must have no other consumer. Linear layers fuse the same way (a
 transformer MLP's last projection takes the residual stream)."""
-from typing import Optional
 
 from torch import fx
 
@@ -16,7 +15,7 @@ def can_absorb_activation(ep: ops.Epilogue) -> bool:
     return ep.post_activation is None and (ep.residual or ep.activation is None)
 
 
-def residual_operand(node: fx.Node, add_node: fx.Node) -> Optional[fx.Node]:
+def residual_operand(node: fx.Node, add_node: fx.Node) -> fx.Node | None:
     """The other operand of ``add_node`` when ``node`` may take it as its residual input."""
     a, b = add_node.args
     other = b if a is node else a

@@ -9,8 +9,8 @@ whose lifetimes overlap (best-fit on a time x address plane).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 import torch
 from torch import fx
@@ -72,7 +72,7 @@ def assign_offsets(buffers: Iterable[Buffer]) -> int:
         busy = sorted((b.offset, b.offset + _align(b.nbytes)) for b in placed
                       if not (b.last < buf.first or buf.last < b.first))
         offset, need = 0, _align(buf.nbytes)
-        best: Optional[int] = None
+        best: int | None = None
         best_gap = None
         for start, end in busy:  # best fit among the gaps between live neighbours
             gap = start - offset

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import operator
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import fx
@@ -31,7 +32,7 @@ class Program:
                  ids: dict[fx.Node, int], arena: torch.Tensor, static_inputs: list[torch.Tensor]):
         self.gm, self.plan, self.steps, self.env, self.ids = gm, plan, steps, env, ids
         self.arena, self.static_inputs = arena, static_inputs
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.graph: torch.cuda.CUDAGraph | None = None
 
     @property
     def launches(self) -> int:
@@ -100,7 +101,7 @@ class Program:
             run()
         self.graph = graph
 
-    def warm_up(self, fallback_lowering: Optional[Lowering], tuner=None) -> None:
+    def warm_up(self, fallback_lowering: Lowering | None, tuner=None) -> None:
         """Run every step once (tuning it first when a tuner is given); a kernel step that fails
         is replaced by ``fallback_lowering`` for that layer, with a warning (a layer Triton
         cannot compile must not sink the model)."""

@@ -6,7 +6,8 @@ static views into the arena, set once at build time; fallback and view results a
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import fx
@@ -14,7 +15,7 @@ from torch import fx
 Kernel = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], None]
 
 
-def _fetch(env: list, ids: Sequence[int], casts: Sequence[Optional[torch.dtype]]) -> list[torch.Tensor]:
+def _fetch(env: list, ids: Sequence[int], casts: Sequence[torch.dtype | None]) -> list[torch.Tensor]:
     return [env[i] if c is None else env[i].to(c) for i, c in zip(ids, casts)]
 
 
@@ -24,7 +25,7 @@ class Step:
     name: str = ""
     op: str = ""
     launches: int = 1
-    node: Optional[fx.Node] = None
+    node: fx.Node | None = None
 
     def __call__(self, env: list) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -45,7 +46,7 @@ class KernelStep(Step):
 class CopyStep(Step):
     """Copies the inputs of a concat that could not be written in place into their slots."""
 
-    def __init__(self, node: fx.Node, copies: list[tuple[int, Optional[torch.dtype], torch.Tensor]]):
+    def __init__(self, node: fx.Node, copies: list[tuple[int, torch.dtype | None, torch.Tensor]]):
         self.node, self.name, self.op = node, node.name, "cat_copy"
         self.copies, self.launches = copies, len(copies)
 
