@@ -87,7 +87,7 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
                                                                     backend, options)
     backend = _resolve_backend(backend, device)
     lowering, fallback = _lowering(backend, plan, device, options)
-    program = build_program(gm, plan, lowering, backend, device)
+    program = build_program(gm, plan, lowering, backend, device, fallback)
     tuner = None
     if device.type == "cuda" and backend == "triton":  # known timings always apply; tune=True times new layers
         tuner = Tuner(time_new=bool(options.get("tune")))

@@ -158,8 +158,21 @@ def _fallback_callable(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:
     return node.target
 
 
+def _lower(node: fx.Node, lowering: Lowering, backend: str, fallback: Optional[Lowering]) -> tuple[Kernel, str]:
+    """The node's kernel from ``lowering``; if that fails to build and a ``fallback`` lowering is
+    given, the fallback's, with a warning."""
+    try:
+        return lowering(node), backend
+    except Exception as exc:
+        if fallback is None:
+            raise
+        warnings.warn(f"torch_gie: no kernel for layer {node.name} ({node.target.__name__}): "
+                      f"{type(exc).__name__}: {exc}; running it with PyTorch instead", stacklevel=3)
+        return fallback(node), "reference"
+
+
 def build_program(gm: fx.GraphModule, plan: Plan, lowering: Lowering, backend: str,
-                  device: torch.device) -> Program:
+                  device: torch.device, fallback: Optional[Lowering] = None) -> Program:
     ids = {n: i for i, n in enumerate(gm.graph.nodes)}
     env: list = [None] * len(ids)
     arena = torch.empty(max(plan.arena_bytes, 1), dtype=torch.uint8, device=device)
@@ -191,7 +204,8 @@ def build_program(gm: fx.GraphModule, plan: Plan, lowering: Lowering, backend: s
             outs = [env[ids[u]] for u in _segments(node)] if getattr(spec(node), "out_splits", None) \
                 else [env[ids[node]]]
             casts = [plan.dtype if plan.value_dtype(i) != plan.dtype else None for i in node.args]
-            steps.append(KernelStep(node, lowering(node), [ids[i] for i in node.args], casts, outs, backend))
+            kernel, used = _lower(node, lowering, backend, fallback)
+            steps.append(KernelStep(node, kernel, [ids[i] for i in node.args], casts, outs, used))
         elif "segment_of" in node.meta:
             continue  # written by its merged conv
         else:
