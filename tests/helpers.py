@@ -9,6 +9,27 @@ from torch_gie.passes import PassContext
 from torch_gie.testing import calibrate_batchnorm_, randomize_, rel_err
 
 
+def channel_slice(shape, dtype, device, fill=None, extra=5):
+    """Channels [2, 2 + C) of a wider buffer (channels_last when 4D), as a removed concat leaves
+    them: returns (buffer, view). ``fill=float("nan")`` poisons it."""
+    n, c, *hw = shape
+    full = (n, c + extra, *hw)
+    if fill is None:
+        buf = torch.randn(full, device=device).to(dtype)
+    else:
+        buf = torch.full(full, fill, dtype=dtype, device=device)
+    if buf.dim() == 4:
+        buf = buf.contiguous(memory_format=torch.channels_last)
+    return buf, buf[:, 2:2 + c]
+
+
+def assert_rest_poisoned(buf, c):
+    """Everything outside channels [2, 2 + c) of ``buf`` still holds the poison, the slice none."""
+    rest = torch.cat([buf[:, :2], buf[:, 2 + c:]], dim=1)
+    assert torch.isnan(rest).all()
+    assert not torch.isnan(buf[:, 2:2 + c]).any()
+
+
 def count(gm, op) -> int:
     return sum(1 for n in gm.graph.nodes if is_canonical(n, op))
 
@@ -32,4 +53,5 @@ def check_pass(rewrite, model: nn.Module, *inputs, tol: float = 1e-5):
     return gm, result
 
 
-__all__ = ["randomize_", "calibrate_batchnorm_", "rel_err", "count", "captured", "check_pass", "ops"]
+__all__ = ["channel_slice", "assert_rest_poisoned", "randomize_", "calibrate_batchnorm_", "rel_err", "count",
+           "captured", "check_pass", "ops"]

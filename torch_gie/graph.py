@@ -67,6 +67,16 @@ def set_tensor_meta(node: fx.Node, like: fx.Node | None = None, *, shape_=None, 
     node.meta["dtype"] = dtype if dtype is not None else like.meta["dtype"]
 
 
+def slot_root(node: fx.Node) -> tuple[fx.Node, int]:
+    """Where ``node``'s output lives: (the node owning the buffer, channel offset in it),
+    following the concat slots set by ``eliminate_concat`` (nested cats add their offsets)."""
+    offset = 0
+    while "slot" in node.meta:
+        node, off = node.meta["slot"]
+        offset += off
+    return node, offset
+
+
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes]
 

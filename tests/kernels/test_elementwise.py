@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_rest_poisoned, channel_slice, rel_err
 
 from torch_gie.activations import ACTIVATION_NAMES, apply_activation
 from torch_gie.kernels.elementwise import (
@@ -15,29 +16,6 @@ from torch_gie.kernels.elementwise import (
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 # exp overflows to inf for large |x| in the interpreter's numpy; the activations still saturate.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).norm() / ref.norm()).item()
-
-
-def channel_slice(shape, dtype, device, fill=None, extra=5):
-    """Channels [2, 2 + C) of a wider buffer (channels_last when 4D), as a concat leaves them."""
-    n, c, *hw = shape
-    full = (n, c + extra, *hw)
-    if fill is None:
-        buf = torch.randn(full, device=device).to(dtype)
-    else:
-        buf = torch.full(full, fill, dtype=dtype, device=device)
-    if buf.dim() == 4:
-        buf = buf.contiguous(memory_format=torch.channels_last)
-    return buf, buf[:, 2:2 + c]
-
-
-def assert_rest_poisoned(buf, c):
-    rest = torch.cat([buf[:, :2], buf[:, 2 + c:]], dim=1)
-    assert torch.isnan(rest).all()
-    assert not torch.isnan(buf[:, 2:2 + c]).any()
 
 
 def affine_reference(x, scale, shift, activation):

@@ -1,7 +1,9 @@
 """Pooling kernels against torch.nn.functional on fp32 references, outputs poisoned first."""
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_rest_poisoned, rel_err
 
 from torch_gie.kernels.pool2d import (
     AdaptiveAvgPool2d,
@@ -13,25 +15,8 @@ from torch_gie.kernels.pool2d import (
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).norm() / ref.norm()).item()
-
-
 def channel_slice(n, c, h, w, dtype, device, fill=None, extra=5):
-    """Channels [2, 2 + c) of a wider channels_last buffer: the layout a removed concat leaves."""
-    shape = (n, c + extra, h, w)
-    if fill is None:
-        buf = torch.randn(shape, device=device).to(dtype)
-    else:
-        buf = torch.full(shape, fill, dtype=dtype, device=device)
-    buf = buf.contiguous(memory_format=torch.channels_last)
-    return buf, buf[:, 2:2 + c]
-
-
-def assert_rest_poisoned(buf, c):
-    rest = torch.cat([buf[:, :2], buf[:, 2 + c:]], dim=1)
-    assert torch.isnan(rest).all()
-    assert not torch.isnan(buf[:, 2:2 + c]).any()
+    return helpers.channel_slice((n, c, h, w), dtype, device, fill, extra)
 
 
 def check(out, ref, kind, dtype):

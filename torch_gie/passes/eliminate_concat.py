@@ -14,7 +14,7 @@ view of that buffer.
 from torch import fx
 
 from .. import ops
-from ..graph import is_canonical
+from ..graph import is_canonical, slot_root
 from .base import PassContext, PassResult
 
 _IN_PLACE_OPS = (ops.conv2d, ops.linear, ops.affine, ops.add, ops.activation, ops.pool2d,
@@ -36,25 +36,16 @@ def can_write_in_place(node: fx.Node) -> bool:
     return getattr(node.meta["spec"], "out_splits", None) is None
 
 
-def _slot_chain_offset(node: fx.Node) -> tuple[fx.Node, int]:
-    """(root, channel offset) of where ``node``'s output lives, following slots."""
-    offset = 0
-    while "slot" in node.meta:
-        node, off = node.meta["slot"]
-        offset += off
-    return node, offset
-
-
 def _alias_target(cat: fx.Node):
     """If every input already sits in one buffer, side by side and in order, the region they
     cover as (root, offset); else None."""
     ins = list(cat.args)
     if "slot" in cat.meta or not all("slot" in n.meta for n in ins):
         return None
-    root, start = _slot_chain_offset(ins[0])
+    root, start = slot_root(ins[0])
     offset = start
     for n in ins:
-        r, o = _slot_chain_offset(n)
+        r, o = slot_root(n)
         if r is not root or o != offset:
             return None
         offset += n.meta["shape"][1]

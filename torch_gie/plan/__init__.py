@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from .. import ops
-from ..graph import is_canonical, is_fallback_compute
+from ..graph import is_canonical, is_fallback_compute, slot_root
 from .memory import Buffer, Placement, assign_offsets, extend_lifetimes
 from .streams import StreamPlan, assign_streams, region_bounds
 
@@ -57,14 +57,6 @@ def launches_kernel(node: fx.Node) -> bool:
     return is_fallback_compute(node)
 
 
-def _root(node: fx.Node) -> tuple[fx.Node, int]:
-    offset = 0
-    while "slot" in node.meta:
-        node, off = node.meta["slot"]
-        offset += off
-    return node, offset
-
-
 def _writer(node: fx.Node) -> fx.Node:
     return node.meta.get("segment_of", node)
 
@@ -80,7 +72,7 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) 
     for node in order:
         if not is_planned(node):
             continue
-        root, offset = _root(node)
+        root, offset = slot_root(node)
         if root not in buffers:
             shape = tuple(root.meta["shape"])
             buffers[root] = Buffer(len(buffers), shape, dtype, channels_last=len(shape) == 4,
