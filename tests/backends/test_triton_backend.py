@@ -3,10 +3,10 @@ GPU for real. Small inputs keep the interpreter fast."""
 import pytest
 import torch
 import torchvision
+from helpers import randomize_, rel_err
 from torch import nn
 
 import torch_gie
-from helpers import randomize_, rel_err
 
 TOL = {"fp32": 1e-4, "fp16": 1e-2}
 

@@ -1,5 +1,5 @@
 """Implicit-GEMM conv2d against torch.nn.functional.conv2d: geometry, layouts (channel slices,
-NCHW, storage offsets), output segments, fused epilogue, dtypes and input validation.
+NCHW, storage offsets), output segments, fused epilogue, split-K, dtypes and input validation.
 
 Outputs live in NaN-poisoned buffers, so an unwritten element fails the comparison and a stray
 write outside the target views fails the poison check. Shapes are tiny: on CPU every kernel
@@ -11,16 +11,19 @@ import torch.nn.functional as F
 
 from torch_gie.activations import ACTIVATION_NAMES, apply_activation
 from torch_gie.kernels.conv2d import (
+    NUM_SMS,
     Conv2d,
     conv2d,
     conv2d_configs,
     default_conv2d_config,
 )
+from torch_gie.kernels.depthwise_conv2d import DepthwiseConv2d, depthwise_conv2d_configs
 
 SMALL = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
 SMALL_FLAT = {**SMALL, "FLAT_K": True}  # the (tap, channel block) loop as one runtime loop
 SMALL_GATHER = {**SMALL, "GATHER_K": True}  # few input channels: K gathered across taps
 SMALL_FOLD = {**SMALL, "FOLD_KW": True}  # few input channels: kw folded into c on NHWC, else gathered
+SMALL_SPLIT = {**SMALL_FLAT, "SPLIT_K": 4}  # 4 partial sums, then the epilogue in a second kernel
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 
 
@@ -127,9 +130,10 @@ def test_activations(act, device):
     run(1, 8, 16, 4, 4, 3, padding=1, act=act, device=device)
 
 
+@pytest.mark.parametrize("config", [SMALL, SMALL_SPLIT], ids=["direct", "split_k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("act,post", [(None, "relu"), ("relu", None), ("silu", "hardswish")])
-def test_residual_post_activation(act, post, dtype, device):
+def test_residual_post_activation(act, post, dtype, config, device):
     n, c_in, c_out = 2, 8, 12
     x = torch.randn(n, c_in, 6, 6, device=device).to(dtype, memory_format=torch.channels_last)
     wt = (torch.randn(c_out, c_in, 3, 3, device=device) / 8).to(dtype)
@@ -139,17 +143,18 @@ def test_residual_post_activation(act, post, dtype, device):
     res = res.to(dtype, memory_format=torch.channels_last)[:, 4:]
     out = poisoned((n, c_out, 3, 3), dtype, device)
     Conv2d(wt, b, stride=2, padding=1, activation=act, post_activation=post, dtype=dtype,
-           config=SMALL)(x, [out], residual=res)
+           config=config)(x, [out], residual=res)
     check(out, reference(x, wt, b, 2, 1, 1, 1, act, res, post), dtype)
 
 
-def test_residual_in_place(device):
+@pytest.mark.parametrize("config", [SMALL, SMALL_SPLIT], ids=["direct", "split_k"])
+def test_residual_in_place(config, device):
     """out = relu(conv(x) + out): each element's residual is read before it is overwritten."""
     x = torch.randn(1, 8, 5, 5, device=device).to(memory_format=torch.channels_last)
     wt, b = torch.randn(16, 8, 1, 1, device=device), torch.randn(16, device=device)
     out = torch.randn(1, 16, 5, 5, device=device).to(memory_format=torch.channels_last)
     ref = reference(x, wt, b, 1, 0, 1, 1, None, out.clone(), "relu")
-    Conv2d(wt, b, post_activation="relu", dtype=torch.float32, config=SMALL)(x, [out], out)
+    Conv2d(wt, b, post_activation="relu", dtype=torch.float32, config=config)(x, [out], out)
     check(out, ref, torch.float32)
 
 
@@ -167,9 +172,10 @@ def two_buffers_in_one_storage(n, oh, ow, dtype, device):
     return flat, *as_views(flat), as_views
 
 
+@pytest.mark.parametrize("config", [SMALL, SMALL_SPLIT], ids=["direct", "split_k"])
 @pytest.mark.parametrize("order", ["a_first", "b_first"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_segments_across_buffers(order, dtype, device):
+def test_segments_across_buffers(order, dtype, config, device):
     n, c_in, oh, ow = 2, 6, 4, 3
     flat, buf_a, buf_b, as_views = two_buffers_in_one_storage(n, oh, ow, dtype, device)
     # 3 segments, 4 + 5 + 3 = 12 channels; "b_first" puts outs[0] after outs[1] in memory, so
@@ -182,7 +188,7 @@ def test_segments_across_buffers(order, dtype, device):
     x = torch.randn(n, c_in, oh, ow, device=device).to(dtype, memory_format=torch.channels_last)
     wt = (torch.randn(12, c_in, 3, 3, device=device) / 4).to(dtype)
     b = torch.randn(12, device=device)
-    Conv2d(wt, b, padding=1, activation="relu6", dtype=dtype, config=SMALL)(x, outs)
+    Conv2d(wt, b, padding=1, activation="relu6", dtype=dtype, config=config)(x, outs)
     ref = reference(x, wt, b, 1, 1, 1, 1, "relu6")
     check(torch.cat(outs, dim=1), ref, dtype)
     written = torch.zeros(flat.shape, dtype=torch.bool, device=device)
@@ -234,6 +240,90 @@ def test_configs():
     assert layer.config == SMALL
 
 
+K_LOOPS = {"unrolled": SMALL, "flat": SMALL_FLAT, "gather": SMALL_GATHER, "fold": SMALL_FOLD}
+
+
+@pytest.mark.parametrize("mode", list(K_LOOPS))
+def test_split_k_every_k_loop(mode, device):
+    """Each K-loop form split into contiguous shares: ragged channel blocks in fp32, then in fp16
+    16 splits over fewer K iterations than that (empty splits must store zeros) on odd sizes,
+    then groups."""
+    config = K_LOOPS[mode]
+    run(1, 40, 24, 5, 5, 3, padding=1, act="relu", device=device, config={**config, "SPLIT_K": 4})
+    run(*GEOMETRIES["odd_sizes_batch3"], dtype=torch.float16, device=device,
+        config={**config, "SPLIT_K": 16})
+    run(*GEOMETRIES["groups4"], device=device, config={**config, "SPLIT_K": 2})
+
+
+# Batch-1 ResNet-50 convs with few output tiles and a long K: (c_out_g, c_in_g, taps, m).
+BATCH1_LONG_K = {"layer4_conv2": (512, 512, 9, 49), "layer3_conv2": (256, 256, 9, 196),
+                 "layer4_conv3_in": (512, 2048, 1, 49)}
+
+
+def _k_iters(cfg, c_in_g, taps):
+    return taps * -(-c_in_g // cfg["BLOCK_K"])
+
+
+def test_split_k_configs():
+    for dtype in (torch.float16, torch.float32):
+        for c_out_g, c_in_g, taps, m in BATCH1_LONG_K.values():
+            cands = conv2d_configs(c_out_g, c_in_g, dtype, taps, m)
+            default = cands[0]
+            assert default == default_conv2d_config(c_out_g, c_in_g, dtype, taps, m)
+            tiles = -(-m // default["BLOCK_M"]) * -(-c_out_g // default["BLOCK_N"])
+            split = default["SPLIT_K"]
+            assert split & (split - 1) == 0 and 4 * tiles * split >= 3 * NUM_SMS
+            assert _k_iters(default, c_in_g, taps) >= 4 * split
+            # The unsplit default stays within the tuner's first 8, and split or not, every
+            # candidate keeps the GPU's tile limits.
+            assert default_conv2d_config(c_out_g, c_in_g, dtype, taps) in cands[:8]
+            assert len(cands) == len({tuple(sorted(c.items())) for c in cands})
+            for c in cands:
+                assert all(c[k] >= 16 and c[k] & (c[k] - 1) == 0 for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                assert c.get("SPLIT_K", 1) & (c.get("SPLIT_K", 1) - 1) == 0
+            # Without the size, or with enough tiles to fill the GPU, nothing changes.
+            plain = conv2d_configs(c_out_g, c_in_g, dtype, taps)
+            assert all("SPLIT_K" not in c for c in plain)
+            assert conv2d_configs(c_out_g, c_in_g, dtype, taps, 128 * m) == plain
+    # K = 9 * 64 is too short to split, however few the tiles.
+    assert "SPLIT_K" not in default_conv2d_config(64, 64, torch.float16, 9, 49)
+    # Groups count as tiles.
+    assert "SPLIT_K" in default_conv2d_config(64, 128, torch.float16, 9, 49, groups=64)
+    assert "SPLIT_K" not in default_conv2d_config(64, 128, torch.float16, 9, 49, groups=256)
+
+
+def test_split_k_layer_default_and_workspace(device):
+    """A layer told its input size defaults to split-K; its workspace is allocated by the first
+    call, reused by later ones (also with a smaller split) and only replaced when too small."""
+    x = torch.randn(1, 128, 4, 4, device=device)
+    wt, b = torch.randn(64, 128, 3, 3, device=device) / 32, torch.randn(64, device=device)
+    layer = Conv2d(wt, b, padding=1, activation="relu", dtype=torch.float32, input_hw=(4, 4), batch=1)
+    assert layer.config == layer.configs[0] and layer.config["SPLIT_K"] > 1
+    assert Conv2d(wt, padding=1, dtype=torch.float32).configs == conv2d_configs(64, 128, torch.float32, 9)
+    ref = reference(x, wt, b, 1, 1, 1, 1, "relu")
+    out = poisoned((1, 64, 4, 4), torch.float32, device)
+    layer(x, [out])
+    check(out, ref, torch.float32)
+    workspace = layer._workspace
+    assert workspace.dtype == torch.float32 and workspace.device == x.device
+    layer.config = {**layer.config, "SPLIT_K": 2}
+    out = poisoned((1, 64, 4, 4), torch.float32, device)
+    layer(x, [out])
+    check(out, ref, torch.float32)
+    assert layer._workspace is workspace
+    x2 = torch.randn(3, 128, 4, 4, device=device)  # 3x the pixels: the workspace must grow
+    out = poisoned((3, 64, 4, 4), torch.float32, device)
+    layer(x2, [out])
+    check(out, reference(x2, wt, b, 1, 1, 1, 1, "relu"), torch.float32)
+    assert layer._workspace.numel() >= 2 * 3 * 16 * 64
+
+
+def test_depthwise_accepts_input_size():
+    """The compiler passes the input size to every conv layer; depthwise keeps its own configs."""
+    layer = DepthwiseConv2d(torch.randn(8, 1, 3, 3), padding=1, groups=8, input_hw=(7, 7), batch=1)
+    assert layer.configs == depthwise_conv2d_configs(8)
+
+
 def _layer_error(**kw):
     args = {"weight": torch.randn(8, 4, 3, 3), "dtype": torch.float32}
     args.update(kw)
@@ -251,6 +341,10 @@ def _layer_error(**kw):
     ({"fp32_precision": "fast"}, "fp32_precision"),
     ({"config": dict(SMALL, BLOCK_K=8)}, "BLOCK_K"),
     ({"config": {"BLOCK_M": 32}}, "missing"),
+    ({"config": dict(SMALL, SPLIT_K=3)}, "SPLIT_K"),
+    ({"input_hw": (5, 5)}, "go together"),
+    ({"input_hw": (5, 5), "batch": 0}, "go together"),
+    ({"input_hw": (2, 2), "batch": 1}, "too small"),
 ])
 def test_bad_layer_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -288,13 +382,16 @@ RESNET_LAYERS = [
 ]
 
 
-def _gpu_case(c_in, c_out, k, s, p, h, g):
+def _gpu_case(c_in, c_out, k, s, p, h, g, batch=8, sized=False):
+    """Inputs, reference and layer; a ``sized`` layer is told the input size (as the compiler
+    does), so its default may be split-K."""
     dev = torch.device("cuda")
-    x = torch.randn(8, c_in, h, h, device=dev).to(torch.float16, memory_format=torch.channels_last)
+    x = torch.randn(batch, c_in, h, h, device=dev).to(torch.float16, memory_format=torch.channels_last)
     wt = (torch.randn(c_out, c_in // g, k, k, device=dev) / (c_in // g * k * k) ** 0.5).half()
     b = torch.randn(c_out, device=dev)
     ref = reference(x, wt, b, s, p, 1, g, "relu")
-    return x, ref, Conv2d(wt, b, stride=s, padding=p, groups=g, activation="relu")
+    size = {"input_hw": (h, h), "batch": batch} if sized else {}
+    return x, ref, Conv2d(wt, b, stride=s, padding=p, groups=g, activation="relu", **size)
 
 
 def _gpu_check(x, ref, layer):
@@ -318,6 +415,38 @@ def test_all_configs_gpu(c_in, c_out, k, s, p, h, g):
     for config in layer.configs:
         layer.config = config
         _gpu_check(x, ref, layer)
+
+
+# ResNet-50 at batch 1 where the default splits K: layer4 conv2, layer3 conv2, layer4 conv1.
+RESNET_BATCH1_SPLIT = [(512, 512, 3, 1, 1, 7, 1), (256, 256, 3, 1, 1, 14, 1), (2048, 512, 1, 1, 0, 7, 1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c_in,c_out,k,s,p,h,g", RESNET_BATCH1_SPLIT)
+def test_resnet50_batch1_split_k_gpu(c_in, c_out, k, s, p, h, g):
+    x, ref, layer = _gpu_case(c_in, c_out, k, s, p, h, g, batch=1, sized=True)
+    assert layer.config.get("SPLIT_K", 1) > 1
+    _gpu_check(x, ref, layer)  # default config
+    for config in layer.configs[:8]:  # what the tuner times
+        layer.config = config
+        _gpu_check(x, ref, layer)
+
+
+@pytest.mark.gpu
+def test_split_k_cuda_graph_gpu():
+    """After one warm-up call, a split-K layer allocates nothing: it captures and replays."""
+    x, ref, layer = _gpu_case(*RESNET_BATCH1_SPLIT[0], batch=1, sized=True)
+    out = poisoned(tuple(ref.shape), torch.float16, x.device)
+    layer(x, [out])
+    workspace = layer._workspace.data_ptr()
+    out.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer(x, [out])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert layer._workspace.data_ptr() == workspace
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2
 
 
 @pytest.mark.parametrize("config", [SMALL_GATHER, SMALL_FOLD], ids=["gather", "fold"])
