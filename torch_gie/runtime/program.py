@@ -158,7 +158,7 @@ def _fallback_callable(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:
     return node.target
 
 
-def _lower(node: fx.Node, lowering: Lowering, backend: str, fallback: Optional[Lowering]) -> tuple[Kernel, str]:
+def _lower(node: fx.Node, lowering: Lowering, backend: str, fallback: Lowering | None) -> tuple[Kernel, str]:
     """The node's kernel from ``lowering``; if that fails to build and a ``fallback`` lowering is
     given, the fallback's, with a warning."""
     try:
@@ -172,7 +172,7 @@ def _lower(node: fx.Node, lowering: Lowering, backend: str, fallback: Optional[L
 
 
 def build_program(gm: fx.GraphModule, plan: Plan, lowering: Lowering, backend: str,
-                  device: torch.device, fallback: Optional[Lowering] = None) -> Program:
+                  device: torch.device, fallback: Lowering | None = None) -> Program:
     ids = {n: i for i, n in enumerate(gm.graph.nodes)}
     env: list = [None] * len(ids)
     arena = torch.empty(max(plan.arena_bytes, 1), dtype=torch.uint8, device=device)
