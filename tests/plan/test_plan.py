@@ -32,5 +32,28 @@ def test_arena_reuses_memory_and_respects_lifetimes():
     assert all(b.dtype == torch.float16 for b in plan.buffers)
     for a in plan.buffers:
         for b in plan.buffers:
-            if a is not b and not (a.last < b.first or b.last < a.first):
+            if a is not b and not (a.pinned or b.pinned) and not (a.last < b.first or b.last < a.first):
                 assert a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset
+
+
+def test_rgb_input_is_padded_to_four_channels_and_pinned():
+    gm, plan = _plan(randomize_(torchvision.models.resnet18()), torch.randn(2, 3, 32, 32), torch.float16)
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    placement = plan.placements[x]
+    assert placement.buffer.pinned and placement.buffer.shape == (2, 4, 32, 32)
+    assert placement.channels == 3 and placement.channel_offset == 0
+    assert all(not b.pinned for b in plan.buffers if b is not placement.buffer)
+
+
+def test_input_read_by_a_non_conv_is_not_padded():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(x), torch.tanh(x)
+
+    gm, plan = _plan(M(), torch.randn(1, 3, 8, 8))
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    assert plan.placements[x].buffer.shape == (1, 3, 8, 8)

@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from .. import ops
-from ..graph import is_canonical, is_fallback_compute, slot_root
+from ..graph import is_canonical, is_fallback_compute, slot_root, spec
 from .memory import Buffer, Placement, assign_offsets, extend_lifetimes
 from .streams import StreamPlan, assign_streams, region_bounds
 
@@ -57,6 +57,17 @@ def launches_kernel(node: fx.Node) -> bool:
     return is_fallback_compute(node)
 
 
+INPUT_CHANNEL_PAD = 4  # an RGB input stored as 4 channels: 8-byte pixels the first conv loads as vectors
+
+
+def _pad_input_channels(node: fx.Node) -> bool:
+    """Store an image input with fewer than 4 channels padded to 4 (zeros) when only convs read
+    it: the pixel stride becomes 8 bytes in fp16, so the stem conv's loads vectorize."""
+    shape = node.meta.get("shape", ())
+    return len(shape) == 4 and shape[1] < INPUT_CHANNEL_PAD and bool(node.users) and \
+        all(is_canonical(u, ops.conv2d) and spec(u).groups == 1 for u in node.users)
+
+
 def _writer(node: fx.Node) -> fx.Node:
     return node.meta.get("segment_of", node)
 
@@ -75,8 +86,11 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) 
         root, offset = slot_root(node)
         if root not in buffers:
             shape = tuple(root.meta["shape"])
+            pinned = root.op == "placeholder"
+            if pinned and _pad_input_channels(root):
+                shape = (shape[0], INPUT_CHANNEL_PAD) + shape[2:]
             buffers[root] = Buffer(len(buffers), shape, dtype, channels_last=len(shape) == 4,
-                                   first=pos[_writer(node)], last=pos[_writer(node)])
+                                   first=pos[_writer(node)], last=pos[_writer(node)], pinned=pinned)
         buf = buffers[root]
         buf.first = min(buf.first, pos[_writer(node)])
         channels = node.meta["shape"][1] if len(node.meta["shape"]) > 1 else node.meta["shape"][0]
@@ -94,7 +108,7 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) 
             buf.first = bounds[buf.first][0]
             buf.last = bounds[min(buf.last, len(order) - 1)][1] + (buf.last >= len(order))
     arena = assign_offsets(buffers.values())
-    naive = sum(b.nbytes for b in buffers.values())
+    naive = sum(b.nbytes for b in buffers.values() if not b.pinned)
     return Plan(order, dtype, placements, list(buffers.values()), arena, naive, value_dtypes, stream_plan)
 
 

@@ -27,6 +27,9 @@ class Buffer:
     first: int = 0  # execution positions between which the buffer must hold its data
     last: int = 0
     offset: int = -1  # bytes into the arena
+    # A pinned buffer (a static input) gets its own zero-filled allocation instead of arena bytes:
+    # it lives for the whole program, and channels a value does not cover (padding) stay zero.
+    pinned: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -68,7 +71,7 @@ def assign_offsets(buffers: Iterable[Buffer]) -> int:
     """Give every buffer an arena offset; returns the arena size in bytes."""
     placed: list[Buffer] = []
     size = 0
-    for buf in sorted(buffers, key=lambda b: (-b.nbytes, b.first)):
+    for buf in sorted((b for b in buffers if not b.pinned), key=lambda b: (-b.nbytes, b.first)):
         busy = sorted((b.offset, b.offset + _align(b.nbytes)) for b in placed
                       if not (b.last < buf.first or buf.last < b.first))
         offset, need = 0, _align(buf.nbytes)
@@ -94,10 +97,15 @@ def extend_lifetimes(buffers: Iterable[Buffer], order: list[fx.Node], reads: dic
             buf.last = max(buf.last, pos)
 
 
-def materialize(arena: torch.Tensor, placement: Placement) -> torch.Tensor:
-    """The tensor view of ``placement`` inside ``arena`` (a flat uint8 tensor)."""
+def materialize(arena: torch.Tensor, placement: Placement, pinned: dict[int, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+    """The tensor view of ``placement`` inside ``arena`` (a flat uint8 tensor), or inside its own
+    allocation from ``pinned`` (buffer index -> flat uint8 tensor) for pinned buffers."""
     buf = placement.buffer
-    flat = arena[buf.offset: buf.offset + buf.nbytes].view(buf.dtype)
+    if buf.pinned:
+        flat = pinned[buf.index].view(buf.dtype)
+    else:
+        flat = arena[buf.offset: buf.offset + buf.nbytes].view(buf.dtype)
     whole = flat.as_strided(buf.shape, buf.strides)
     if placement.is_whole:
         return whole

@@ -176,8 +176,9 @@ def build_program(gm: fx.GraphModule, plan: Plan, lowering: Lowering, backend: s
     ids = {n: i for i, n in enumerate(gm.graph.nodes)}
     env: list = [None] * len(ids)
     arena = torch.empty(max(plan.arena_bytes, 1), dtype=torch.uint8, device=device)
+    pinned = {b.index: torch.zeros(b.nbytes, dtype=torch.uint8, device=device) for b in plan.buffers if b.pinned}
     for node, placement in plan.placements.items():
-        env[ids[node]] = materialize(arena, placement)
+        env[ids[node]] = materialize(arena, placement, pinned)
 
     def casts_for(node: fx.Node, inputs: Sequence[fx.Node], want: Callable[[fx.Node], torch.dtype]):
         return {i: want(i) for i in inputs if plan.value_dtype(i) != want(i)
