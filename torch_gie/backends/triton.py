@@ -50,9 +50,11 @@ def _precision(dtype: torch.dtype, options: dict) -> dict:
 def _conv(node: fx.Node, dtype: torch.dtype, device: torch.device, options: dict) -> BoundKernel:
     s, ep = spec(node), spec(node).epilogue
     cls = DepthwiseConv2d if is_depthwise(s) else Conv2d
+    n, _, h, w = node.args[0].meta["shape"]  # the real size lets the kernel offer split-K tilings
     layer = cls(s.weight.to(device), None if s.bias is None else s.bias.to(device), stride=s.stride,
                 padding=s.padding, dilation=s.dilation, groups=s.groups, activation=ep.activation,
-                post_activation=ep.post_activation, dtype=dtype, **_precision(dtype, options))
+                post_activation=ep.post_activation, dtype=dtype, input_hw=(h, w), batch=n,
+                **_precision(dtype, options))
     if ep.residual:
         return BoundKernel(layer, lambda k, i, o: k(i[0], o, i[1]), cls.__name__)
     return BoundKernel(layer, lambda k, i, o: k(i[0], o), cls.__name__)
