@@ -10,6 +10,9 @@ A is never materialized: each (kh, kw) step gathers its rows straight from x, so
 pad 0 conv on channels_last data is a plain GEMM over pixels. The epilogue runs on the fp32
 accumulator: + bias, activation, + residual, post-activation, then one store, optionally split
 along channels into up to four destination views of one buffer (so a concat costs nothing).
+Split-K (for long-K layers whose few output tiles leave SMs idle, e.g. at batch 1): SPLIT_K
+programs per tile sum contiguous shares of the K loop into an fp32 workspace, and a second
+kernel adds the shares in a fixed order and runs that same epilogue.
 """
 from __future__ import annotations
 
@@ -312,6 +315,7 @@ def _conv2d_kernel(
     # tiling
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, FLAT_K: tl.constexpr, GATHER_K: tl.constexpr, FOLD_KW: tl.constexpr,
+    PIX: tl.constexpr, C_IN_G: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Grouped launch order (as in Triton's matmul tutorial): GROUP_M row tiles share their
@@ -341,21 +345,26 @@ def _conv2d_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FOLD_KW:
-        # Dense NHWC, dilation_w 1: for one kh, (kw, c) -> offset (iw0 + kw) * C + c is a single
-        # contiguous run of KW*C_in_g values, and k = kh*KW*C_in_g + j matches the packing.
-        # One runtime loop over (kh, j block) so the loads pipeline across kernel rows.
-        KWC = KW * C_in_g
+        # NHWC with pixel stride PIX >= C_in_g (PIX > C_in_g: channels padded, e.g. RGB stored as
+        # 4), dilation_w 1: for one kh the (kw, c) values sit in one contiguous run of KW*PIX at
+        # (iw0 + kw) * PIX + c. w_ptr then holds weights packed as [C_out, KH, KW, PIX] (zero for
+        # c >= C_in_g) so k = kh*KW*PIX + j. PIX is a constexpr: runs start at multiples of PIX,
+        # which lets the loads vectorize. One runtime loop over (kh, j block) pipelines across rows.
+        KWC = KW * PIX
         num_j = tl.cdiv(KWC, BLOCK_K)
         iw0 = ow * STRIDE_W - PAD_W
+        w_fold = w_ptr + co.to(tl.int64) * (KH * KWC)
         t_lo, t_hi = _split_range(KH * num_j, 1, SPLIT_K)
         for t in range(t_lo, t_hi):
             kh = t // num_j
             j = (t - kh * num_j) * BLOCK_K + offs_k
             ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-            iw = iw0[:, None] + (j // C_in_g)[None, :]
+            iw = iw0[:, None] + (j // PIX)[None, :]
             a_mask = ((ih >= 0) & (ih < H))[:, None] & (j < KWC)[None, :] & (iw >= 0) & (iw < W)
-            a = tl.load((x_rows + ih * s_xh + iw0 * s_xw)[:, None] + j[None, :], mask=a_mask, other=0.0)
-            b = tl.load(w_cols[None, :] + (kh * KWC + j)[:, None], mask=(j < KWC)[:, None], other=0.0)
+            a = tl.load((x_rows + ih * s_xh + iw0 * PIX)[:, None] + j[None, :], mask=a_mask, other=0.0)
+            if PIX != C_IN_G:  # padding lanes: whatever they hold must not reach the sum
+                a = tl.where(((j % PIX) < C_IN_G)[None, :], a, 0.0)
+            b = tl.load(w_fold[None, :] + (kh * KWC + j)[:, None], mask=(j < KWC)[:, None], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     elif GATHER_K:
         # K flattened across taps: each element of a K chunk decodes its own (kh, kw, c), so a
@@ -598,10 +607,11 @@ class Conv2d:
         # The precision only matters for fp32 operands; "tf32" is Triton's own default, so fp16
         # compiles exactly as if none were given.
         precision = self.fp32_precision if self.dtype == torch.float32 else "tf32"
-        # Folding kw into channels needs dense NHWC input (one group) and dilation_w == 1;
-        # otherwise a fold config gathers.
+        # Folding kw into channels needs NHWC input with a small pixel stride (dense, or channels
+        # padded up to 8), one group and dilation_w == 1; otherwise a fold config gathers.
+        pix = x.stride(3)
         fold = cfg.get("FOLD_KW", False) and self.groups == 1 and self.dilation[1] == 1 \
-            and x.stride(1) == 1 and x.stride(3) == self.in_channels
+            and x.stride(1) == 1 and self.in_channels <= pix <= max(8, self.in_channels)
         gather = cfg.get("GATHER_K", False) or cfg.get("FOLD_KW", False)
         epilogue = {"HAS_BIAS": self.bias is not None, "ACT": self.act,
                     "HAS_RES": residual is not None, "POST_ACT": self.post_act, "NUM_SEG": num_seg}
@@ -612,7 +622,7 @@ class Conv2d:
             bias, res = None, None
             epilogue = {"HAS_BIAS": False, "ACT": 0, "HAS_RES": False, "POST_ACT": 0, "NUM_SEG": 1}
         _conv2d_kernel[grid](
-            x, self.weight, bias, res, out, ws,
+            x, self._fold_weight(pix) if fold else self.weight, bias, res, out, ws,
             h, w, c_in_g, oh, ow, c_out_g, m,
             *x.stride(), *res_strides, *seg,
             KH=self.kernel_size[0], KW=self.kernel_size[1],
@@ -621,11 +631,25 @@ class Conv2d:
             DIL_H=self.dilation[0], DIL_W=self.dilation[1], **epilogue,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8,
             EVEN_K=c_in_g % cfg["BLOCK_K"] == 0, FLAT_K=cfg.get("FLAT_K", False),
-            GATHER_K=gather and not fold, FOLD_KW=fold, SPLIT_K=split, DOT_PRECISION=precision,
+            GATHER_K=gather and not fold, FOLD_KW=fold, PIX=pix if fold else 1,
+            C_IN_G=c_in_g if fold else 1, SPLIT_K=split, DOT_PRECISION=precision,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if split > 1:
             self._reduce_split_k(ws, residual, out, res_strides, seg, m, oh, ow, split, num_seg)
+
+    def _fold_weight(self, pix: int) -> torch.Tensor:
+        """The packed weight with its channels padded to the input's pixel stride (zeros), made
+        once per stride on the first call (before any CUDA graph capture)."""
+        if pix == self.in_channels:
+            return self.weight
+        cache = self.__dict__.setdefault("_fold_weights", {})
+        if pix not in cache:
+            c_out, kh, kw, c_in = self.weight.shape
+            padded = self.weight.new_zeros((c_out, kh, kw, pix))
+            padded[..., :c_in] = self.weight
+            cache[pix] = padded
+        return cache[pix]
 
     def _reduce_split_k(self, ws, residual, out, res_strides, seg, m, oh, ow, split,
                         num_seg) -> None:
