@@ -143,13 +143,13 @@ def main() -> None:
            "triton": __import__("triton").__version__, "torchvision": torchvision.__version__,
            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
     rows = []
+    os.makedirs(ARGS.out, exist_ok=True)
+    stem = os.path.join(ARGS.out, f"bench-{env['date'].replace(':', '')}")
     for name in ARGS.models.split(","):
         for batch in map(int, ARGS.batches.split(",")):
             rows += bench_one(name, batch, ARGS.variants.split(","))
-    os.makedirs(ARGS.out, exist_ok=True)
-    stem = os.path.join(ARGS.out, f"bench-{env['date'].replace(':', '')}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"env": env, "rows": rows}, f, indent=1)
+            with open(stem + ".json", "w") as f:  # after every model, so a cut-short run keeps its rows
+                json.dump({"env": env, "rows": rows}, f, indent=1)
     table = markdown(rows)
     with open(stem + ".md", "w") as f:
         f.write(f"{env}\n\n{table}\n")
