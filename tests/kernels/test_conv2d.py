@@ -10,13 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from torch_gie.activations import ACTIVATION_NAMES, apply_activation
-from torch_gie.kernels.conv2d import (
-    NUM_SMS,
-    Conv2d,
-    conv2d,
-    conv2d_configs,
-    default_conv2d_config,
-)
+from torch_gie.kernels.conv2d import Conv2d, conv2d
+from torch_gie.kernels.conv2d_configs import NUM_SMS, conv2d_configs, default_conv2d_config
 from torch_gie.kernels.depthwise_conv2d import DepthwiseConv2d, depthwise_conv2d_configs
 
 SMALL = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}

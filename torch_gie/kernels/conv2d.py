@@ -23,152 +23,21 @@ import triton
 import triton.language as tl
 
 from torch_gie.activations import activation_code
-from torch_gie.kernels.epilogue import activate
+from torch_gie.kernels.conv2d_configs import (
+    CONFIG_KEYS,
+    check_config,
+    conv2d_configs,
+)
+from torch_gie.kernels.conv_epilogue import (
+    conv_epilogue,
+    reduce_split_k,
+    segment_args,
+    store_segments,
+)
 
 IntPair = int | Sequence[int]
-MAX_SEGMENTS = 4
 # Names tl.dot accepts for fp32 operands on NVIDIA in Triton 3.x (keyword ``input_precision``).
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
-_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-# Optional keys FLAT_K (default False): run (tap, channel block) as one loop; GATHER_K (default
-# False): for convs with few input channels (a 7x7 stem on RGB), where per-tap channel blocks
-# would be mostly padding: on dense NHWC input (and dilation_w 1) the KW*C_in_g values of one
-# kernel row are contiguous in memory and are loaded as one run per kh ("fold kw into c");
-# otherwise the flattened K is gathered element by element. SPLIT_K (default 1, a power of two):
-# that many programs per output tile each sum a share of the K loop into an fp32 workspace,
-# and a second kernel adds the shares and runs the epilogue.
-GATHER_BELOW = 16  # C_in_g under this gathers K across taps
-# Split-K pays only when the output tiles leave SMs idle (batch 1, late ResNet stages).
-NUM_SMS = 132  # H100 SXM: the heuristic aims at about one program per SM
-SPLIT_K_MIN_K = 1024  # shorter K loops gain too little from splitting to pay for the reduction
-MAX_SPLIT_K = 16
-MIN_SPLIT_ITERS = 4  # K iterations each split keeps, so its loads still pipeline
-
-
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, flat: bool, gather: bool = False,
-         fold: bool = False) -> dict:
-    cfg = {**dict(zip(_CONFIG_KEYS, (bm, bn, bk, warps, stages))), "FLAT_K": flat, "GATHER_K": gather}
-    return {**cfg, "FOLD_KW": True} if fold else cfg
-
-
-def _with_split(cfg: dict, split: int) -> dict:
-    return {**cfg, "SPLIT_K": split} if split > 1 else cfg
-
-
-def _unsplit_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int) -> dict:
-    fp16 = dtype == torch.float16
-    if taps > 1 and c_in_g < GATHER_BELOW:
-        bn = min(128, max(16, triton.next_power_of_2(c_out_g)))
-        return _cfg(128, bn, 32, 4, 3 if fp16 else 2, False, True)
-    bn = min(128, max(16, triton.next_power_of_2(c_out_g)))
-    bk = min(64 if fp16 else 32, max(16, triton.next_power_of_2(c_in_g)))
-    bm = 128 if fp16 else 64  # fp32 runs on FMA (ieee) or tf32 with twice the smem per tile
-    warps = 8 if bm * bn >= 128 * 128 else 4
-    stages = 4 if fp16 and bn * bk <= 64 * 64 else 3
-    return _cfg(bm, bn, bk, warps, stages, taps > 1)
-
-
-def _tiles(cfg: dict, m: int, c_out_g: int, groups: int) -> int:
-    return triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]) * groups
-
-
-def _pick_split(tiles: int, k_iters: int) -> int:
-    """Double the split while the grid is under one wave and every split keeps at least
-    MIN_SPLIT_ITERS iterations of the K loop."""
-    split = 1
-    while split < MAX_SPLIT_K and tiles * split < NUM_SMS and k_iters >= 2 * split * MIN_SPLIT_ITERS:
-        split *= 2
-    return split
-
-
-def _split_k_configs(base: dict, c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int,
-                     m: int | None, groups: int) -> list[dict]:
-    """Split-K tilings, best guess first, for a long-K conv whose output tiles under ``base``
-    do not fill the GPU; [] otherwise. Tiles shrink to 64x64 or less (BLOCK_M to the pixel
-    count), then K splits until about one program per SM. They keep ``base``'s K-loop form:
-    FLAT_K for multi-tap convs (its (tap, channel block) loop splits evenly; the unrolled form
-    would split only the few channel blocks of each tap)."""
-    if m is None or taps * c_in_g < SPLIT_K_MIN_K or _tiles(base, m, c_out_g, groups) >= NUM_SMS:
-        return []
-    bm, bn, bk = min(64, max(16, triton.next_power_of_2(m))), min(64, base["BLOCK_N"]), base["BLOCK_K"]
-    k_iters = triton.cdiv(taps * c_in_g, bk) if base["GATHER_K"] else taps * triton.cdiv(c_in_g, bk)
-    stages = 4 if dtype == torch.float16 else 3
-    plans = []  # (tiling, split), the widest tiles first
-    for tbm, tbn in ((bm, bn), (bm, bn // 2), (bm // 2, bn)):
-        if min(tbm, tbn) >= 16:
-            tiling = _cfg(tbm, tbn, bk, 4, stages, base["FLAT_K"], base["GATHER_K"])
-            plans.append((tiling, _pick_split(_tiles(tiling, m, c_out_g, groups), k_iters)))
-    # The default: the widest tiles that reach 3/4 of a wave, else the most programs.
-    programs = [_tiles(t, m, c_out_g, groups) * s for t, s in plans]
-    full = [i for i, p in enumerate(programs) if 4 * p >= 3 * NUM_SMS]
-    tiling, split = plans[full[0] if full else programs.index(max(programs))]
-    if split == 1:
-        return []  # the small tiles alone fill the GPU: leave them to the unsplit list
-    cands = [_with_split(tiling, split), _with_split(tiling, split // 2)]
-    if 2 * split <= MAX_SPLIT_K and k_iters >= 4 * split:
-        cands.append(_with_split(tiling, 2 * split))
-    cands += [_with_split(t, s) for t, s in plans]
-    return [c for i, c in enumerate(cands) if "SPLIT_K" in c and c not in cands[:i]]
-
-
-def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16,
-                          taps: int = 1, m: int | None = None, groups: int = 1) -> dict:
-    """A sensible untuned tiling for H100 (taps = KH·KW): wide tiles narrowed to the channel
-    counts. Multi-tap convs use the flat K loop: compiled for sm_90 it needs fewer registers
-    than the unrolled one (164 vs 247 for 3x3 64->64 at 128x64x64) and never spilled in our
-    checks, and its loads pipeline across taps even when C_in_g is a single BLOCK_K.
-    Given m (output pixels N·OH·OW), a long-K conv with too few output tiles to fill the GPU
-    gets a split-K tiling instead."""
-    base = _unsplit_default(c_out_g, c_in_g, dtype, taps)
-    split = _split_k_configs(base, c_out_g, c_in_g, dtype, taps, m, groups)
-    return split[0] if split else base
-
-
-def conv2d_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16,
-                   taps: int = 1, m: int | None = None, groups: int = 1) -> list[dict]:
-    """Candidate tilings for the tuner: the default first, then larger and small-channel ones,
-    with both K-loop forms for multi-tap convs. Given m, split-K candidates (if any) lead, with
-    the unsplit default right after them (the tuner times only the first few)."""
-    base = _unsplit_default(c_out_g, c_in_g, dtype, taps)
-    cands = _split_k_configs(base, c_out_g, c_in_g, dtype, taps, m, groups) + [base]
-    if taps > 1 and c_in_g < GATHER_BELOW:
-        for bm, bn, bk, warps, stages, fold in ((128, 64, 32, 4, 3, True), (128, 64, 32, 4, 4, True),
-                                                (128, 64, 64, 4, 3, False), (128, 128, 32, 8, 3, True),
-                                                (64, 64, 32, 4, 3, False), (64, 64, 32, 4, 4, True)):
-            cfg = _cfg(bm, min(bn, max(16, triton.next_power_of_2(c_out_g))), bk, warps, stages, False,
-                       not fold, fold)
-            if cfg not in cands:
-                cands.append(cfg)
-    bk_max = 64 if dtype == torch.float16 else 32  # fp32 tiles cost twice the shared memory
-    for bm, bn, bk, warps, stages in (
-        (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4),
-        (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 4, 3), (128, 16, 16, 4, 3),
-        (64, 16, 16, 4, 3), (32, 16, 16, 2, 2),
-    ):
-        if bn > 2 * max(16, triton.next_power_of_2(c_out_g)):
-            continue  # mostly-empty tiles: never faster
-        for flat in (True, False) if taps > 1 and bn >= 64 else (taps > 1,):
-            cfg = _cfg(bm, bn, min(bk, bk_max), warps, stages, flat)
-            if cfg not in cands:
-                cands.append(cfg)
-    return cands
-
-
-def check_config(config: dict, keys: Sequence[str] = _CONFIG_KEYS, min_block: int = 16) -> dict:
-    """Validate a tiling dict (GPU limits the interpreter does not check) and return a copy."""
-    missing = [k for k in keys if k not in config]
-    if missing:
-        raise ValueError(f"config is missing {missing}; expected keys {tuple(keys)}")
-    for key in (k for k in keys if k.startswith("BLOCK_")):
-        v = config[key]
-        if v < min_block or v & (v - 1):
-            raise ValueError(f"config {key} must be a power of two >= {min_block}, got {v}")
-    split = config.get("SPLIT_K", 1)
-    if not isinstance(split, int) or split < 1 or split & (split - 1):
-        raise ValueError(f"config SPLIT_K must be a power of two >= 1, got {split!r}")
-    return dict(config)
-
-
 def pack_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[C_out, C_in/g, KH, KW] -> contiguous [C_out, KH, KW, C_in/g]: k runs along channels, so a
     B tile reads contiguous memory in the same order as the channels_last A tile."""
@@ -184,71 +53,6 @@ def _pair(v: IntPair, name: str) -> tuple[int, int]:
     if len(pair) != 2 or not all(isinstance(i, int) for i in pair):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
     return pair
-
-
-def segment_args(outs: Sequence[torch.Tensor], c_out: int) -> tuple[int, list[int]]:
-    """Kernel scalars describing the output segments: (NUM_SEG, [c1, c2, c3, o1, o2, o3, 16
-    strides]) with c_i the first channel of segment i and o_i its element offset from outs[0]."""
-    n = len(outs)
-    if not 1 <= n <= MAX_SEGMENTS:
-        raise ValueError(f"expected 1 to {MAX_SEGMENTS} output views, got {n}")
-    base, storage = outs[0], outs[0].untyped_storage().data_ptr()
-    starts, offs, strides, c = [], [], [], 0
-    for i, t in enumerate(outs):
-        if t.dim() != 4:
-            raise ValueError(f"outs[{i}] must be 4D (N, C, OH, OW), got shape {tuple(t.shape)}")
-        if t.dtype != base.dtype or t.device != base.device:
-            raise ValueError(f"outs[{i}] is {t.dtype} on {t.device}, expected "
-                             f"{base.dtype} on {base.device} like outs[0]")
-        if t.untyped_storage().data_ptr() != storage:
-            raise ValueError(f"outs[{i}] must share outs[0]'s storage (one buffer, many views)")
-        delta = t.data_ptr() - base.data_ptr()
-        if delta % t.element_size():
-            raise ValueError(f"outs[{i}] is not element-aligned with outs[0]")
-        starts.append(c)
-        offs.append(delta // t.element_size())
-        strides += list(t.stride())
-        c += t.shape[1]
-    if c != c_out:
-        raise ValueError(f"output views hold {c} channels in all, expected C_out={c_out}")
-    pad = MAX_SEGMENTS - n
-    return n, starts[1:] + [c_out] * pad + offs[1:] + [0] * pad + strides + [0] * 4 * pad
-
-
-@triton.jit
-def conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, s_rn, s_rc, s_rh, s_rw,
-                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                  POST_ACT: tl.constexpr):
-    """(acc + bias[co]) -> act -> + residual[nb, co, oh, ow] -> post_act, all in fp32.
-    co: [BLOCK_N] global output channels; nb (int64), oh, ow: [BLOCK_M] pixel coordinates,
-    all in range (the caller wraps the tile's overhang), so nothing here needs a mask."""
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + co).to(tl.float32)[None, :]
-    acc = activate(acc, ACT)
-    if HAS_RES:
-        # Unmasked: the caller wraps out-of-range rows and columns onto valid ones.
-        r_off = (nb * s_rn + oh * s_rh + ow * s_rw)[:, None] + (co * s_rc)[None, :]
-        acc += tl.load(res_ptr + r_off).to(tl.float32)
-    return activate(acc, POST_ACT)
-
-
-@triton.jit
-def store_segments(out_ptr, val, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3,
-                   seg_o1, seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w,
-                   s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w, NUM_SEG: tl.constexpr):
-    """One masked store of val[BLOCK_M, BLOCK_N]; column co goes to the segment holding it.
-    Segments are consecutive channel ranges, so each later segment overrides from its start."""
-    off = (nb * s0n + oh * s0h + ow * s0w)[:, None] + (co * s0c)[None, :]
-    if NUM_SEG > 1:
-        off1 = seg_o1 + (nb * s1n + oh * s1h + ow * s1w)[:, None] + ((co - seg_c1) * s1c)[None, :]
-        off = tl.where((co >= seg_c1)[None, :], off1, off)
-    if NUM_SEG > 2:
-        off2 = seg_o2 + (nb * s2n + oh * s2h + ow * s2w)[:, None] + ((co - seg_c2) * s2c)[None, :]
-        off = tl.where((co >= seg_c2)[None, :], off2, off)
-    if NUM_SEG > 3:
-        off3 = seg_o3 + (nb * s3n + oh * s3h + ow * s3w)[:, None] + ((co - seg_c3) * s3c)[None, :]
-        off = tl.where((co >= seg_c3)[None, :], off3, off)
-    tl.store(out_ptr + off, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -428,44 +232,6 @@ def _conv2d_kernel(
                        s2w, s3n, s3c, s3h, s3w, NUM_SEG)
 
 
-@triton.jit
-def _split_k_reduce_kernel(
-    # pointers: fp32 partial sums [SPLIT_K, M, C_out], fp32 bias, residual, outs[0]
-    ws_ptr, bias_ptr, res_ptr, out_ptr,
-    # sizes; C_out over all groups, s_ws = M·C_out elements from one split's partials to the next
-    OH, OW, C_out, M, s_ws,
-    # residual strides, output segments: as in _conv2d_kernel
-    s_rn, s_rc, s_rh, s_rw, seg_c1, seg_c2, seg_c3, seg_o1, seg_o2, seg_o3,
-    s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
-    # epilogue
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, POST_ACT: tl.constexpr,
-    NUM_SEG: tl.constexpr,
-    # tiling
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Sum the SPLIT_K partials of a [BLOCK_M pixels, BLOCK_N channels] tile in a fixed order
-    (deterministic, no atomics), then the conv's epilogue and its one store."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m < M)[:, None] & (offs_n < C_out)[None, :]
-    # As in the conv kernel, overhanging rows/columns wrap onto valid ones (no load masks).
-    m_ld = offs_m % M
-    ow = m_ld % OW
-    oh = (m_ld // OW) % OH
-    nb = (m_ld // (OW * OH)).to(tl.int64)
-    co = offs_n % C_out
-    ptrs = ws_ptr + (m_ld.to(tl.int64) * C_out)[:, None] + co[None, :]
-    acc = tl.load(ptrs)
-    for _ in tl.static_range(1, SPLIT_K):
-        ptrs += s_ws
-        acc += tl.load(ptrs)
-    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, s_rn, s_rc, s_rh, s_rw,
-                        HAS_BIAS, ACT, HAS_RES, POST_ACT)
-    store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o1, seg_o2,
-                   seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
-                   s3n, s3c, s3h, s3w, NUM_SEG)
-
-
 class Conv2d:
     """A convolution bound at build time to its packed weights, geometry and fused epilogue.
 
@@ -530,7 +296,7 @@ class Conv2d:
     def config(self, config: dict) -> None:
         self._config = check_config(config, self._config_keys, self._min_block)
 
-    _config_keys = _CONFIG_KEYS
+    _config_keys = CONFIG_KEYS
     _min_block = 16  # every tl.dot dimension must be >= 16
 
     # Hooks the depthwise variant overrides.
@@ -653,17 +419,9 @@ class Conv2d:
 
     def _reduce_split_k(self, ws, residual, out, res_strides, seg, m, oh, ow, split,
                         num_seg) -> None:
-        # Small tiles: split-K shapes have few outputs (49 x 512 for ResNet-50 layer4 at batch
-        # 1), and a reduction of about a MB is quicker spread over many SMs (64 programs there).
         c_out = self.out_channels
-        block_m, block_n = 16, min(32, max(16, triton.next_power_of_2(c_out)))
-        grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
-        _split_k_reduce_kernel[grid](
-            ws, self.bias, residual, out, oh, ow, c_out, m, m * c_out, *res_strides, *seg,
-            HAS_BIAS=self.bias is not None, ACT=self.act, HAS_RES=residual is not None,
-            POST_ACT=self.post_act, NUM_SEG=num_seg,
-            SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-        )
+        reduce_split_k(ws, self.bias, residual, out, oh, ow, c_out, m, res_strides, seg, split, num_seg,
+                       self.act, self.post_act)
 
     def _split_k_workspace(self, numel: int, device: torch.device) -> torch.Tensor:
         """The layer's fp32 split-K workspace, replaced only when too small (see the class

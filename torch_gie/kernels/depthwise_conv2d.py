@@ -13,13 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from torch_gie.kernels.conv2d import (
-    Conv2d,
-    IntPair,
-    allocate_output,
-    conv_epilogue,
-    store_segments,
-)
+from torch_gie.kernels.conv2d import Conv2d, IntPair, allocate_output
+from torch_gie.kernels.conv_epilogue import conv_epilogue, store_segments
 
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_C", "num_warps", "num_stages")
 

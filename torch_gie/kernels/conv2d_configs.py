@@ -1,0 +1,154 @@
+"""Tilings for the implicit-GEMM conv kernel (``conv2d.py``): the candidates the tuner times and
+the untuned default, from the layer's channel counts, taps and (when known) output pixels.
+
+Config keys: BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, and optionally FLAT_K (one runtime
+loop over (tap, channel block)), GATHER_K / FOLD_KW (few input channels: K gathered across taps,
+or kw folded into c on NHWC input), SPLIT_K (programs per output tile summing shares of K).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+# Optional keys FLAT_K (default False): run (tap, channel block) as one loop; GATHER_K (default
+# False): for convs with few input channels (a 7x7 stem on RGB), where per-tap channel blocks
+# would be mostly padding: on dense NHWC input (and dilation_w 1) the KW*C_in_g values of one
+# kernel row are contiguous in memory and are loaded as one run per kh ("fold kw into c");
+# otherwise the flattened K is gathered element by element. SPLIT_K (default 1, a power of two):
+# that many programs per output tile each sum a share of the K loop into an fp32 workspace,
+# and a second kernel adds the shares and runs the epilogue.
+GATHER_BELOW = 16  # C_in_g under this gathers K across taps
+# Split-K pays only when the output tiles leave SMs idle (batch 1, late ResNet stages).
+NUM_SMS = 132  # H100 SXM: the heuristic aims at about one program per SM
+SPLIT_K_MIN_K = 1024  # shorter K loops gain too little from splitting to pay for the reduction
+MAX_SPLIT_K = 16
+MIN_SPLIT_ITERS = 4  # K iterations each split keeps, so its loads still pipeline
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, flat: bool, gather: bool = False,
+         fold: bool = False) -> dict:
+    cfg = {**dict(zip(CONFIG_KEYS, (bm, bn, bk, warps, stages))), "FLAT_K": flat, "GATHER_K": gather}
+    return {**cfg, "FOLD_KW": True} if fold else cfg
+
+
+def _with_split(cfg: dict, split: int) -> dict:
+    return {**cfg, "SPLIT_K": split} if split > 1 else cfg
+
+
+def _unsplit_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int) -> dict:
+    fp16 = dtype == torch.float16
+    if taps > 1 and c_in_g < GATHER_BELOW:
+        bn = min(128, max(16, triton.next_power_of_2(c_out_g)))
+        return _cfg(128, bn, 32, 4, 3 if fp16 else 2, False, True)
+    bn = min(128, max(16, triton.next_power_of_2(c_out_g)))
+    bk = min(64 if fp16 else 32, max(16, triton.next_power_of_2(c_in_g)))
+    bm = 128 if fp16 else 64  # fp32 runs on FMA (ieee) or tf32 with twice the smem per tile
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    stages = 4 if fp16 and bn * bk <= 64 * 64 else 3
+    return _cfg(bm, bn, bk, warps, stages, taps > 1)
+
+
+def _tiles(cfg: dict, m: int, c_out_g: int, groups: int) -> int:
+    return triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]) * groups
+
+
+def _pick_split(tiles: int, k_iters: int) -> int:
+    """Double the split while the grid is under one wave and every split keeps at least
+    MIN_SPLIT_ITERS iterations of the K loop."""
+    split = 1
+    while split < MAX_SPLIT_K and tiles * split < NUM_SMS and k_iters >= 2 * split * MIN_SPLIT_ITERS:
+        split *= 2
+    return split
+
+
+def _split_k_configs(base: dict, c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int,
+                     m: int | None, groups: int) -> list[dict]:
+    """Split-K tilings, best guess first, for a long-K conv whose output tiles under ``base``
+    do not fill the GPU; [] otherwise. Tiles shrink to 64x64 or less (BLOCK_M to the pixel
+    count), then K splits until about one program per SM. They keep ``base``'s K-loop form:
+    FLAT_K for multi-tap convs (its (tap, channel block) loop splits evenly; the unrolled form
+    would split only the few channel blocks of each tap)."""
+    if m is None or taps * c_in_g < SPLIT_K_MIN_K or _tiles(base, m, c_out_g, groups) >= NUM_SMS:
+        return []
+    bm, bn, bk = min(64, max(16, triton.next_power_of_2(m))), min(64, base["BLOCK_N"]), base["BLOCK_K"]
+    k_iters = triton.cdiv(taps * c_in_g, bk) if base["GATHER_K"] else taps * triton.cdiv(c_in_g, bk)
+    stages = 4 if dtype == torch.float16 else 3
+    plans = []  # (tiling, split), the widest tiles first
+    for tbm, tbn in ((bm, bn), (bm, bn // 2), (bm // 2, bn)):
+        if min(tbm, tbn) >= 16:
+            tiling = _cfg(tbm, tbn, bk, 4, stages, base["FLAT_K"], base["GATHER_K"])
+            plans.append((tiling, _pick_split(_tiles(tiling, m, c_out_g, groups), k_iters)))
+    # The default: the widest tiles that reach 3/4 of a wave, else the most programs.
+    programs = [_tiles(t, m, c_out_g, groups) * s for t, s in plans]
+    full = [i for i, p in enumerate(programs) if 4 * p >= 3 * NUM_SMS]
+    tiling, split = plans[full[0] if full else programs.index(max(programs))]
+    if split == 1:
+        return []  # the small tiles alone fill the GPU: leave them to the unsplit list
+    cands = [_with_split(tiling, split), _with_split(tiling, split // 2)]
+    if 2 * split <= MAX_SPLIT_K and k_iters >= 4 * split:
+        cands.append(_with_split(tiling, 2 * split))
+    cands += [_with_split(t, s) for t, s in plans]
+    return [c for i, c in enumerate(cands) if "SPLIT_K" in c and c not in cands[:i]]
+
+
+def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16,
+                          taps: int = 1, m: int | None = None, groups: int = 1) -> dict:
+    """A sensible untuned tiling for H100 (taps = KH·KW): wide tiles narrowed to the channel
+    counts. Multi-tap convs use the flat K loop: compiled for sm_90 it needs fewer registers
+    than the unrolled one (164 vs 247 for 3x3 64->64 at 128x64x64) and never spilled in our
+    checks, and its loads pipeline across taps even when C_in_g is a single BLOCK_K.
+    Given m (output pixels N·OH·OW), a long-K conv with too few output tiles to fill the GPU
+    gets a split-K tiling instead."""
+    base = _unsplit_default(c_out_g, c_in_g, dtype, taps)
+    split = _split_k_configs(base, c_out_g, c_in_g, dtype, taps, m, groups)
+    return split[0] if split else base
+
+
+def conv2d_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16,
+                   taps: int = 1, m: int | None = None, groups: int = 1) -> list[dict]:
+    """Candidate tilings for the tuner: the default first, then larger and small-channel ones,
+    with both K-loop forms for multi-tap convs. Given m, split-K candidates (if any) lead, with
+    the unsplit default right after them (the tuner times only the first few)."""
+    base = _unsplit_default(c_out_g, c_in_g, dtype, taps)
+    cands = _split_k_configs(base, c_out_g, c_in_g, dtype, taps, m, groups) + [base]
+    if taps > 1 and c_in_g < GATHER_BELOW:
+        for bm, bn, bk, warps, stages, fold in ((128, 64, 32, 4, 3, True), (128, 64, 32, 4, 4, True),
+                                                (128, 64, 64, 4, 3, False), (128, 128, 32, 8, 3, True),
+                                                (64, 64, 32, 4, 3, False), (64, 64, 32, 4, 4, True)):
+            cfg = _cfg(bm, min(bn, max(16, triton.next_power_of_2(c_out_g))), bk, warps, stages, False,
+                       not fold, fold)
+            if cfg not in cands:
+                cands.append(cfg)
+    bk_max = 64 if dtype == torch.float16 else 32  # fp32 tiles cost twice the shared memory
+    for bm, bn, bk, warps, stages in (
+        (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4),
+        (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 4, 3), (128, 16, 16, 4, 3),
+        (64, 16, 16, 4, 3), (32, 16, 16, 2, 2),
+    ):
+        if bn > 2 * max(16, triton.next_power_of_2(c_out_g)):
+            continue  # mostly-empty tiles: never faster
+        for flat in (True, False) if taps > 1 and bn >= 64 else (taps > 1,):
+            cfg = _cfg(bm, bn, min(bk, bk_max), warps, stages, flat)
+            if cfg not in cands:
+                cands.append(cfg)
+    return cands
+
+
+def check_config(config: dict, keys: Sequence[str] = CONFIG_KEYS, min_block: int = 16) -> dict:
+    """Validate a tiling dict (GPU limits the interpreter does not check) and return a copy."""
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ValueError(f"config is missing {missing}; expected keys {tuple(keys)}")
+    for key in (k for k in keys if k.startswith("BLOCK_")):
+        v = config[key]
+        if v < min_block or v & (v - 1):
+            raise ValueError(f"config {key} must be a power of two >= {min_block}, got {v}")
+    split = config.get("SPLIT_K", 1)
+    if not isinstance(split, int) or split < 1 or split & (split - 1):
+        raise ValueError(f"config SPLIT_K must be a power of two >= 1, got {split!r}")
+    return dict(config)
+
+

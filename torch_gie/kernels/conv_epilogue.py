@@ -1,0 +1,133 @@
+"""What every convolution kernel does after its K loop, shared by ``conv2d.py`` and
+``depthwise_conv2d.py``: the fused epilogue on the fp32 accumulator (bias, activation, residual,
+post-activation), the store split over up to four destination views of one buffer (how a
+removed concat lands on the GPU), and the split-K reduction that applies both to summed shares.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from torch_gie.kernels.epilogue import activate
+
+MAX_SEGMENTS = 4
+
+
+def segment_args(outs: Sequence[torch.Tensor], c_out: int) -> tuple[int, list[int]]:
+    """Kernel scalars describing the output segments: (NUM_SEG, [c1, c2, c3, o1, o2, o3, 16
+    strides]) with c_i the first channel of segment i and o_i its element offset from outs[0]."""
+    n = len(outs)
+    if not 1 <= n <= MAX_SEGMENTS:
+        raise ValueError(f"expected 1 to {MAX_SEGMENTS} output views, got {n}")
+    base, storage = outs[0], outs[0].untyped_storage().data_ptr()
+    starts, offs, strides, c = [], [], [], 0
+    for i, t in enumerate(outs):
+        if t.dim() != 4:
+            raise ValueError(f"outs[{i}] must be 4D (N, C, OH, OW), got shape {tuple(t.shape)}")
+        if t.dtype != base.dtype or t.device != base.device:
+            raise ValueError(f"outs[{i}] is {t.dtype} on {t.device}, expected "
+                             f"{base.dtype} on {base.device} like outs[0]")
+        if t.untyped_storage().data_ptr() != storage:
+            raise ValueError(f"outs[{i}] must share outs[0]'s storage (one buffer, many views)")
+        delta = t.data_ptr() - base.data_ptr()
+        if delta % t.element_size():
+            raise ValueError(f"outs[{i}] is not element-aligned with outs[0]")
+        starts.append(c)
+        offs.append(delta // t.element_size())
+        strides += list(t.stride())
+        c += t.shape[1]
+    if c != c_out:
+        raise ValueError(f"output views hold {c} channels in all, expected C_out={c_out}")
+    pad = MAX_SEGMENTS - n
+    return n, starts[1:] + [c_out] * pad + offs[1:] + [0] * pad + strides + [0] * 4 * pad
+
+
+@triton.jit
+def conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, s_rn, s_rc, s_rh, s_rw,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                  POST_ACT: tl.constexpr):
+    """(acc + bias[co]) -> act -> + residual[nb, co, oh, ow] -> post_act, all in fp32.
+    co: [BLOCK_N] global output channels; nb (int64), oh, ow: [BLOCK_M] pixel coordinates,
+    all in range (the caller wraps the tile's overhang), so nothing here needs a mask."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co).to(tl.float32)[None, :]
+    acc = activate(acc, ACT)
+    if HAS_RES:
+        # Unmasked: the caller wraps out-of-range rows and columns onto valid ones.
+        r_off = (nb * s_rn + oh * s_rh + ow * s_rw)[:, None] + (co * s_rc)[None, :]
+        acc += tl.load(res_ptr + r_off).to(tl.float32)
+    return activate(acc, POST_ACT)
+
+
+@triton.jit
+def store_segments(out_ptr, val, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3,
+                   seg_o1, seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w,
+                   s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w, NUM_SEG: tl.constexpr):
+    """One masked store of val[BLOCK_M, BLOCK_N]; column co goes to the segment holding it.
+    Segments are consecutive channel ranges, so each later segment overrides from its start."""
+    off = (nb * s0n + oh * s0h + ow * s0w)[:, None] + (co * s0c)[None, :]
+    if NUM_SEG > 1:
+        off1 = seg_o1 + (nb * s1n + oh * s1h + ow * s1w)[:, None] + ((co - seg_c1) * s1c)[None, :]
+        off = tl.where((co >= seg_c1)[None, :], off1, off)
+    if NUM_SEG > 2:
+        off2 = seg_o2 + (nb * s2n + oh * s2h + ow * s2w)[:, None] + ((co - seg_c2) * s2c)[None, :]
+        off = tl.where((co >= seg_c2)[None, :], off2, off)
+    if NUM_SEG > 3:
+        off3 = seg_o3 + (nb * s3n + oh * s3h + ow * s3w)[:, None] + ((co - seg_c3) * s3c)[None, :]
+        off = tl.where((co >= seg_c3)[None, :], off3, off)
+    tl.store(out_ptr + off, val.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    # pointers: fp32 partial sums [SPLIT_K, M, C_out], fp32 bias, residual, outs[0]
+    ws_ptr, bias_ptr, res_ptr, out_ptr,
+    # sizes; C_out over all groups, s_ws = M·C_out elements from one split's partials to the next
+    OH, OW, C_out, M, s_ws,
+    # residual strides, output segments: as in _conv2d_kernel
+    s_rn, s_rc, s_rh, s_rw, seg_c1, seg_c2, seg_c3, seg_o1, seg_o2, seg_o3,
+    s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
+    # epilogue
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, POST_ACT: tl.constexpr,
+    NUM_SEG: tl.constexpr,
+    # tiling
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Sum the SPLIT_K partials of a [BLOCK_M pixels, BLOCK_N channels] tile in a fixed order
+    (deterministic, no atomics), then the conv's epilogue and its one store."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < C_out)[None, :]
+    # As in the conv kernel, overhanging rows/columns wrap onto valid ones (no load masks).
+    m_ld = offs_m % M
+    ow = m_ld % OW
+    oh = (m_ld // OW) % OH
+    nb = (m_ld // (OW * OH)).to(tl.int64)
+    co = offs_n % C_out
+    ptrs = ws_ptr + (m_ld.to(tl.int64) * C_out)[:, None] + co[None, :]
+    acc = tl.load(ptrs)
+    for _ in tl.static_range(1, SPLIT_K):
+        ptrs += s_ws
+        acc += tl.load(ptrs)
+    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, s_rn, s_rc, s_rh, s_rw,
+                        HAS_BIAS, ACT, HAS_RES, POST_ACT)
+    store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o1, seg_o2,
+                   seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
+                   s3n, s3c, s3h, s3w, NUM_SEG)
+
+
+def reduce_split_k(ws, bias, residual, out, oh, ow, c_out, m, res_strides, seg, split, num_seg, act,
+                   post_act) -> None:
+    """Launch the split-K reduction of ``split`` partial sums in ``ws`` into the output views."""
+    # Small tiles: split-K shapes have few outputs (49 x 512 for ResNet-50 layer4 at batch 1),
+    # and a reduction of about a MB is quicker spread over many SMs (64 programs there).
+    block_m, block_n = 16, min(32, max(16, triton.next_power_of_2(c_out)))
+    grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
+    _split_k_reduce_kernel[grid](
+        ws, bias, residual, out, oh, ow, c_out, m, m * c_out, *res_strides, *seg,
+        HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, POST_ACT=post_act,
+        NUM_SEG=num_seg, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )
