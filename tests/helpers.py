@@ -1,8 +1,10 @@
 """Test utilities: models with non-trivial BatchNorm statistics, relative error, graph helpers."""
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from torch_gie import ops
+from torch_gie.activations import apply_activation
 from torch_gie.capture import capture
 from torch_gie.graph import is_canonical, run_graph
 from torch_gie.passes import PassContext
@@ -30,6 +32,30 @@ def assert_rest_poisoned(buf, c):
     assert not torch.isnan(buf[:, 2:2 + c]).any()
 
 
+CONV_TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+
+def poisoned(shape, dtype, device, channels_last=True) -> torch.Tensor:
+    """A NaN-filled output, so any element a kernel fails to write fails the check."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=fmt)
+
+
+def conv_reference(x, w, b, stride, padding, dilation, groups, act=None, res=None, post=None):
+    """fp32 eager ``post(act(conv(x) + b) + res)`` on the same (already rounded) inputs."""
+    y = F.conv2d(x.float(), w.float(), None if b is None else b.float(), stride, padding, dilation, groups)
+    y = apply_activation(y, act)
+    if res is not None:
+        y = y + res.float()
+    return apply_activation(y, post)
+
+
+def check_written(out, ref, dtype):
+    """Every element written (no poison left) and within the dtype's tolerance."""
+    assert torch.isfinite(out).all(), "unwritten (poisoned) output elements"
+    assert rel_err(out, ref) < CONV_TOL[dtype]
+
+
 def count(gm, op) -> int:
     return sum(1 for n in gm.graph.nodes if is_canonical(n, op))
 
@@ -53,5 +79,5 @@ def check_pass(rewrite, model: nn.Module, *inputs, tol: float = 1e-5):
     return gm, result
 
 
-__all__ = ["channel_slice", "assert_rest_poisoned", "randomize_", "calibrate_batchnorm_", "rel_err", "count",
-           "captured", "check_pass", "ops"]
+__all__ = ["poisoned", "conv_reference", "check_written", "CONV_TOL", "channel_slice", "assert_rest_poisoned",
+           "randomize_", "calibrate_batchnorm_", "rel_err", "count", "captured", "check_pass", "ops"]

@@ -7,9 +7,9 @@ runs in the Triton interpreter.
 """
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import CONV_TOL, check_written, conv_reference, poisoned, rel_err
 
-from torch_gie.activations import ACTIVATION_NAMES, apply_activation
+from torch_gie.activations import ACTIVATION_NAMES
 from torch_gie.kernels.conv2d import Conv2d, conv2d
 from torch_gie.kernels.conv2d_configs import NUM_SMS, conv2d_configs, default_conv2d_config
 from torch_gie.kernels.depthwise_conv2d import DepthwiseConv2d, depthwise_conv2d_configs
@@ -19,32 +19,15 @@ SMALL_FLAT = {**SMALL, "FLAT_K": True}  # the (tap, channel block) loop as one r
 SMALL_GATHER = {**SMALL, "GATHER_K": True}  # few input channels: K gathered across taps
 SMALL_FOLD = {**SMALL, "FOLD_KW": True}  # few input channels: kw folded into c on NHWC, else gathered
 SMALL_SPLIT = {**SMALL_FLAT, "SPLIT_K": 4}  # 4 partial sums, then the epilogue in a second kernel
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def poisoned(shape, dtype, device, channels_last=True) -> torch.Tensor:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(
-        memory_format=fmt)
+TOL = CONV_TOL
 
 
 def reference(x, w, b, stride, padding, dilation, groups, act=None, res=None, post=None):
-    """fp32 eager reference on the same (already rounded) inputs."""
-    y = F.conv2d(x.float(), w.float(), None if b is None else b.float(), stride, padding,
-                 dilation, groups)
-    y = apply_activation(y, act)
-    if res is not None:
-        y = y + res.float()
-    return apply_activation(y, post)
+    return conv_reference(x, w, b, stride, padding, dilation, groups, act, res, post)
 
 
 def check(out, ref, dtype):
-    assert torch.isfinite(out).all(), "unwritten (poisoned) output elements"
-    assert rel_err(out, ref) < TOL[dtype]
+    check_written(out, ref, dtype)
 
 
 def run(n, c_in, c_out, h, w, k, stride=1, padding=0, dilation=1, groups=1, *, dtype=torch.float32,

@@ -6,9 +6,9 @@ are tiny: on CPU every kernel runs in the Triton interpreter.
 """
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import CONV_TOL, check_written, conv_reference, poisoned, rel_err
 
-from torch_gie.activations import ACTIVATION_NAMES, apply_activation
+from torch_gie.activations import ACTIVATION_NAMES
 from torch_gie.kernels.depthwise_conv2d import (
     DepthwiseConv2d,
     default_depthwise_config,
@@ -17,32 +17,16 @@ from torch_gie.kernels.depthwise_conv2d import (
 )
 
 SMALL = {"BLOCK_M": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1}
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def poisoned(shape, dtype, device, channels_last=True) -> torch.Tensor:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(
-        memory_format=fmt)
+TOL = CONV_TOL
 
 
 def reference(x, w, b, stride, padding, dilation, act=None, res=None, post=None):
-    """fp32 eager reference on the same (already rounded) inputs; groups = C_in."""
-    y = F.conv2d(x.float(), w.float(), None if b is None else b.float(), stride, padding,
-                 dilation, x.shape[1])
-    y = apply_activation(y, act)
-    if res is not None:
-        y = y + res.float()
-    return apply_activation(y, post)
+    """groups = C_in: depthwise."""
+    return conv_reference(x, w, b, stride, padding, dilation, x.shape[1], act, res, post)
 
 
 def check(out, ref, dtype):
-    assert torch.isfinite(out).all(), "unwritten (poisoned) output elements"
-    assert rel_err(out, ref) < TOL[dtype]
+    check_written(out, ref, dtype)
 
 
 def run(n, c, h, w, k, stride=1, padding=0, dilation=1, mult=1, *, dtype=torch.float32,

@@ -38,6 +38,8 @@ from torch_gie.kernels.conv_epilogue import (
 IntPair = int | Sequence[int]
 # Names tl.dot accepts for fp32 operands on NVIDIA in Triton 3.x (keyword ``input_precision``).
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
 def pack_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[C_out, C_in/g, KH, KW] -> contiguous [C_out, KH, KW, C_in/g]: k runs along channels, so a
     B tile reads contiguous memory in the same order as the channels_last A tile."""
