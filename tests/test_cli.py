@@ -1,0 +1,22 @@
+"""The torch-gie command line on CPU: compile, check against eager, report, JSON and DOT."""
+import json
+
+import pytest
+
+from torch_gie.cli import main
+
+
+def test_cli_compiles_checks_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["--model", "resnet18", "--size", "32", "--batch", "1", "--json", str(out),
+                 "--dot", str(tmp_path / "g.dot")]) == 0
+    text = capsys.readouterr().out
+    assert "torch_gie report: ResNet" in text and "rel. error vs eager" in text
+    report = json.loads(out.read_text())
+    assert report["launches"] < report["layers_in"] and report["max_rel_error"] < 1e-4
+    assert (tmp_path / "g.dot").exists()
+
+
+def test_cli_unknown_model_is_a_clear_error():
+    with pytest.raises(SystemExit, match="unknown model 'resnet1000'"):
+        main(["--model", "resnet1000"])
