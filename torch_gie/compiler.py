@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backends import reference
 from .capture import as_input_tuple, capture
+from .dot import write_dot
 from .passes import PassContext, run_passes
 from .plan import make_plan
 from .report import build_report, count_compute_ops
@@ -115,13 +117,13 @@ def explain(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
                           steps=program.steps, precision=precision, backend=_resolve_backend(backend, device),
                           device=str(device))
     if dot:
-        from .dot import write_dot
         report["dot"] = write_dot(gm, dot)
     return report
 
 
 def _lowering(backend: str, plan, device: torch.device, options: dict):
-    from .backends import reference
+    # The Triton backend is imported only when asked for: the reference backend (and explain)
+    # must work where triton is not installed (it is an install requirement on Linux x86-64 only).
     ref = lambda node: reference.lower(node, plan.dtype, device)  # noqa: E731
     if backend == "reference":
         return ref, None

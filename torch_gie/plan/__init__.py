@@ -98,7 +98,7 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) 
         value_dtypes[node] = dtype
 
     extend_lifetimes(buffers.values(), order + [gm.graph.output_node()],
-                     _buffer_reads(gm, order, placements, len(order)))
+                     _buffer_reads(gm, order, placements))
     stream_plan = StreamPlan()
     if streams and not any(is_fallback_compute(n) for n in order):
         stream_plan = assign_streams(order, {n for n in order if launches_kernel(n)})
@@ -112,18 +112,18 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) 
     return Plan(order, dtype, placements, list(buffers.values()), arena, naive, value_dtypes, stream_plan)
 
 
-def _buffer_reads(gm, order, placements, end) -> dict[fx.Node, set[int]]:
-    """For each node, the buffers it may read: through its inputs, and through any view or
-    fallback result that may alias a planned buffer (a permute of a conv output, say)."""
+def _buffer_reads(gm, order, placements) -> dict[fx.Node, set[int]]:
+    """For each node, the buffers it may read: through its inputs, and through any unplanned
+    result that may alias a planned buffer (a flatten view, a fallback's permute of a conv
+    output). A merged conv's tuple aliases nothing: its segments are planned values."""
     may_alias: dict[fx.Node, set[int]] = {}
     for node in order:
         if node in placements:
             may_alias[node] = {placements[node].buffer.index}
-        elif is_fallback_compute(node) or node.op == "call_function" and not \
-                (is_canonical(node, ops.conv2d)):
-            may_alias[node] = set().union(*(may_alias.get(i, set()) for i in node.all_input_nodes))
-        else:  # a merged conv's tuple: its segments are planned values of their own
+        elif is_canonical(node, ops.conv2d) or node.op in ("placeholder", "get_attr"):
             may_alias[node] = set()
+        else:
+            may_alias[node] = set().union(*(may_alias.get(i, set()) for i in node.all_input_nodes))
     reads = {node: set().union(*(may_alias.get(i, set()) for i in node.all_input_nodes))
              for node in order}
     out = gm.graph.output_node()
