@@ -71,6 +71,12 @@ def test_wrong_inputs_at_call_time_raise_value_error():
             compiled(torch.randn(2, 3, 8, 8, device="cuda"))
 
 
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA inputs"):
+        torch_gie.compile(small_net(), torch.randn(1, 3, 8, 8), backend="triton")
+
+
 def test_untraceable_model_raises_compile_error():
     class DataDependent(nn.Module):
         def forward(self, x):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import Any
 
 import torch
@@ -45,6 +46,10 @@ def _check_args(module, precision: str, backend: str, options: dict) -> None:
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" else "reference"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA inputs, got inputs on {device}; move model and "
+                         "inputs to a GPU, set TRITON_INTERPRET=1 to run the kernels in Triton's "
+                         "interpreter, or use backend='reference'")
     return backend
 
 
@@ -85,9 +90,10 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
     ``streams`` (run independent branches concurrently inside the CUDA graph, default True),
     ``fp32_precision`` ("tf32x3" default: fp32-accurate tensor-core dots; "ieee", "tf32").
     """
+    _check_args(module, precision, backend, options)
+    backend = _resolve_backend(backend, as_input_tuple(example_inputs)[0].device)  # fail before capture
     model, inputs, device, gm, layers_in, results, plan = _prepare(module, example_inputs, precision,
                                                                     backend, options)
-    backend = _resolve_backend(backend, device)
     lowering, fallback = _lowering(backend, plan, device, options)
     program = build_program(gm, plan, lowering, backend, device, fallback)
     tuner = None
