@@ -1,0 +1,30 @@
+"""The timing cache: the configs shipped for the H100 must keep matching the layer signatures the
+compiler produces (a renamed kernel attribute would silently drop every tuned config)."""
+import json
+
+import pytest
+import torch
+import torchvision
+
+from torch_gie.compiler import _lowering, _prepare
+from torch_gie.runtime.program import build_program
+from torch_gie.runtime.steps import KernelStep
+from torch_gie.tune import SHIPPED_DB, signature
+
+H100 = "NVIDIA H100 80GB HBM3|triton 3.6.0|"
+
+
+@pytest.mark.parametrize("name", ["resnet50", "googlenet"])
+def test_shipped_cache_covers_batch1_benchmark_layers(name, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # builds the Triton kernel objects on CPU; nothing runs
+    kwargs = {"init_weights": True} if name == "googlenet" else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    x = torch.randn(1, 3, 224, 224)
+    _, _, device, gm, _, _, plan = _prepare(model, x, "fp16", "triton", {})
+    lowering, fallback = _lowering("triton", plan, device, {})
+    program = build_program(gm, plan, lowering, "triton", device, fallback)
+    steps = [s for s in program.steps if isinstance(s, KernelStep) and s.op == "conv2d"]
+    with open(SHIPPED_DB) as f:
+        cache = json.load(f)
+    missing = [s.name for s in steps if H100 + signature(s, program.env) not in cache]
+    assert steps and not missing
