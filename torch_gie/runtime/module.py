@@ -14,8 +14,9 @@ class GIEModule(nn.Module):
     """A compiled model. Call it like the original; ``report()`` says what was built.
 
     Outputs are fresh tensors in the original dtype and a contiguous layout. With
-    ``static_outputs=True`` the module returns its internal output buffers instead (no copy, no
-    allocation; the next call overwrites them).
+    ``static_outputs=True`` the module returns its internal output buffers instead: no copy and
+    no allocation, in the network precision and the planned layout (fp16, channels_last for
+    images), overwritten by the next call.
     """
 
     def __init__(self, program: Program, example_inputs: tuple[torch.Tensor, ...], report: dict[str, Any],
