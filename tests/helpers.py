@@ -56,6 +56,16 @@ def check_written(out, ref, dtype):
     assert rel_err(out, ref) < CONV_TOL[dtype]
 
 
+def check_layer_fp16(x, ref, layer):
+    """Run a bound conv layer into a poisoned fp16 output and check it (GPU real-shape tests)."""
+    out = poisoned(tuple(ref.shape), torch.float16, x.device)
+    layer(x, [out])
+    if out.is_cuda:
+        torch.cuda.synchronize()
+    assert torch.isfinite(out).all(), layer.config
+    assert rel_err(out, ref) < 1e-2, layer.config
+
+
 def count(gm, op) -> int:
     return sum(1 for n in gm.graph.nodes if is_canonical(n, op))
 
@@ -79,5 +89,6 @@ def check_pass(rewrite, model: nn.Module, *inputs, tol: float = 1e-5):
     return gm, result
 
 
-__all__ = ["poisoned", "conv_reference", "check_written", "CONV_TOL", "channel_slice", "assert_rest_poisoned",
-           "randomize_", "calibrate_batchnorm_", "rel_err", "count", "captured", "check_pass", "ops"]
+__all__ = ["check_layer_fp16", "poisoned", "conv_reference", "check_written", "CONV_TOL", "channel_slice",
+           "assert_rest_poisoned", "randomize_", "calibrate_batchnorm_", "rel_err", "count", "captured",
+           "check_pass", "ops"]

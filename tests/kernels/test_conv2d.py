@@ -7,7 +7,7 @@ runs in the Triton interpreter.
 """
 import pytest
 import torch
-from helpers import CONV_TOL, check_written, conv_reference, poisoned, rel_err
+from helpers import CONV_TOL, check_layer_fp16, check_written, conv_reference, poisoned, rel_err
 
 from torch_gie.activations import ACTIVATION_NAMES
 from torch_gie.kernels.conv2d import Conv2d, conv2d
@@ -372,18 +372,10 @@ def _gpu_case(c_in, c_out, k, s, p, h, g, batch=8, sized=False):
     return x, ref, Conv2d(wt, b, stride=s, padding=p, groups=g, activation="relu", **size)
 
 
-def _gpu_check(x, ref, layer):
-    out = poisoned(tuple(ref.shape), torch.float16, x.device)
-    layer(x, [out])
-    torch.cuda.synchronize()
-    assert torch.isfinite(out).all(), layer.config
-    assert rel_err(out, ref) < 1e-2, layer.config
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("c_in,c_out,k,s,p,h,g", RESNET_LAYERS)
 def test_resnet50_layers_gpu(c_in, c_out, k, s, p, h, g):
-    _gpu_check(*_gpu_case(c_in, c_out, k, s, p, h, g))  # default config
+    check_layer_fp16(*_gpu_case(c_in, c_out, k, s, p, h, g))  # default config
 
 
 @pytest.mark.gpu
@@ -392,7 +384,7 @@ def test_all_configs_gpu(c_in, c_out, k, s, p, h, g):
     x, ref, layer = _gpu_case(c_in, c_out, k, s, p, h, g)
     for config in layer.configs:
         layer.config = config
-        _gpu_check(x, ref, layer)
+        check_layer_fp16(x, ref, layer)
 
 
 # ResNet-50 at batch 1 where the default splits K: layer4 conv2, layer3 conv2, layer4 conv1.
@@ -404,10 +396,10 @@ RESNET_BATCH1_SPLIT = [(512, 512, 3, 1, 1, 7, 1), (256, 256, 3, 1, 1, 14, 1), (2
 def test_resnet50_batch1_split_k_gpu(c_in, c_out, k, s, p, h, g):
     x, ref, layer = _gpu_case(c_in, c_out, k, s, p, h, g, batch=1, sized=True)
     assert layer.config.get("SPLIT_K", 1) > 1
-    _gpu_check(x, ref, layer)  # default config
+    check_layer_fp16(x, ref, layer)  # default config
     for config in layer.configs[:8]:  # what the tuner times
         layer.config = config
-        _gpu_check(x, ref, layer)
+        check_layer_fp16(x, ref, layer)
 
 
 @pytest.mark.gpu

@@ -6,7 +6,7 @@ are tiny: on CPU every kernel runs in the Triton interpreter.
 """
 import pytest
 import torch
-from helpers import CONV_TOL, check_written, conv_reference, poisoned, rel_err
+from helpers import CONV_TOL, check_layer_fp16, check_written, conv_reference, poisoned
 
 from torch_gie.activations import ACTIVATION_NAMES
 from torch_gie.kernels.depthwise_conv2d import (
@@ -196,18 +196,10 @@ def _gpu_case(c, k, s, h):
                                    activation="hardswish")
 
 
-def _gpu_check(x, ref, layer):
-    out = poisoned(tuple(ref.shape), torch.float16, x.device)
-    layer(x, [out])
-    torch.cuda.synchronize()
-    assert torch.isfinite(out).all(), layer.config
-    assert rel_err(out, ref) < 1e-2, layer.config
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("c,k,s,h", MOBILE_LAYERS)
 def test_mobile_layers_gpu(c, k, s, h):
-    _gpu_check(*_gpu_case(c, k, s, h))  # default config
+    check_layer_fp16(*_gpu_case(c, k, s, h))  # default config
 
 
 @pytest.mark.gpu
@@ -216,4 +208,4 @@ def test_all_configs_gpu(c, k, s, h):
     x, ref, layer = _gpu_case(c, k, s, h)
     for config in layer.configs:
         layer.config = config
-        _gpu_check(x, ref, layer)
+        check_layer_fp16(x, ref, layer)
