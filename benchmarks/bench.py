@@ -98,7 +98,7 @@ def bench_one(name: str, batch: int, variants: list[str]) -> list[dict]:
                 row.update(launches=r["launches"], layers_in=r["layers_in"], fallbacks=len(r["fallback_ops"]),
                            arena_mib=round(r["arena_bytes"] / 2**20, 1))
                 if ARGS.layers:
-                    row["layer_ms"] = gie._program.profile()
+                    row["layer_ms"] = gie.profile()
         except Exception as exc:  # one failing variant must not sink the whole run
             row["error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()

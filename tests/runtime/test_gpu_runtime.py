@@ -77,3 +77,17 @@ def test_triton_backend_whole_model(name, size, precision):
         ref = model(x2)
     tol = fp16_tolerance(model, x2, ref) if precision == "fp16" else 1e-3
     assert rel_err(compiled(x2), ref) < tol
+
+
+def test_profile_times_every_launching_step_and_leaves_the_forward_intact():
+    model = _model("resnet50", 64)
+    x = torch.randn(1, 3, 64, 64, device="cuda")
+    compiled = torch_gie.compile(model, x, precision="fp16")
+    before = compiled(x).clone()
+    rows = compiled.profile(iters=5, reps=3)
+    assert [r["name"] for r in rows] == [s.name for s in compiled._program.steps]
+    assert all(r["ms"] > 0 for r in rows if r["launches"]) and all(r["ms"] < 5 for r in rows)
+    x2 = torch.randn_like(x)
+    with torch.no_grad():
+        ref = model(x2)
+    assert rel_err(compiled(x2), ref) < 1e-2 and torch.equal(compiled(x), before)

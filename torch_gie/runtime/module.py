@@ -30,6 +30,13 @@ class GIEModule(nn.Module):
     def report(self) -> dict[str, Any]:
         return self._report
 
+    def profile(self, iters: int = 20, reps: int = 10) -> list[dict]:
+        """Per-layer GPU time on CUDA (see ``Program.profile``): one dict per step with its
+        name, op, kernel description, launches and median ms."""
+        if self._program.arena.device.type != "cuda":
+            raise RuntimeError("profile() times kernels with CUDA graphs and needs a CUDA-compiled module")
+        return self._program.profile(iters, reps)
+
     def _check_inputs(self, inputs: tuple) -> None:
         if len(inputs) != len(self._signature):
             raise ValueError(f"expected {len(self._signature)} input tensor(s), got {len(inputs)}")
