@@ -28,6 +28,9 @@ _OPTIONS = {"dump_dir", "disable_passes", "cuda_graph", "static_outputs", "dot",
             "fp32_precision"}
 
 
+TUNE_MODES = (False, True, "refresh")
+
+
 def _check_args(module, precision: str, backend: str, options: dict) -> None:
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -41,6 +44,8 @@ def _check_args(module, precision: str, backend: str, options: dict) -> None:
     unknown = set(options) - _OPTIONS
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; known options: {sorted(_OPTIONS)}")
+    if options.get("tune", False) not in TUNE_MODES:
+        raise ValueError(f"tune must be one of {TUNE_MODES}, got {options['tune']!r}")
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -86,7 +91,8 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
     precision: "fp32" | "fp16" ("int8" is not implemented yet). backend: "auto" (triton on CUDA,
     reference on CPU) | "triton" | "reference". Options: ``cuda_graph`` (default True on CUDA),
     ``static_outputs`` (return internal buffers, default False), ``disable_passes`` (names),
-    ``dump_dir`` (write the graph after each pass), ``tune`` (time kernel configs per layer),
+    ``dump_dir`` (write the graph after each pass), ``tune`` (False: use known timings only;
+    True: also time layers no cache knows; "refresh": time every layer anew),
     ``streams`` (run independent branches concurrently inside the CUDA graph, default True),
     ``fp32_precision`` ("tf32x3" default: fp32-accurate tensor-core dots; "ieee", "tf32").
     """
@@ -98,7 +104,8 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
     program = build_program(gm, plan, lowering, backend, device, fallback)
     tuner = None
     if device.type == "cuda" and backend == "triton":  # known timings always apply; tune=True times new layers
-        tuner = Tuner(time_new=bool(options.get("tune")))
+        tune = options.get("tune", False)
+        tuner = Tuner(time_new=bool(tune), refresh=tune == "refresh")
     with torch.no_grad():
         program._load_inputs(inputs)
         program.warm_up(fallback, tuner)

@@ -23,3 +23,30 @@ def time_calls(fn: Callable[[], Any], *, iters: int = 100, warmup: int = 10) -> 
     times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
     return {"p50_ms": times[len(times) // 2], "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))],
             "mean_ms": sum(times) / len(times)}
+
+
+def time_in_cuda_graph(fn: Callable[[], Any], *, reps: int = 10, iters: int = 10) -> float:
+    """Milliseconds per call of ``fn()`` as a CUDA graph replays it: ``reps`` calls captured back to
+    back into one graph, the median of ``iters`` event-timed replays divided by ``reps``. This is
+    how a compiled forward runs its kernels (no Python, no per-launch CPU cost), so it ranks batch-1
+    kernels of a few microseconds, and a kernel pair such as split-K + its reduction, correctly.
+    ``fn`` must already have run once (compiled, its buffers allocated): capture cannot do either."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return sorted(times)[len(times) // 2]

@@ -5,7 +5,8 @@ Kernels only expose ``configs`` and a settable ``config``; the tuner lives here,
 Like TensorRT's timing cache, choices are looked up in the user's cache (``$TORCH_GIE_CACHE`` or
 ``~/.cache/torch_gie/tuning.json``) and in the timings shipped with torch_gie
 (``tuning_db.json``, measured on the GPUs named in its keys) on every build; only ``tune=True``
-times layers that neither knows.
+times layers that neither knows, ``tune="refresh"`` every layer. Candidates are timed the way the
+compiled forward runs them: replayed in a CUDA graph (``timing.time_in_cuda_graph``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 import torch
 
 from .runtime.steps import KernelStep
+from .timing import time_in_cuda_graph
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +58,15 @@ def signature(step: KernelStep, env: list) -> str:
 class Tuner:
     """Picks and remembers the fastest config per layer signature."""
 
-    def __init__(self, path: str | None = None, max_configs: int = 8, time_new: bool = True):
+    def __init__(self, path: str | None = None, max_configs: int = 8, time_new: bool = True,
+                 refresh: bool = False):
         import triton
         self.path = path or cache_path()
         self.prefix = f"{torch.cuda.get_device_name()}|triton {triton.__version__}|"
         self.shipped = _load(SHIPPED_DB)
         self.cache: dict[str, dict] = _load(self.path)
-        self.time_new = time_new
+        self.time_new = time_new or refresh
+        self.refresh = refresh  # time every layer, replacing what the caches hold
         self.max_configs = max_configs  # kernels list their configs best-guess first
         self.timed = self.reused = 0
 
@@ -72,19 +76,22 @@ class Tuner:
         if not configs or len(configs) < 2:
             return
         key = self.prefix + signature(step, env)
-        known = self.cache.get(key) or self.shipped.get(key)
+        known = None if self.refresh else self.cache.get(key) or self.shipped.get(key)
         if known is not None:
-            layer.config = known
-            self.reused += 1
-            return
+            try:
+                layer.config = known
+                self.reused += 1
+                return
+            except ValueError as exc:  # written by another torch_gie version: time it again
+                log.warning("torch_gie: ignoring cached config for %s: %s", step.name, exc)
         if not self.time_new:
             return
-        import triton.testing
         best, best_ms = None, float("inf")
         for config in configs[:self.max_configs]:
             try:
                 layer.config = config
-                ms = triton.testing.do_bench(lambda: step(env), warmup=3, rep=15, return_mode="median")
+                step(env)  # compiles the config and sizes its buffers outside the capture
+                ms = time_in_cuda_graph(lambda: step(env))
             except Exception as exc:  # a config may not fit this GPU (shared memory): skip it
                 log.debug("config %s failed for %s: %s", config, step.name, exc)
                 continue

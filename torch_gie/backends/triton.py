@@ -3,6 +3,7 @@
 with the node's inputs and its planned output views."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -62,9 +63,10 @@ def _conv(node: fx.Node, dtype: torch.dtype, device: torch.device, options: dict
 
 def _linear(node: fx.Node, dtype: torch.dtype, device: torch.device, options: dict) -> BoundKernel:
     s, ep = spec(node), spec(node).epilogue
+    rows = math.prod(node.args[0].meta["shape"][:-1])  # 1 for a batch-1 classifier: GEMV
     layer = Linear(s.weight.to(device), None if s.bias is None else s.bias.to(device),
                    activation=ep.activation, post_activation=ep.post_activation, dtype=dtype,
-                   **_precision(dtype, options))
+                   rows=rows, **_precision(dtype, options))
     if ep.residual:
         return BoundKernel(layer, lambda k, i, o: k(i[0], o[0], i[1]), "Linear")
     return BoundKernel(layer, lambda k, i, o: k(i[0], o[0]), "Linear")

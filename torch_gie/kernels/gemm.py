@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from torch_gie.activations import activation_code
-from torch_gie.kernels.epilogue import activate
+from torch_gie.kernels.epilogue import linear_epilogue
+from torch_gie.kernels.gemv import GEMV_MAX_ROWS, check_gemv_config, gemv_configs, launch_gemv, pack_gemv_weight
 
 _DTYPES = (torch.float16, torch.float32)
 _FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -118,19 +119,9 @@ def _linear_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
-    acc = activate(acc, ACT)
-    mask = m_ok[:, None] & n_ok[None, :]
-    row_o = rm64 // ROWS_INNER
-    row_i = rm64 % ROWS_INNER
-    if HAS_RES:
-        res_ptrs = (res_ptr + (row_o * stride_ro + row_i * stride_ri)[:, None]
-                    + rn[None, :] * stride_rn)
-        acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
-        acc = activate(acc, POST_ACT)
-    out_ptrs = out_ptr + (row_o * stride_oo + row_i * stride_oi)[:, None] + rn[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    linear_epilogue(acc, rm, rn, M, N, ROWS_INNER, bias_ptr, res_ptr, out_ptr,
+                    stride_ro, stride_ri, stride_rn, stride_oo, stride_oi, stride_on,
+                    HAS_BIAS, ACT, HAS_RES, POST_ACT)
 
 
 def _as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -153,7 +144,9 @@ class Linear:
     """A Linear layer bound at build time: the weight is packed once, then
     ``layer(x, out[, residual])`` writes ``post_act(act(x @ W^T + bias) + residual)`` every
     forward and allocates nothing. ``configs`` lists candidate tilings for the tuner; ``config``
-    (settable) is the one used."""
+    (settable) is the one used. Given ``rows`` <= GEMV_MAX_ROWS (the row count it will be
+    called with, e.g. batch 1), it runs the matrix-vector kernel of ``gemv.py`` instead of the
+    GEMM; other row counts still work, at GEMV speed."""
 
     def __init__(
         self,
@@ -165,6 +158,7 @@ class Linear:
         dtype: torch.dtype = torch.float16,
         config: dict | None = None,
         fp32_precision: str = "ieee",
+        rows: int | None = None,
     ) -> None:
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2D [out_features, in_features], "
@@ -184,16 +178,23 @@ class Linear:
         self._act, self._post_act = activation_code(activation), activation_code(post_activation)
         self.dtype = dtype
         self.fp32_precision = fp32_precision
-        # W^T as [K, N_pad] in the compute dtype: tiles of it load N-contiguous, matching tl.dot's
-        # [BLOCK_K, BLOCK_N] operand; the padding columns are never read (masked by N).
-        n_pad = triton.cdiv(n, _ROW_ALIGN) * _ROW_ALIGN
-        packed = torch.zeros((k, n_pad), dtype=dtype, device=weight.device)
-        packed[:, :n] = weight.detach().t().to(dtype)
-        self.weight_t = packed
+        # Built for at most GEMV_MAX_ROWS rows (batch 1 classifiers): matrix-vector kernel on W
+        # [N, K] (gemv.py); otherwise the GEMM on W^T. The layer holds only the layout it uses.
+        self.gemv = rows is not None and rows <= GEMV_MAX_ROWS
+        if self.gemv:
+            self.weight = pack_gemv_weight(weight, dtype, _ROW_ALIGN)
+            self.configs = gemv_configs()
+        else:
+            # W^T as [K, N_pad] in the compute dtype: tiles of it load N-contiguous, matching tl.dot's
+            # [BLOCK_K, BLOCK_N] operand; the padding columns are never read (masked by N).
+            n_pad = triton.cdiv(n, _ROW_ALIGN) * _ROW_ALIGN
+            packed = torch.zeros((k, n_pad), dtype=dtype, device=weight.device)
+            packed[:, :n] = weight.detach().t().to(dtype)
+            self.weight_t = packed
+            self.configs = linear_configs(dtype)
         # Bias stays fp32: it is added to the fp32 accumulator.
         self.bias = (None if bias is None
                      else bias.detach().to(weight.device, torch.float32).contiguous())
-        self.configs = linear_configs(dtype)
         self.config = config
 
     @property
@@ -203,11 +204,20 @@ class Linear:
 
     @config.setter
     def config(self, config: dict | None) -> None:
-        self._config = None if config is None else check_config(config)
+        if config is None:
+            self._config = None
+        else:
+            self._config = check_gemv_config(config) if self.gemv else check_config(config)
 
     def config_for(self, m: int) -> dict:
         """The tiling a call with ``m`` rows uses: ``config``, else the default for ``m``."""
+        if self.gemv:
+            return self.config or self.configs[0]
         return self.config or default_config(m, self.out_features, self.dtype)
+
+    @property
+    def packed_weight(self) -> torch.Tensor:
+        return self.weight if self.gemv else self.weight_t
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor,
                  residual: torch.Tensor | None = None) -> None:
@@ -226,15 +236,19 @@ class Linear:
                 continue
             if t.dtype != self.dtype:
                 raise ValueError(f"{name} must be {self.dtype} (the layer's dtype), got {t.dtype}")
-            if t.device != self.weight_t.device:
+            if t.device != self.packed_weight.device:
                 raise ValueError(f"{name} is on {t.device} but the weight is on "
-                                 f"{self.weight_t.device}")
+                                 f"{self.packed_weight.device}")
         x3, o3 = _as_rows(x, "x"), _as_rows(out, "out")
         r3 = o3 if residual is None else _as_rows(residual, "residual")
         m = x3.shape[0] * x3.shape[1]
         if m == 0:
             return
         cfg = self.config_for(m)
+        if self.gemv:
+            launch_gemv(x3, self.weight, self.bias, r3, o3, m, self._act, self._post_act,
+                        residual is not None, cfg)
+            return
         # The precision only matters for fp32 operands; "tf32" is Triton's own default, so fp16
         # compiles exactly as if none were given (as in conv2d).
         precision = self.fp32_precision if self.dtype == torch.float32 else "tf32"

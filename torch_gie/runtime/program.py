@@ -20,6 +20,7 @@ from .. import ops
 from ..graph import is_canonical, is_fallback_compute, spec
 from ..plan import Plan
 from ..plan.memory import materialize
+from ..timing import time_in_cuda_graph
 from .steps import CopyStep, FallbackStep, Kernel, KernelStep, Step, ViewStep
 
 log = logging.getLogger(__name__)
@@ -139,27 +140,10 @@ class Program:
     def _time_step(self, step: Step, iters: int, reps: int) -> float:
         # A fallback step stores a new tensor in env; the captured forward must keep reading its own.
         saved = list(self.env)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step(self.env)  # warm: capture must not compile or allocate a workspace
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                step(self.env)
-        graph.replay()
-        times = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / reps)
-        del graph
-        self.env[:] = saved
-        return sorted(times)[len(times) // 2]
+        try:
+            return time_in_cuda_graph(lambda: step(self.env), reps=reps, iters=iters)
+        finally:
+            self.env[:] = saved
 
 
 def _progress(items: list, what: str):
