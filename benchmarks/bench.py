@@ -11,6 +11,7 @@ benchmarks/results/ and prints the table last. Example:
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -75,17 +76,19 @@ def make_variant(variant: str, model: torch.nn.Module, x: torch.Tensor, batch: i
 
 
 def bench_one(name: str, batch: int, variants: list[str]) -> list[dict]:
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     model, size = build_model(name)
     torch.manual_seed(1)
     x = torch.randn(batch, 3, size, size, device="cuda")
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     with torch.no_grad():
         ref = model(x).float().clone()
     rows = []
     for variant in variants:
         torch.backends.cudnn.benchmark = variant != "eager_fp32"
-        fresh = build_model(name)[0] if variant != "eager_fp32" else model
+        # Copies of one model (eager_fp16 converts its copy in place): BatchNorm calibration runs
+        # once, so every variant computes the same function as the fp32 reference.
+        fresh = copy.deepcopy(model) if variant != "eager_fp32" else model
         row = {"model": name, "batch": batch, "variant": variant}
         try:
             with torch.no_grad():
