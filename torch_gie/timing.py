@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .cuda_graphs import capture
+
 
 def time_calls(fn: Callable[[], Any], *, iters: int = 100, warmup: int = 10) -> dict[str, float]:
     """Milliseconds per call of ``fn()``: p50, p99, mean over ``iters`` event-timed runs."""
@@ -30,16 +32,8 @@ def time_in_cuda_graph(fn: Callable[[], Any], *, reps: int = 10, iters: int = 10
     back into one graph, the median of ``iters`` event-timed replays divided by ``reps``. This is
     how a compiled forward runs its kernels (no Python, no per-launch CPU cost), so it ranks batch-1
     kernels of a few microseconds, and a kernel pair such as split-K + its reduction, correctly.
-    ``fn`` must already have run once (compiled, its buffers allocated): capture cannot do either."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
+    The captured calls run once before the capture (compiles and buffer allocations happen then)."""
+    graph = capture(lambda: [fn() for _ in range(reps)])
     graph.replay()
     times = []
     for _ in range(iters):

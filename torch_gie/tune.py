@@ -90,7 +90,6 @@ class Tuner:
         for config in configs[:self.max_configs]:
             try:
                 layer.config = config
-                step(env)  # compiles the config and sizes its buffers outside the capture
                 ms = time_in_cuda_graph(lambda: step(env))
             except Exception as exc:  # a config may not fit this GPU (shared memory): skip it
                 log.debug("config %s failed for %s: %s", config, step.name, exc)

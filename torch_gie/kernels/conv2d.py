@@ -30,6 +30,7 @@ from torch_gie.kernels.conv2d_configs import (
 )
 from torch_gie.kernels.conv_epilogue import (
     conv_epilogue,
+    output_pixels,
     reduce_split_k,
     segment_args,
     store_segments,
@@ -140,10 +141,7 @@ def _conv2d_kernel(
     mask_m, mask_n = offs_m < M, offs_n < C_out_g
     # Rows/columns past the end wrap onto valid ones: their loads need no mask, and the results
     # are discarded by the store mask.
-    m_ld = offs_m % M
-    ow = m_ld % OW
-    oh = (m_ld // OW) % OH
-    nb = (m_ld // (OW * OH)).to(tl.int64)  # int64: batch * image stride can pass 2**31
+    m_ld, nb, oh, ow = output_pixels(offs_m, M, OH, OW)
     co = g * C_out_g + offs_n % C_out_g
     x_rows = x_ptr + nb * s_xn + (g * C_in_g) * s_xc
     w_cols = w_ptr + co.to(tl.int64) * (KH * KW * C_in_g)

@@ -26,6 +26,7 @@ NUM_SMS = 132  # H100 SXM: the heuristic aims at about one program per SM
 SPLIT_K_MIN_K = 1024  # shorter K loops gain too little from splitting to pay for the reduction
 MAX_SPLIT_K = 16
 MIN_SPLIT_ITERS = 4  # K iterations each split keeps, so its loads still pipeline
+BIG_TILE_MIN_M = 1 << 17  # output pixels from which 256-wide tiles are worth a tuning slot
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, flat: bool, gather: bool = False,
@@ -114,6 +115,11 @@ def conv2d_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16
     the unsplit default right after them (the tuner times only the first few)."""
     base = _unsplit_default(c_out_g, c_in_g, dtype, taps)
     cands = _split_k_configs(base, c_out_g, c_in_g, dtype, taps, m, groups) + [base]
+    if m is not None and m >= BIG_TILE_MIN_M and dtype == torch.float16 and c_in_g >= GATHER_BELOW:
+        # Huge GEMMs (VGG at batch 128): 256-wide tiles halve the operand traffic per MMA.
+        for bm, bn in ((256, 128), (128, 256)):
+            if bn <= max(16, triton.next_power_of_2(c_out_g)):
+                cands.append(_cfg(bm, bn, 64, 8, 3, taps > 1))
     if taps > 1 and c_in_g < GATHER_BELOW:
         for bm, bn, bk, warps, stages, fold in ((128, 64, 32, 4, 3, True), (128, 64, 32, 4, 4, True),
                                                 (128, 64, 64, 4, 3, False), (128, 128, 32, 8, 3, True),

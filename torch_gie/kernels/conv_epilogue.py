@@ -46,6 +46,18 @@ def segment_args(outs: Sequence[torch.Tensor], c_out: int) -> tuple[int, list[in
 
 
 @triton.jit
+def output_pixels(offs_m, M, OH, OW):
+    """(m_ld, nb, oh, ow) of output pixel rows offs_m = (nb·OH + oh)·OW + ow. Rows past M wrap
+    onto valid ones (m_ld = offs_m mod M): their loads need no mask, and the store mask drops
+    their results. nb is int64: batch times the image stride can pass 2**31."""
+    m_ld = offs_m % M
+    ow = m_ld % OW
+    oh = (m_ld // OW) % OH
+    nb = (m_ld // (OW * OH)).to(tl.int64)
+    return m_ld, nb, oh, ow
+
+
+@triton.jit
 def conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, s_rn, s_rc, s_rh, s_rw,
                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                   POST_ACT: tl.constexpr):
@@ -101,11 +113,7 @@ def _split_k_reduce_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < C_out)[None, :]
-    # As in the conv kernel, overhanging rows/columns wrap onto valid ones (no load masks).
-    m_ld = offs_m % M
-    ow = m_ld % OW
-    oh = (m_ld // OW) % OH
-    nb = (m_ld // (OW * OH)).to(tl.int64)
+    m_ld, nb, oh, ow = output_pixels(offs_m, M, OH, OW)  # and overhanging columns wrap too
     co = offs_n % C_out
     ptrs = ws_ptr + (m_ld.to(tl.int64) * C_out)[:, None] + co[None, :]
     acc = tl.load(ptrs)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from torch_gie.kernels.conv2d import Conv2d, IntPair, allocate_output
-from torch_gie.kernels.conv_epilogue import conv_epilogue, store_segments
+from torch_gie.kernels.conv_epilogue import conv_epilogue, output_pixels, store_segments
 
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_C", "num_warps", "num_stages")
 
@@ -74,10 +74,7 @@ def _depthwise_conv2d_kernel(
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_m < M)[:, None] & (offs_c < C_out)[None, :]
     # Overhanging rows/columns wrap onto valid ones so only the zero padding masks loads.
-    m_ld = offs_m % M
-    ow = m_ld % OW
-    oh = (m_ld // OW) % OH
-    nb = (m_ld // (OW * OH)).to(tl.int64)  # int64: batch * image stride can pass 2**31
+    m_ld, nb, oh, ow = output_pixels(offs_m, M, OH, OW)
     co = offs_c % C_out
     x_rows = x_ptr + nb * s_xn
     x_cols = (co // MULT) * s_xc

@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from .. import ops
+from ..cuda_graphs import capture
 from ..graph import is_canonical, is_fallback_compute, spec
 from ..plan import Plan
 from ..plan.memory import materialize
@@ -92,15 +93,7 @@ class Program:
         with a stream plan, independent branches become parallel branches of the graph."""
         self._recorded = {d for deps in self.plan.streams.waits.values() for d in deps}
         run = self._run_steps_on_streams if self.plan.streams.streams > 1 else self._run_steps
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
-        self.graph = graph
+        self.graph = capture(run)
 
     def warm_up(self, fallback_lowering: Lowering | None, tuner=None) -> None:
         """Run every step once (tuning it first when a tuner is given); a kernel step that fails
