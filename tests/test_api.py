@@ -107,6 +107,8 @@ def test_bad_arguments():
         torch_gie.compile(lambda t: t, x)
     with pytest.raises(TypeError, match="unknown option"):
         torch_gie.compile(model, x, fast=True)
+    with pytest.raises(ValueError, match="tune must be one of"):
+        torch_gie.compile(model, x, tune="always")
 
 
 def test_training_mode_model_is_compiled_in_eval_and_left_untouched(caplog):

@@ -447,3 +447,15 @@ def test_fold_reads_channel_padded_input(dtype, split, device):
     layer(x, [out])
     check(out, ref, dtype)
     assert 4 in layer._fold_weights  # the padded packing was used
+
+
+def test_launch_count_follows_split_k_and_huge_gemms_get_wide_tiles():
+    layer = Conv2d(torch.randn(64, 64, 3, 3), padding=1)
+    assert layer.launches == 1
+    layer.config = {**layer.config, "SPLIT_K": 2}  # the reduction is a second kernel
+    assert layer.launches == 2
+    wide = [c for c in conv2d_configs(256, 256, torch.float16, 9, 128 * 56 * 56)[:8]
+            if 256 in (c["BLOCK_M"], c["BLOCK_N"])]
+    assert {(c["BLOCK_M"], c["BLOCK_N"]) for c in wide} == {(256, 128), (128, 256)}
+    assert not [c for c in conv2d_configs(256, 256, torch.float16, 9, 128 * 14 * 14) if c["BLOCK_M"] == 256]
+    assert not [c for c in conv2d_configs(64, 64, torch.float32, 9, 128 * 56 * 56) if c["BLOCK_M"] == 256]

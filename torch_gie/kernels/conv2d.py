@@ -296,6 +296,11 @@ class Conv2d:
     def config(self, config: dict) -> None:
         self._config = check_config(config, self._config_keys, self._min_block)
 
+    @property
+    def launches(self) -> int:
+        """Kernels per call under the current config: a split-K config adds its reduction."""
+        return 2 if self._config.get("SPLIT_K", 1) > 1 else 1
+
     _config_keys = CONFIG_KEYS
     _min_block = 16  # every tl.dot dimension must be >= 16
 

@@ -39,6 +39,11 @@ class KernelStep(Step):
         self.kernel, self.in_ids, self.casts, self.outs = kernel, list(in_ids), list(casts), outs
         self.backend = backend
 
+    @property
+    def launches(self) -> int:
+        """Kernels per forward: a layer may say (a split-K conv launches its reduction too)."""
+        return getattr(getattr(self.kernel, "layer", None), "launches", 1)
+
     def __call__(self, env: list) -> None:
         self.kernel(_fetch(env, self.in_ids, self.casts), self.outs)
 
