@@ -3,6 +3,7 @@ backend on CPU; on a GPU the defaults are fp16 and Triton)."""
 import json
 
 import pytest
+import torch
 
 from torch_gie.cli import main
 
@@ -22,3 +23,14 @@ def test_cli_compiles_checks_and_writes_json(tmp_path, capsys):
 def test_cli_unknown_model_is_a_clear_error():
     with pytest.raises(SystemExit, match="unknown model 'resnet1000'"):
         main(["--model", "resnet1000"])
+
+
+def test_cli_tune_and_layers_options(capsys):
+    assert main(["--model", "resnet18", "--size", "32", "--batch", "1", "--tune", "new", "--layers"]) == 0
+    text = capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert "per-layer times      : need a GPU" in text
+    else:
+        assert "per-layer GPU time" in text
+    with pytest.raises(SystemExit):
+        main(["--tune", "always"])

@@ -18,6 +18,8 @@ from . import compile as gie_compile
 from .report import format_report
 from .timing import time_calls
 
+_TUNE = {"off": False, "new": True, "refresh": "refresh"}
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torch-gie", description=__doc__.split("\n\n")[0])
@@ -27,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="input height/width (default 224 GPU, 64 CPU)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default=None, help="default fp16 on GPU, fp32 on CPU")
     p.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto")
+    p.add_argument("--tune", choices=list(_TUNE), default="off",
+                   help="off: cached kernel configs only; new: also time layers no cache knows; "
+                        "refresh: time every layer (GPU)")
+    p.add_argument("--layers", action="store_true", help="print each layer's GPU time (GPU)")
     p.add_argument("--iters", type=int, default=100, help="timed iterations on GPU")
     p.add_argument("--json", help="write the report (and timings) to this file")
     p.add_argument("--dot", help="write the optimized graph as Graphviz (.dot, and .svg if dot is installed)")
@@ -48,6 +54,18 @@ def _build_model(name: str, size: int, weights: str | None) -> torch.nn.Module:
     return model.eval()
 
 
+def _print_layers(compiled, cuda: bool) -> None:
+    if not cuda or compiled.report()["backend"] != "triton":
+        print("  per-layer times      : need a GPU and the triton backend")
+        return
+    rows = compiled.profile()
+    total = sum(r["ms"] for r in rows)
+    print(f"  per-layer GPU time (each step replayed alone in a CUDA graph; {total * 1e3:.1f} us in all):")
+    for r in sorted(rows, key=lambda r: -r["ms"]):
+        if r["launches"]:
+            print(f"    {r['ms'] * 1e3:8.1f} us  {r['name']:<28} {r['kernel']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -61,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(batch, 3, size, size, device=device)
 
     t0 = time.perf_counter()
-    compiled = gie_compile(model, x, precision=precision, backend=args.backend)
+    compiled = gie_compile(model, x, precision=precision, backend=args.backend, tune=_TUNE[args.tune])
     build_s = time.perf_counter() - t0
     with torch.no_grad():
         ref = model.float()(x)
@@ -81,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  latency (median)      : torch_gie {gie_ms:.3f} ms, eager fp16 channels_last {eager_ms:.3f} ms "
               f"({batch / gie_ms * 1e3:,.0f} vs {batch / eager_ms * 1e3:,.0f} images/s)")
         print("  full side-by-side benchmark (torch.compile too): python benchmarks/bench.py")
+    if args.layers:
+        _print_layers(compiled, cuda)
     if args.dot:
         from .compiler import explain
         print("  graph written to", explain(model.float(), x, precision=precision, dot=args.dot)["dot"])
