@@ -8,23 +8,29 @@ import torchvision
 
 from torch_gie.compiler import _lowering, _prepare
 from torch_gie.runtime.program import build_program
-from torch_gie.runtime.steps import KernelStep
+from torch_gie.runtime.steps import KernelStep, ViewStep
 from torch_gie.tune import SHIPPED_DB, signature
 
 H100 = "NVIDIA H100 80GB HBM3|triton 3.6.0|"
 
 
+@pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("name", ["resnet50", "googlenet"])
-def test_shipped_cache_covers_batch1_benchmark_layers(name, monkeypatch):
+def test_shipped_cache_covers_benchmark_layers(name, batch, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # builds the Triton kernel objects on CPU; nothing runs
     kwargs = {"init_weights": True} if name == "googlenet" else {}
     model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(batch, 3, 224, 224)
     _, _, device, gm, _, _, plan = _prepare(model, x, "fp16", "triton", {})
     lowering, fallback = _lowering("triton", plan, device, {})
     program = build_program(gm, plan, lowering, "triton", device, fallback)
-    steps = [s for s in program.steps if isinstance(s, KernelStep) and s.op == "conv2d"]
+    for step in program.steps:  # views (the classifier's flatten) fill env when they run; no kernels do
+        if isinstance(step, ViewStep):
+            step(program.env)
+    steps = [s for s in program.steps if isinstance(s, KernelStep) and s.op in ("conv2d", "linear")]
     with open(SHIPPED_DB) as f:
         cache = json.load(f)
     missing = [s.name for s in steps if H100 + signature(s, program.env) not in cache]
-    assert steps and not missing
+    assert {s.op for s in steps} == {"conv2d", "linear"} and not missing
+    for s in steps:  # every shipped config still validates for its layer (else the tuner drops it)
+        s.kernel.layer.config = cache[H100 + signature(s, program.env)]
