@@ -1,9 +1,14 @@
 """Per-channel elementwise ops the graph could not fuse into a conv or GEMM epilogue.
 
-``channel_affine``: ``out = act(x * scale[c] + shift[c])`` (an eval-mode BatchNorm left unfolded);
-``add``: ``out = act(a + b)`` (a residual join); ``Activation``: ``out = act(x)`` (one left
-alone). All are one kernel over (N, C, H, W) or (N, C) strided views, tiled (pixels x channels)
-with channels contiguous, computing in fp32.
+``ChannelAffine``: ``out = act(x * scale[c] + shift[c])`` (an eval-mode BatchNorm left unfolded, a
+layer scale); ``Add``: ``out = act(a + b)`` (a residual join); ``Mul``: ``out = act(a * b)``;
+``ChannelScale``: ``out = x * gate[n, c]`` (the squeeze-and-excitation multiply when no conv can
+absorb it); ``Activation``: ``out = act(x)``. Add and Mul broadcast their operands (zero strides),
+so a per-channel constant or an (N, C, 1, 1) gate needs no copy.
+
+All are one kernel over strided views of rank 2 (N, C), 3 (N, L, D): tokens, channel = last dim,
+as ``ops.channel_dim`` says) or 4 (N, C, H, W), seen as (N, C, H, W) with the channel the tiled,
+usually contiguous, dim. Tiles are (pixels x channels), computing in fp32.
 """
 from __future__ import annotations
 
@@ -11,30 +16,33 @@ import torch
 import triton
 import triton.language as tl
 
-from torch_gie.activations import activation_code
-from torch_gie.kernels.epilogue import activate
+from torch_gie.activations import ActLike, act_constexprs, as_act
+from torch_gie.kernels.epilogue import activate_channels
 
 _DTYPES = (torch.float16, torch.float32)
+_NO_B, _ADD_B, _MUL_B = 0, 1, 2  # what the kernel does with its second operand
 
 
 def _tile(channels: int) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_C): up to 64 contiguous channels, 4096 elements per tile."""
-    block_c = min(64, triton.next_power_of_2(channels))
+    """(BLOCK_P, BLOCK_C): all channels of a pixel up to 128 (one contiguous run per row even for
+    C = 96), 4096 elements per tile: enough bytes in flight per program for a memory-bound op."""
+    block_c = min(128, triton.next_power_of_2(channels))
     return 4096 // block_c, block_c
 
 
 @triton.jit
 def _channel_pointwise_kernel(
-    # pointers (b_ptr / scale_ptr / shift_ptr are unused unless their flag is set)
-    a_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr,
+    # pointers (b, scale, shift, slope are unused unless their flag says otherwise)
+    a_ptr, b_ptr, scale_ptr, shift_ptr, slope_ptr, out_ptr,
     # sizes; P = N * H * W pixels
     P, C, H, W,
-    # strides of the logical NCHW views
+    # strides of the (N, C, H, W) views; broadcast operands have zero strides
     san, sac, sah, saw,
     sbn, sbc, sbh, sbw,
     son, soc, soh, sow,
-    # meta-parameters: y = act(a * scale[c] + shift[c] (HAS_AFFINE) + b (HAS_B))
-    HAS_AFFINE: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    # meta-parameters: y = act(a * scale[c] + shift[c] (AFFINE) +/* b (B_OP))
+    AFFINE: tl.constexpr, B_OP: tl.constexpr,
+    ACT: tl.constexpr, ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -48,57 +56,101 @@ def _channel_pointwise_kernel(
 
     a = tl.load(a_ptr + (n * san + h * sah + w * saw)[:, None] + c[None, :] * sac, mask=mask)
     y = a.to(tl.float32)
-    if HAS_AFFINE:
+    if AFFINE:
         scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
         shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
         y = y * scale[None, :] + shift[None, :]
-    if HAS_B:
+    if B_OP != 0:
         b = tl.load(b_ptr + (n * sbn + h * sbh + w * sbw)[:, None] + c[None, :] * sbc, mask=mask)
-        y += b.to(tl.float32)
-    y = activate(y, ACT)
+        if B_OP == 1:
+            y += b.to(tl.float32)
+        else:
+            y *= b.to(tl.float32)
+    # Masked columns read channel 0's slope: activate_channels needs in-range channels.
+    y = activate_channels(y, tl.where(c_ok, c, 0), slope_ptr, ACT, ACT_ALPHA, ACT_BETA)
     out_ptrs = out_ptr + (n * son + h * soh + w * sow)[:, None] + c[None, :] * soc
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _as_nchw(t: torch.Tensor) -> torch.Tensor:
-    # (N, C) becomes (N, C, 1, 1): a view, so one kernel serves both ranks.
-    return t[:, :, None, None] if t.dim() == 2 else t
+    """The kernel's (N, C, H, W) view: (N, C) -> (N, C, 1, 1); tokens (N, L, D) -> (N, D, L, 1)."""
+    if t.dim() == 2:
+        return t[:, :, None, None]
+    if t.dim() == 3:
+        return t.permute(0, 2, 1)[..., None]
+    return t
 
 
-def _check_same(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
-    if t.dim() not in (2, 4):
-        raise ValueError(f"{name} must be 4D (N, C, H, W) or 2D (N, C), got shape {tuple(t.shape)}")
-    if t.shape != ref.shape:
-        raise ValueError(f"{name} must have shape {tuple(ref.shape)}, got {tuple(t.shape)}")
-    if t.dtype not in _DTYPES or t.dtype != ref.dtype:
-        raise ValueError(f"{name} must be {ref.dtype} (one of {_DTYPES}), got {t.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{name} must be on {ref.device}, got {t.device}")
+def channels_of(t: torch.Tensor) -> int:
+    """The channel count of a rank-2/3/4 tensor: dim 1, or the last dim of (N, L, D) tokens."""
+    return t.shape[-1] if t.dim() == 3 else t.shape[1]
 
 
-def _launch(a: torch.Tensor, b: torch.Tensor | None, scale: torch.Tensor | None,
-            shift: torch.Tensor | None, out: torch.Tensor, act: int) -> None:
+def _check(name: str, t: torch.Tensor, shape: torch.Size, dtypes: tuple[torch.dtype, ...],
+           device: torch.device) -> None:
+    if t.dim() not in (2, 3, 4):
+        raise ValueError(f"{name} must be 2D (N, C), 3D (N, L, D) or 4D (N, C, H, W), "
+                         f"got shape {tuple(t.shape)}")
+    if t.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must be one of {dtypes}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+
+
+def _slope(act: ActLike, act_slope: torch.Tensor | None, channels: int | None) -> torch.Tensor | None:
+    """PReLU's slope as a contiguous fp32 [C] tensor (checked against ``channels`` when known);
+    None for every other activation."""
+    act = as_act(act)
+    if act is None or act.name != "prelu":
+        return None
+    if act_slope is None or act_slope.dim() != 1:
+        raise ValueError(f"prelu needs act_slope, a 1D per-channel tensor, got "
+                         f"{None if act_slope is None else tuple(act_slope.shape)}")
+    if channels is not None and act_slope.shape[0] != channels:
+        raise ValueError(f"act_slope must have {channels} entries (one per channel), "
+                         f"got {act_slope.shape[0]}")
+    return act_slope.detach().to(torch.float32).contiguous()
+
+
+def _check_slope_channels(slope: torch.Tensor | None, out: torch.Tensor) -> None:
+    if slope is None:
+        return
+    if slope.shape[0] != channels_of(out):
+        raise ValueError(f"prelu's act_slope has {slope.shape[0]} entries but the tensor has "
+                         f"{channels_of(out)} channels (shape {tuple(out.shape)})")
+    if slope.device != out.device:
+        raise ValueError(f"act_slope is on {slope.device}, the tensor on {out.device}")
+
+
+def _launch(a: torch.Tensor, b: torch.Tensor | None, b_op: int, out: torch.Tensor, act,
+            slope: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+            shift: torch.Tensor | None = None) -> None:
+    """One kernel over out's elements; a and b are already expanded to out's shape."""
     a4, o4 = _as_nchw(a), _as_nchw(out)
     b4 = a4 if b is None else _as_nchw(b)
-    n, c, h, w = a4.shape
+    n, c, h, w = o4.shape
     p = n * h * w
     if p == 0 or c == 0:
         return
     block_p, block_c = _tile(c)
     grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
     _channel_pointwise_kernel[grid](
-        a4, b4, a4 if scale is None else scale, a4 if shift is None else shift, o4,
+        a4, b4, a4 if scale is None else scale, a4 if shift is None else shift,
+        a4 if slope is None else slope, o4,
         p, c, h, w, *a4.stride(), *b4.stride(), *o4.stride(),
-        HAS_AFFINE=scale is not None, HAS_B=b is not None, ACT=act,
+        AFFINE=scale is not None, B_OP=b_op, **act_constexprs(act),
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4,
     )
 
 
 class ChannelAffine:
-    """``out = act(x * scale[c] + shift[c])`` bound at build time; scale, shift kept in fp32."""
+    """``out = act(x * scale[c] + shift[c])`` bound at build time; scale, shift (and a prelu slope)
+    kept in fp32. x and out: same shape, the layer's dtype, rank 2/3/4 (channel as ``channels_of``)."""
 
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, activation: str | None = None,
-                 dtype: torch.dtype = torch.float16) -> None:
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, activation: ActLike = None,
+                 dtype: torch.dtype = torch.float16, act_slope: torch.Tensor | None = None) -> None:
         if scale.dim() != 1 or scale.shape != shift.shape:
             raise ValueError(f"scale and shift must be 1D of one length (C,), got shapes "
                              f"{tuple(scale.shape)} and {tuple(shift.shape)}")
@@ -106,63 +158,121 @@ class ChannelAffine:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
         self.scale = scale.detach().to(torch.float32).contiguous()
         self.shift = shift.detach().to(device=scale.device, dtype=torch.float32).contiguous()
-        self.activation = activation
-        self._act = activation_code(activation)
+        self.activation = as_act(activation)
+        self.act_slope = _slope(activation, act_slope, scale.shape[0])
+        if self.act_slope is not None:
+            self.act_slope = self.act_slope.to(scale.device)
         self.dtype = dtype
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        _check_same("x", x, x)
-        _check_same("out", out, x)
-        if x.dtype != self.dtype:
-            raise ValueError(f"x must be {self.dtype} (the layer's dtype), got {x.dtype}")
-        if x.shape[1] != self.scale.shape[0]:
-            raise ValueError(f"x must have {self.scale.shape[0]} channels (dim 1), "
-                             f"got shape {tuple(x.shape)}")
-        if x.device != self.scale.device:
-            raise ValueError(f"x is on {x.device} but scale/shift are on {self.scale.device}")
-        _launch(x, None, self.scale, self.shift, out, self._act)
+        _check("x", x, x.shape, (self.dtype,), self.scale.device)
+        _check("out", out, x.shape, (self.dtype,), x.device)
+        if channels_of(x) != self.scale.shape[0]:
+            raise ValueError(f"x must have {self.scale.shape[0]} channels (dim 1; the last dim of "
+                             f"3D tokens), got shape {tuple(x.shape)}")
+        _launch(x, None, _NO_B, out, self.activation, self.act_slope, self.scale, self.shift)
 
 
-class Add:
-    """``out = act(a + b)`` for same-shape strided views, e.g. a residual join."""
+class _Binary:
+    """``out = act(a op b)``; a and b broadcast (PyTorch rules) to out's shape. a has out's dtype;
+    b has it too or is fp32 (a constant kept exact)."""
 
-    def __init__(self, activation: str | None = None) -> None:
-        self.activation = activation
-        self._act = activation_code(activation)
+    _OP = _NO_B
+
+    def __init__(self, activation: ActLike = None, act_slope: torch.Tensor | None = None) -> None:
+        self.activation = as_act(activation)
+        self.act_slope = _slope(activation, act_slope, None)
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-        _check_same("a", a, a)
-        _check_same("b", b, a)
-        _check_same("out", out, a)
-        _launch(a, b, None, None, out, self._act)
+        shape = broadcast_shape(a, b)
+        _check("out", out, shape, _DTYPES, a.device)
+        _check("a", a.expand(shape), shape, (out.dtype,), out.device)
+        _check("b", b.expand(shape), shape, (out.dtype, torch.float32), out.device)
+        _check_slope_channels(self.act_slope, out)
+        _launch(a.expand(shape), b.expand(shape), self._OP, out, self.activation, self.act_slope)
+
+
+class Add(_Binary):
+    """``out = act(a + b)`` for strided, possibly broadcast views, e.g. a residual join."""
+
+    _OP = _ADD_B
+
+
+class Mul(_Binary):
+    """``out = act(a * b)`` for strided, possibly broadcast views, e.g. a gate (N, C, 1, 1)."""
+
+    _OP = _MUL_B
+
+
+class ChannelScale:
+    """``out[n, c, ...] = x[n, c, ...] * gate[n, c]``: the squeeze-and-excitation multiply. x and
+    out share shape and dtype (rank 2/3/4, channel as ``channels_of``); gate is (N, C) or
+    (N, C, 1, 1) in x's dtype or fp32, any strides."""
+
+    def __call__(self, x: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> None:
+        _check("x", x, x.shape, _DTYPES, x.device)
+        _check("out", out, x.shape, (x.dtype,), x.device)
+        n, c = x.shape[0], channels_of(x)
+        if gate.shape not in ((n, c), (n, c, 1, 1)):
+            raise ValueError(f"gate must be (N, C) = {(n, c)} or (N, C, 1, 1), "
+                             f"got {tuple(gate.shape)}")
+        if gate.dtype not in (x.dtype, torch.float32) or gate.device != x.device:
+            raise ValueError(f"gate must be {x.dtype} or torch.float32 on {x.device}, "
+                             f"got {gate.dtype} on {gate.device}")
+        g = gate.reshape(n, c) if gate.dim() == 4 else gate  # a view: (N, C, 1, 1) has no copy
+        if x.dim() == 3:
+            g = g[:, None, :]
+        elif x.dim() == 4:
+            g = g[:, :, None, None]
+        _launch(x, g.expand(x.shape), _MUL_B, out, None)
 
 
 class Activation:
-    """``out = act(x)`` for an activation no producer could absorb."""
+    """``out = act(x)`` for an activation no producer could absorb (prelu: ``act_slope`` [C])."""
 
-    def __init__(self, activation: str) -> None:
-        self.activation = activation
-        self._act = activation_code(activation)
+    def __init__(self, activation: ActLike, act_slope: torch.Tensor | None = None) -> None:
+        self.activation = as_act(activation)
+        self.act_slope = _slope(activation, act_slope, None)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        _check_same("x", x, x)
-        _check_same("out", out, x)
-        _launch(x, None, None, None, out, self._act)
+        _check("x", x, x.shape, _DTYPES, x.device)
+        _check("out", out, x.shape, (x.dtype,), x.device)
+        _check_slope_channels(self.act_slope, out)
+        _launch(x, None, _NO_B, out, self.activation, self.act_slope)
 
 
 def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                   out: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, activation: ActLike = None,
+                   act_slope: torch.Tensor | None = None) -> torch.Tensor:
     """``act(x * scale[c] + shift[c])`` into ``out`` (allocated like x when not given)."""
     if out is None:
         out = torch.empty_like(x)
-    ChannelAffine(scale, shift, activation, x.dtype)(x, out)
+    ChannelAffine(scale, shift, activation, x.dtype, act_slope)(x, out)
+    return out
+
+
+def broadcast_shape(a: torch.Tensor, b: torch.Tensor) -> torch.Size:
+    """The shape a and b broadcast to (PyTorch rules); ValueError when they do not."""
+    try:
+        return torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} do not broadcast") from None
+
+
+def _binary(layer: _Binary, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        out = torch.empty(broadcast_shape(a, b), dtype=a.dtype, device=a.device)
+    layer(a, b, out)
     return out
 
 
 def add(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
-        activation: str | None = None) -> torch.Tensor:
-    """``act(a + b)`` into ``out`` (allocated like a when not given)."""
-    if out is None:
-        out = torch.empty_like(a)
-    Add(activation)(a, b, out)
-    return out
+        activation: ActLike = None, act_slope: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(a + b)`` into ``out`` (allocated, contiguous, when not given)."""
+    return _binary(Add(activation, act_slope), a, b, out)
+
+
+def mul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
+        activation: ActLike = None, act_slope: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(a * b)`` into ``out`` (allocated, contiguous, when not given)."""
+    return _binary(Mul(activation, act_slope), a, b, out)
