@@ -7,9 +7,10 @@ runs in the Triton interpreter.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import CONV_TOL, check_layer_fp16, check_written, conv_reference, poisoned, rel_err
 
-from torch_gie.activations import ACTIVATION_NAMES
+from torch_gie.activations import ACTIVATION_NAMES, Act, apply_activation
 from torch_gie.kernels.conv2d import Conv2d, conv2d
 from torch_gie.kernels.conv2d_configs import NUM_SMS, conv2d_configs, default_conv2d_config
 from torch_gie.kernels.depthwise_conv2d import DepthwiseConv2d, depthwise_conv2d_configs
@@ -22,8 +23,30 @@ SMALL_SPLIT = {**SMALL_FLAT, "SPLIT_K": 4}  # 4 partial sums, then the epilogue 
 TOL = CONV_TOL
 
 
-def reference(x, w, b, stride, padding, dilation, groups, act=None, res=None, post=None):
-    return conv_reference(x, w, b, stride, padding, dilation, groups, act, res, post)
+# Every activation code, the parametrized ones with non-default parameters.
+_PARAMS = {"leaky_relu": Act("leaky_relu", 0.2), "elu": Act("elu", 0.7), "clamp": Act("clamp", -1, 2)}
+ACT_CASES = [_PARAMS.get(name, name) for name in ACTIVATION_NAMES]
+assert len(ACT_CASES) == len(ACTIVATION_NAMES)
+
+
+def act_id(act) -> str:
+    return str(act)
+
+
+def slope_for(c_out, device, *acts):
+    """PReLU's per-channel slope (both signs, never trivial) when one of ``acts`` is prelu."""
+    names = [a.name if isinstance(a, Act) else a for a in acts]
+    if "prelu" not in names:
+        return None
+    return torch.linspace(-0.5, 1.5, c_out, device=device) + 0.1 * torch.rand(c_out, device=device)
+
+
+def reference(x, w, b, stride, padding, dilation, groups, act=None, res=None, post=None, slope=None):
+    if slope is None:
+        return conv_reference(x, w, b, stride, padding, dilation, groups, act, res, post)
+    y = F.conv2d(x.float(), w.float(), None if b is None else b.float(), stride, padding, dilation, groups)
+    y = apply_activation(y, act, slope)
+    return apply_activation(y if res is None else y + res.float(), post, slope)
 
 
 def check(out, ref, dtype):
@@ -103,26 +126,60 @@ def test_nchw_output(device):
     check(out, reference(x, wt, b, 1, 1, 1, 1), torch.float32)
 
 
-@pytest.mark.parametrize("act", ACTIVATION_NAMES)
-def test_activations(act, device):
-    run(1, 8, 16, 4, 4, 3, padding=1, act=act, device=device)
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("config", [SMALL, SMALL_SPLIT], ids=["direct", "split_k"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("act", ACT_CASES, ids=act_id)
+def test_activations(act, dtype, config, device):
+    """Every activation code with its parameters (PReLU with a per-channel slope) on a 20-channel
+    output: the tile's columns past C_out wrap, so the slope is read in range."""
+    n, c_in, c_out = 2, 8, 20
+    x = (2 * torch.randn(n, c_in, 5, 4, device=device)).to(dtype, memory_format=torch.channels_last)
+    wt = (torch.randn(c_out, c_in, 3, 3, device=device) / 4).to(dtype)
+    b = torch.randn(c_out, device=device)
+    slope = slope_for(c_out, device, act)
+    out = poisoned((n, c_out, 5, 4), dtype, device)
+    Conv2d(wt, b, padding=1, activation=act, act_slope=slope, dtype=dtype, config=config)(x, [out])
+    check(out, reference(x, wt, b, 1, 1, 1, 1, act, slope=slope), dtype)
 
 
 @pytest.mark.parametrize("config", [SMALL, SMALL_SPLIT], ids=["direct", "split_k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("act,post", [(None, "relu"), ("relu", None), ("silu", "hardswish")])
+@pytest.mark.parametrize("act,post", [
+    (None, "relu"), ("relu", None), ("silu", "hardswish"), ("prelu", Act("clamp", -0.5, 1.5)),
+    (Act("leaky_relu", 0.2), "prelu"), (Act("elu", 0.7), "mish"),
+], ids=str)
 def test_residual_post_activation(act, post, dtype, config, device):
     n, c_in, c_out = 2, 8, 12
     x = torch.randn(n, c_in, 6, 6, device=device).to(dtype, memory_format=torch.channels_last)
     wt = (torch.randn(c_out, c_in, 3, 3, device=device) / 8).to(dtype)
     b = torch.randn(c_out, device=device)
+    slope = slope_for(c_out, device, act, post)
     # The residual is itself a channel slice of a channels_last buffer.
     res = torch.randn(n, c_out + 4, 3, 3, device=device)
     res = res.to(dtype, memory_format=torch.channels_last)[:, 4:]
     out = poisoned((n, c_out, 3, 3), dtype, device)
-    Conv2d(wt, b, stride=2, padding=1, activation=act, post_activation=post, dtype=dtype,
-           config=config)(x, [out], residual=res)
-    check(out, reference(x, wt, b, 2, 1, 1, 1, act, res, post), dtype)
+    Conv2d(wt, b, stride=2, padding=1, activation=act, post_activation=post, act_slope=slope,
+           dtype=dtype, config=config)(x, [out], residual=res)
+    check(out, reference(x, wt, b, 2, 1, 1, 1, act, res, post, slope), dtype)
+
+
+def test_act_slope_checks():
+    wt = torch.randn(8, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"act_slope, a tensor of shape \(8,\)"):
+        Conv2d(wt, activation="prelu")
+    with pytest.raises(ValueError, match=r"shape \(8,\).*got \(4,\)"):
+        Conv2d(wt, post_activation="prelu", act_slope=torch.rand(4))
+    with pytest.raises(ValueError, match="both prelu"):
+        Conv2d(wt, activation="prelu", post_activation="prelu", act_slope=torch.rand(8))
+    with pytest.raises(ValueError, match="neither activation"):
+        Conv2d(wt, activation="relu", act_slope=torch.rand(8))
+    with pytest.raises(TypeError, match="an activation must be"):
+        Conv2d(wt, activation=3)
+    layer = Conv2d(wt, activation=Act("leaky_relu", 0.1), post_activation="prelu",
+                   act_slope=torch.rand(8, dtype=torch.float16))
+    assert layer.act_slope.dtype == torch.float32 and layer.activation == Act("leaky_relu", 0.1)
+    assert (layer.act, layer.post_act) == (ACTIVATION_NAMES.index("leaky_relu"), ACTIVATION_NAMES.index("prelu"))
 
 
 @pytest.mark.parametrize("config", [SMALL, SMALL_SPLIT], ids=["direct", "split_k"])

@@ -7,8 +7,9 @@ are tiny: on CPU every kernel runs in the Triton interpreter.
 import pytest
 import torch
 from helpers import CONV_TOL, check_layer_fp16, check_written, conv_reference, poisoned
+from test_conv2d import ACT_CASES, act_id, slope_for
 
-from torch_gie.activations import ACTIVATION_NAMES
+from torch_gie.activations import Act, apply_activation
 from torch_gie.kernels.depthwise_conv2d import (
     DepthwiseConv2d,
     default_depthwise_config,
@@ -92,9 +93,36 @@ def test_no_bias_nchw_output(device):
     check(out, reference(x, wt, None, 2, 1, 1), torch.float32)
 
 
-@pytest.mark.parametrize("act", ACTIVATION_NAMES)
-def test_activations(act, device):
-    run(1, 16, 4, 4, 3, padding=1, act=act, device=device)
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("act", ACT_CASES, ids=act_id)
+def test_activations(act, dtype, device):
+    """Every activation code with its parameters; PReLU's slope per channel of a 20-channel
+    output (two 16-channel tiles, the second one's overhang wrapping)."""
+    n, c = 2, 20
+    x = (2 * torch.randn(n, c, 5, 4, device=device)).to(dtype, memory_format=torch.channels_last)
+    wt = (torch.randn(c, 1, 3, 3, device=device) / 2).to(dtype)
+    b = torch.randn(c, device=device)
+    slope = slope_for(c, device, act)
+    out = poisoned((n, c, 5, 4), dtype, device)
+    DepthwiseConv2d(wt, b, padding=1, groups=c, activation=act, act_slope=slope, dtype=dtype,
+                    config=SMALL)(x, [out])
+    ref = apply_activation(conv_reference(x, wt, b, 1, 1, 1, c), act, slope)
+    check(out, ref, dtype)
+
+
+def test_prelu_post_activation_with_residual(device):
+    n, c = 1, 12
+    x = torch.randn(n, c, 5, 5, device=device).to(memory_format=torch.channels_last)
+    wt, b = torch.randn(c, 1, 3, 3, device=device) / 3, torch.randn(c, device=device)
+    res = torch.randn(n, c, 5, 5, device=device)
+    slope = slope_for(c, device, "prelu")
+    out = poisoned((n, c, 5, 5), torch.float32, device)
+    DepthwiseConv2d(wt, b, padding=1, groups=c, activation=Act("clamp", -1, 1),
+                    post_activation="prelu", act_slope=slope, dtype=torch.float32,
+                    config=SMALL)(x, [out], res)
+    y = conv_reference(x, wt, b, 1, 1, 1, c, Act("clamp", -1, 1), res)
+    check(out, apply_activation(y, "prelu", slope), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -2,8 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from test_conv2d import ACT_CASES, act_id, slope_for
 
-from torch_gie.activations import ACTIVATION_NAMES, apply_activation
+from torch_gie.activations import Act, apply_activation
 from torch_gie.kernels.gemm import (
     Linear,
     check_config,
@@ -19,10 +20,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-def reference(x, weight, bias, activation, dtype):
+def reference(x, weight, bias, activation, dtype, slope=None):
     """fp32 reference on the inputs as the kernel sees them (rounded to dtype)."""
     b = None if bias is None else bias.float()
-    return apply_activation(F.linear(x.float(), weight.to(dtype).float(), b), activation)
+    return apply_activation(F.linear(x.float(), weight.to(dtype).float(), b), activation, slope)
 
 
 def poisoned_slice(shape, dtype, device, pad=3):
@@ -56,13 +57,38 @@ def test_linear_shapes(device, dtype, m, k, n, has_bias):
 
 # exp overflows to inf for large |x| in the interpreter's numpy; the activations still saturate.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
-def test_linear_activations(device, activation):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation", ACT_CASES, ids=act_id)
+def test_linear_activations(device, activation, dtype):
+    """Every activation code with its parameters; PReLU's slope per output feature, N = 24
+    (the second 16-wide tile overhangs: its slope loads stay in range)."""
     torch.manual_seed(1)
-    x, weight = torch.randn(3, 20, device=device), torch.randn(24, 20, device=device)
+    x, weight = torch.randn(3, 20, device=device).to(dtype), torch.randn(24, 20, device=device) / 2
     bias = torch.randn(24, device=device)
-    out = linear(x, weight, bias, activation=activation)
-    assert rel_err(out, reference(x, weight, bias, activation, torch.float32)) < TOL[torch.float32]
+    slope = slope_for(24, device, activation)
+    buf, out = poisoned_slice((3, 24), dtype, device)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
+    Linear(weight, bias, activation=activation, act_slope=slope, dtype=dtype, config=cfg)(x, out)
+    assert rel_err(out, reference(x, weight, bias, activation, dtype, slope)) < TOL[dtype]
+    assert_rest_poisoned(buf, out)
+
+
+@pytest.mark.parametrize("act,post", [("prelu", Act("clamp", -1, 1)), (Act("elu", 0.7), "prelu")], ids=str)
+def test_linear_prelu_with_residual(device, act, post):
+    torch.manual_seed(8)
+    x, weight = torch.randn(5, 33, device=device), torch.randn(19, 33, device=device) / 4
+    bias, residual = torch.randn(19, device=device), torch.randn(5, 19, device=device)
+    slope = slope_for(19, device, "prelu")
+    buf, out = poisoned_slice((5, 19), torch.float32, device)
+    Linear(weight, bias, activation=act, post_activation=post, act_slope=slope,
+           dtype=torch.float32)(x, out, residual)
+    ref = apply_activation(reference(x, weight, bias, act, torch.float32, slope) + residual, post, slope)
+    assert rel_err(out, ref) < 1e-5
+    assert_rest_poisoned(buf, out)
+    with pytest.raises(ValueError, match="act_slope"):
+        Linear(weight, activation="prelu")
+    with pytest.raises(ValueError, match=r"shape \(19,\)"):
+        Linear(weight, activation="prelu", act_slope=torch.rand(33))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -153,7 +179,7 @@ def test_errors(device):
     with pytest.raises(ValueError, match="dtype"):
         Linear(weight, dtype=torch.float64)
     with pytest.raises(ValueError, match="unknown activation"):
-        Linear(weight, activation="tanh")
+        Linear(weight, activation="swish")
     with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 8\)"):
         layer(torch.randn(4, 9, device=device), torch.empty(4, 10, device=device))
     with pytest.raises(ValueError, match="out must have shape"):

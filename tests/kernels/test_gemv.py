@@ -2,6 +2,7 @@
 references, outputs poisoned first."""
 import pytest
 import torch
+from test_conv2d import ACT_CASES, act_id, slope_for
 from test_gemm import TOL, assert_rest_poisoned, poisoned_slice, reference, rel_err
 
 from torch_gie.kernels.gemm import Linear
@@ -22,6 +23,24 @@ def test_gemv_shapes(device, dtype, m, k, n, has_bias):
     buf, out = poisoned_slice((m, n), dtype, device)
     layer(x, out)
     assert rel_err(out, reference(x, weight, bias, "relu", dtype)) < TOL[dtype]
+    assert_rest_poisoned(buf, out)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation", ACT_CASES, ids=act_id)
+def test_gemv_activations(device, activation, dtype):
+    """Every activation code through the GEMV path; N = 37 leaves a ragged last block of rows
+    (BLOCK_N 8), whose PReLU slope loads must stay in range."""
+    torch.manual_seed(2)
+    x, weight = torch.randn(2, 40, device=device).to(dtype), torch.randn(37, 40, device=device) / 3
+    bias = torch.randn(37, device=device)
+    slope = slope_for(37, device, activation)
+    layer = Linear(weight, bias, activation=activation, act_slope=slope, dtype=dtype, rows=2)
+    assert layer.gemv
+    buf, out = poisoned_slice((2, 37), dtype, device)
+    layer(x, out)
+    assert rel_err(out, reference(x, weight, bias, activation, dtype, slope)) < TOL[dtype]
     assert_rest_poisoned(buf, out)
 
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torch_gie.activations import activation_code
+from torch_gie.activations import ActLike, act_constexprs
 from torch_gie.kernels.conv2d_configs import (
     CONFIG_KEYS,
     check_config,
@@ -35,8 +35,8 @@ from torch_gie.kernels.conv_epilogue import (
     segment_args,
     store_segments,
 )
+from torch_gie.kernels.layer_args import IntPair, as_pair, bind_activations
 
-IntPair = int | Sequence[int]
 # Names tl.dot accepts for fp32 operands on NVIDIA in Triton 3.x (keyword ``input_precision``).
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
@@ -49,13 +49,6 @@ def pack_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def conv_output_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-
-
-def _pair(v: IntPair, name: str) -> tuple[int, int]:
-    pair = (v, v) if isinstance(v, int) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(i, int) for i in pair):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return pair
 
 
 @triton.jit
@@ -104,8 +97,8 @@ def _accumulate(acc, a_rows, inside, b_cols, c, C_in_g, s_xc, EVEN_K: tl.constex
 @triton.jit
 def _conv2d_kernel(
     # pointers: input, packed weight [C_out, KH, KW, C_in_g], fp32 bias, residual, outs[0],
-    # fp32 split-K workspace [SPLIT_K, M, C_out] (SPLIT_K > 1 only)
-    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, ws_ptr,
+    # fp32 split-K workspace [SPLIT_K, M, C_out] (SPLIT_K > 1 only), fp32 PReLU slope [C_out]
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, ws_ptr, slope_ptr,
     # sizes; channel counts are per group
     H, W, C_in_g, OH, OW, C_out_g, M,
     # strides in logical NCHW order: input, residual
@@ -116,9 +109,10 @@ def _conv2d_kernel(
     # geometry: specializing on it fixes the tap loop bounds and drops needless border checks
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    # epilogue
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, POST_ACT: tl.constexpr,
-    NUM_SEG: tl.constexpr,
+    # epilogue; activations as (code, alpha, beta), see act_constexprs
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr,
+    HAS_RES: tl.constexpr, POST_ACT: tl.constexpr, POST_ACT_ALPHA: tl.constexpr,
+    POST_ACT_BETA: tl.constexpr, NUM_SEG: tl.constexpr,
     # tiling
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, FLAT_K: tl.constexpr, GATHER_K: tl.constexpr, FOLD_KW: tl.constexpr,
@@ -225,8 +219,9 @@ def _conv2d_kernel(
         rows = (tl.program_id(2) * M + offs_m).to(tl.int64) * C_out
         tl.store(ws_ptr + rows[:, None] + co[None, :], acc, mask=mask)
     else:
-        acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, s_rn, s_rc, s_rh, s_rw,
-                            HAS_BIAS, ACT, HAS_RES, POST_ACT)
+        acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, s_rn, s_rc, s_rh,
+                            s_rw, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES, POST_ACT,
+                            POST_ACT_ALPHA, POST_ACT_BETA)
         store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o1,
                        seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h,
                        s2w, s3n, s3c, s3h, s3w, NUM_SEG)
@@ -236,7 +231,9 @@ class Conv2d:
     """A convolution bound at build time to its packed weights, geometry and fused epilogue.
 
     Calling it writes ``epilogue(conv(x))`` into ``outs``, a list of 1..4 views of one buffer
-    splitting C_out in order. ``configs`` lists candidate tilings for the tuner, built for the
+    splitting C_out in order. ``activation`` and ``post_activation`` are an ``Act``, a name or
+    None; ``act_slope`` (fp32 [C_out]) is PReLU's per-channel slope, for whichever of the two is
+    prelu (at most one). ``configs`` lists candidate tilings for the tuner, built for the
     real problem size when ``input_hw`` and ``batch`` are given (split-K ones for long-K convs
     with few output tiles); ``config`` is the one used (settable).
 
@@ -250,8 +247,8 @@ class Conv2d:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
-                 groups: int = 1, activation: str | None = None,
-                 post_activation: str | None = None, dtype: torch.dtype = torch.float16,
+                 groups: int = 1, activation: ActLike = None, post_activation: ActLike = None,
+                 act_slope: torch.Tensor | None = None, dtype: torch.dtype = torch.float16,
                  config: dict | None = None, fp32_precision: str = "ieee",
                  input_hw: tuple[int, int] | None = None, batch: int | None = None) -> None:
         if weight.dim() != 4:
@@ -265,8 +262,8 @@ class Conv2d:
         c_out, c_in_g, kh, kw = weight.shape
         if groups < 1 or c_out % groups:
             raise ValueError(f"groups={groups} must be >= 1 and divide C_out={c_out}")
-        self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding")
-        self.dilation = _pair(dilation, "dilation")
+        self.stride, self.padding = as_pair(stride, "stride"), as_pair(padding, "padding")
+        self.dilation = as_pair(dilation, "dilation")
         if min(self.stride + self.dilation) < 1 or min(self.padding) < 0:
             raise ValueError(f"need stride, dilation >= 1 and padding >= 0, got stride="
                              f"{self.stride}, padding={self.padding}, dilation={self.dilation}")
@@ -278,7 +275,10 @@ class Conv2d:
         # as they were.
         self._config_m = self._problem_pixels(input_hw, batch)
         self._workspace: torch.Tensor | None = None
-        self.act, self.post_act = activation_code(activation), activation_code(post_activation)
+        self.activation, self.post_activation, self.act_slope, self._act_constexprs = \
+            bind_activations(activation, post_activation, act_slope, c_out, weight.device)
+        # The integer codes are part of the tuner's layer signature (timing-cache keys).
+        self.act, self.post_act = self._act_constexprs["ACT"], self._act_constexprs["POST_ACT"]
         self._check_groups()
         if bias is not None and tuple(bias.shape) != (c_out,):
             raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
@@ -323,7 +323,7 @@ class Conv2d:
         if input_hw is None or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"input_hw and batch >= 1 go together, got input_hw={input_hw!r}, "
                              f"batch={batch!r}")
-        oh, ow = self.output_hw(*_pair(input_hw, "input_hw"))
+        oh, ow = self.output_hw(*as_pair(input_hw, "input_hw"))
         if min(oh, ow) < 1:
             raise ValueError(f"input_hw={input_hw!r} is too small for this convolution")
         return batch * oh * ow
@@ -384,16 +384,17 @@ class Conv2d:
         fold = cfg.get("FOLD_KW", False) and self.groups == 1 and self.dilation[1] == 1 \
             and x.stride(1) == 1 and self.in_channels <= pix <= max(8, self.in_channels)
         gather = cfg.get("GATHER_K", False) or cfg.get("FOLD_KW", False)
-        epilogue = {"HAS_BIAS": self.bias is not None, "ACT": self.act,
-                    "HAS_RES": residual is not None, "POST_ACT": self.post_act, "NUM_SEG": num_seg}
+        epilogue = {"HAS_BIAS": self.bias is not None, "HAS_RES": residual is not None,
+                    **self._act_constexprs, "NUM_SEG": num_seg}
         bias, res, ws = self.bias, residual, None
         if split > 1:
             # The epilogue moves to the reduction: one partial kernel serves every epilogue.
             ws = self._split_k_workspace(split * m * self.out_channels, x.device)
             bias, res = None, None
-            epilogue = {"HAS_BIAS": False, "ACT": 0, "HAS_RES": False, "POST_ACT": 0, "NUM_SEG": 1}
+            epilogue = {"HAS_BIAS": False, "HAS_RES": False, **act_constexprs(None, "ACT"),
+                        **act_constexprs(None, "POST_ACT"), "NUM_SEG": 1}
         _conv2d_kernel[grid](
-            x, self._fold_weight(pix) if fold else self.weight, bias, res, out, ws,
+            x, self._fold_weight(pix) if fold else self.weight, bias, res, out, ws, self.act_slope,
             h, w, c_in_g, oh, ow, c_out_g, m,
             *x.stride(), *res_strides, *seg,
             KH=self.kernel_size[0], KW=self.kernel_size[1],
@@ -425,8 +426,8 @@ class Conv2d:
     def _reduce_split_k(self, ws, residual, out, res_strides, seg, m, oh, ow, split,
                         num_seg) -> None:
         c_out = self.out_channels
-        reduce_split_k(ws, self.bias, residual, out, oh, ow, c_out, m, res_strides, seg, split, num_seg,
-                       self.act, self.post_act)
+        reduce_split_k(ws, self.bias, residual, out, self.act_slope, oh, ow, c_out, m, res_strides,
+                       seg, split, num_seg, self._act_constexprs)
 
     def _split_k_workspace(self, numel: int, device: torch.device) -> torch.Tensor:
         """The layer's fp32 split-K workspace, replaced only when too small (see the class
@@ -446,14 +447,14 @@ def allocate_output(x: torch.Tensor, layer: Conv2d) -> torch.Tensor:
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
-           activation: str | None = None, residual: torch.Tensor | None = None,
-           post_activation: str | None = None, out: torch.Tensor | None = None,
-           config: dict | None = None) -> torch.Tensor:
+           activation: ActLike = None, residual: torch.Tensor | None = None,
+           post_activation: ActLike = None, out: torch.Tensor | None = None,
+           config: dict | None = None, act_slope: torch.Tensor | None = None) -> torch.Tensor:
     """One-shot ``post_act(act(conv2d(x, weight) + bias) + residual)``; packs weights per call,
     so compiled models use :class:`Conv2d` instead."""
     layer = Conv2d(weight, bias, stride=stride, padding=padding, dilation=dilation,
                    groups=groups, activation=activation, post_activation=post_activation,
-                   dtype=x.dtype, config=config)
+                   act_slope=act_slope, dtype=x.dtype, config=config)
     out = allocate_output(x, layer) if out is None else out
     layer(x, [out], residual)
     return out

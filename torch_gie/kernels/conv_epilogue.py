@@ -2,6 +2,10 @@
 ``depthwise_conv2d.py``: the fused epilogue on the fp32 accumulator (bias, activation, residual,
 post-activation), the store split over up to four destination views of one buffer (how a
 removed concat lands on the GPU), and the split-K reduction that applies both to summed shares.
+
+Activations come as three constexprs each (code, alpha, beta: ``act_constexprs``), and PReLU's
+per-channel slope as ``slope_ptr`` (fp32 [C_out]), shared by the activation and the
+post-activation (at most one of them is prelu).
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torch_gie.kernels.epilogue import activate
+from torch_gie.kernels.epilogue import activate_channels
 
 MAX_SEGMENTS = 4
 
@@ -58,20 +62,21 @@ def output_pixels(offs_m, M, OH, OW):
 
 
 @triton.jit
-def conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, s_rn, s_rc, s_rh, s_rw,
-                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                  POST_ACT: tl.constexpr):
+def conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, s_rn, s_rc, s_rh, s_rw,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr,
+                  ACT_BETA: tl.constexpr, HAS_RES: tl.constexpr, POST_ACT: tl.constexpr,
+                  POST_ACT_ALPHA: tl.constexpr, POST_ACT_BETA: tl.constexpr):
     """(acc + bias[co]) -> act -> + residual[nb, co, oh, ow] -> post_act, all in fp32.
     co: [BLOCK_N] global output channels; nb (int64), oh, ow: [BLOCK_M] pixel coordinates,
     all in range (the caller wraps the tile's overhang), so nothing here needs a mask."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co).to(tl.float32)[None, :]
-    acc = activate(acc, ACT)
+    acc = activate_channels(acc, co, slope_ptr, ACT, ACT_ALPHA, ACT_BETA)
     if HAS_RES:
         # Unmasked: the caller wraps out-of-range rows and columns onto valid ones.
         r_off = (nb * s_rn + oh * s_rh + ow * s_rw)[:, None] + (co * s_rc)[None, :]
         acc += tl.load(res_ptr + r_off).to(tl.float32)
-    return activate(acc, POST_ACT)
+    return activate_channels(acc, co, slope_ptr, POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA)
 
 
 @triton.jit
@@ -95,16 +100,17 @@ def store_segments(out_ptr, val, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3,
 
 @triton.jit
 def _split_k_reduce_kernel(
-    # pointers: fp32 partial sums [SPLIT_K, M, C_out], fp32 bias, residual, outs[0]
-    ws_ptr, bias_ptr, res_ptr, out_ptr,
+    # pointers: fp32 partial sums [SPLIT_K, M, C_out], fp32 bias, residual, outs[0], fp32 slope
+    ws_ptr, bias_ptr, res_ptr, out_ptr, slope_ptr,
     # sizes; C_out over all groups, s_ws = M·C_out elements from one split's partials to the next
     OH, OW, C_out, M, s_ws,
     # residual strides, output segments: as in _conv2d_kernel
     s_rn, s_rc, s_rh, s_rw, seg_c1, seg_c2, seg_c3, seg_o1, seg_o2, seg_o3,
     s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
     # epilogue
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, POST_ACT: tl.constexpr,
-    NUM_SEG: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr,
+    HAS_RES: tl.constexpr, POST_ACT: tl.constexpr, POST_ACT_ALPHA: tl.constexpr,
+    POST_ACT_BETA: tl.constexpr, NUM_SEG: tl.constexpr,
     # tiling
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -120,22 +126,24 @@ def _split_k_reduce_kernel(
     for _ in tl.static_range(1, SPLIT_K):
         ptrs += s_ws
         acc += tl.load(ptrs)
-    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, s_rn, s_rc, s_rh, s_rw,
-                        HAS_BIAS, ACT, HAS_RES, POST_ACT)
+    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, s_rn, s_rc, s_rh, s_rw,
+                        HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES, POST_ACT, POST_ACT_ALPHA,
+                        POST_ACT_BETA)
     store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o1, seg_o2,
                    seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
                    s3n, s3c, s3h, s3w, NUM_SEG)
 
 
-def reduce_split_k(ws, bias, residual, out, oh, ow, c_out, m, res_strides, seg, split, num_seg, act,
-                   post_act) -> None:
-    """Launch the split-K reduction of ``split`` partial sums in ``ws`` into the output views."""
+def reduce_split_k(ws, bias, residual, out, slope, oh, ow, c_out, m, res_strides, seg, split,
+                   num_seg, activations: dict) -> None:
+    """Launch the split-K reduction of ``split`` partial sums in ``ws`` into the output views;
+    ``activations`` holds the ACT*/POST_ACT* constexprs (``act_constexprs``), ``slope`` PReLU's."""
     # Small tiles: split-K shapes have few outputs (49 x 512 for ResNet-50 layer4 at batch 1),
     # and a reduction of about a MB is quicker spread over many SMs (64 programs there).
     block_m, block_n = 16, min(32, max(16, triton.next_power_of_2(c_out)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
     _split_k_reduce_kernel[grid](
-        ws, bias, residual, out, oh, ow, c_out, m, m * c_out, *res_strides, *seg,
-        HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, POST_ACT=post_act,
-        NUM_SEG=num_seg, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        ws, bias, residual, out, slope, oh, ow, c_out, m, m * c_out, *res_strides, *seg,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, **activations, NUM_SEG=num_seg,
+        SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from torch_gie.activations import ActLike
 from torch_gie.kernels.conv2d import Conv2d, IntPair, allocate_output
 from torch_gie.kernels.conv_epilogue import conv_epilogue, output_pixels, store_segments
 
@@ -51,8 +52,8 @@ def pack_depthwise_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 @triton.jit
 def _depthwise_conv2d_kernel(
-    # pointers: input, packed weight [KH, KW, C_out], fp32 bias, residual, outs[0]
-    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    # pointers: input, packed weight [KH, KW, C_out], fp32 bias, residual, outs[0], fp32 slope
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, slope_ptr,
     # sizes
     H, W, OH, OW, C_out, M,
     # strides in logical NCHW order: input, residual
@@ -64,9 +65,10 @@ def _depthwise_conv2d_kernel(
     MULT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    # epilogue
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, POST_ACT: tl.constexpr,
-    NUM_SEG: tl.constexpr,
+    # epilogue; activations as (code, alpha, beta), see act_constexprs
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr,
+    HAS_RES: tl.constexpr, POST_ACT: tl.constexpr, POST_ACT_ALPHA: tl.constexpr,
+    POST_ACT_BETA: tl.constexpr, NUM_SEG: tl.constexpr,
     # tiling
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -97,8 +99,9 @@ def _depthwise_conv2d_kernel(
             wv = tl.load(w_ptr + (kh * KW + kw) * C_out + co)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
 
-    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, s_rn, s_rc, s_rh, s_rw,
-                        HAS_BIAS, ACT, HAS_RES, POST_ACT)
+    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, s_rn, s_rc, s_rh, s_rw,
+                        HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES, POST_ACT, POST_ACT_ALPHA,
+                        POST_ACT_BETA)
     store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o1, seg_o2,
                    seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
                    s3n, s3c, s3h, s3w, NUM_SEG)
@@ -127,7 +130,7 @@ class DepthwiseConv2d(Conv2d):
         cfg, m = self._config, n * oh * ow
         grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(self.out_channels, cfg["BLOCK_C"]))
         _depthwise_conv2d_kernel[grid](
-            x, self.weight, self.bias, residual, out,
+            x, self.weight, self.bias, residual, out, self.act_slope,
             h, w, oh, ow, self.out_channels, m,
             *x.stride(), *res_strides, *seg,
             MULT=self.out_channels // self.in_channels,
@@ -135,8 +138,8 @@ class DepthwiseConv2d(Conv2d):
             STRIDE_H=self.stride[0], STRIDE_W=self.stride[1],
             PAD_H=self.padding[0], PAD_W=self.padding[1],
             DIL_H=self.dilation[0], DIL_W=self.dilation[1],
-            HAS_BIAS=self.bias is not None, ACT=self.act, HAS_RES=residual is not None,
-            POST_ACT=self.post_act, NUM_SEG=num_seg,
+            HAS_BIAS=self.bias is not None, HAS_RES=residual is not None, **self._act_constexprs,
+            NUM_SEG=num_seg,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -144,16 +147,16 @@ class DepthwiseConv2d(Conv2d):
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                      stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
-                     groups: int | None = None, activation: str | None = None,
-                     residual: torch.Tensor | None = None,
-                     post_activation: str | None = None, out: torch.Tensor | None = None,
-                     config: dict | None = None) -> torch.Tensor:
+                     groups: int | None = None, activation: ActLike = None,
+                     residual: torch.Tensor | None = None, post_activation: ActLike = None,
+                     out: torch.Tensor | None = None, config: dict | None = None,
+                     act_slope: torch.Tensor | None = None) -> torch.Tensor:
     """One-shot depthwise ``post_act(act(conv2d(x, weight) + bias) + residual)``; groups
     defaults to C_in. Packs weights per call, so compiled models use :class:`DepthwiseConv2d`."""
     layer = DepthwiseConv2d(weight, bias, stride=stride, padding=padding, dilation=dilation,
                             groups=x.shape[1] if groups is None else groups,
                             activation=activation, post_activation=post_activation,
-                            dtype=x.dtype, config=config)
+                            act_slope=act_slope, dtype=x.dtype, config=config)
     out = allocate_output(x, layer) if out is None else out
     layer(x, [out], residual)
     return out

@@ -11,9 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from torch_gie.activations import activation_code
+from torch_gie.activations import ActLike
 from torch_gie.kernels.epilogue import linear_epilogue
 from torch_gie.kernels.gemv import GEMV_MAX_ROWS, check_gemv_config, gemv_configs, launch_gemv, pack_gemv_weight
+from torch_gie.kernels.layer_args import bind_activations
 
 _DTYPES = (torch.float16, torch.float32)
 _FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -81,8 +82,8 @@ def check_config(config: dict) -> dict:
 
 @triton.jit
 def _linear_kernel(
-    # pointers
-    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    # pointers; slope_ptr: PReLU's fp32 slope per output feature
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, slope_ptr,
     # sizes; row m of x/res/out lives at (m // ROWS_INNER, m % ROWS_INNER) of its 3D view
     M, N, K, ROWS_INNER,
     # strides (the packed weight has unit stride along N)
@@ -90,9 +91,10 @@ def _linear_kernel(
     stride_wk,
     stride_ro, stride_ri, stride_rn,
     stride_oo, stride_oi, stride_on,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, POST_ACT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    # meta-parameters; activations as (code, alpha, beta), see act_constexprs
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr,
+    HAS_RES: tl.constexpr, POST_ACT: tl.constexpr, POST_ACT_ALPHA: tl.constexpr,
+    POST_ACT_BETA: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # N varies fastest across programs so consecutive programs share the same x rows in L2.
@@ -119,9 +121,10 @@ def _linear_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    linear_epilogue(acc, rm, rn, M, N, ROWS_INNER, bias_ptr, res_ptr, out_ptr,
+    linear_epilogue(acc, rm, rn, M, N, ROWS_INNER, bias_ptr, res_ptr, out_ptr, slope_ptr,
                     stride_ro, stride_ri, stride_rn, stride_oo, stride_oi, stride_on,
-                    HAS_BIAS, ACT, HAS_RES, POST_ACT)
+                    HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES, POST_ACT, POST_ACT_ALPHA,
+                    POST_ACT_BETA)
 
 
 def _as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -146,15 +149,19 @@ class Linear:
     forward and allocates nothing. ``configs`` lists candidate tilings for the tuner; ``config``
     (settable) is the one used. Given ``rows`` <= GEMV_MAX_ROWS (the row count it will be
     called with, e.g. batch 1), it runs the matrix-vector kernel of ``gemv.py`` instead of the
-    GEMM; other row counts still work, at GEMV speed."""
+    GEMM; other row counts still work, at GEMV speed. ``activation`` and ``post_activation`` are
+    an ``Act``, a name or None; ``act_slope`` (fp32 [out_features]) is PReLU's slope per output
+    feature, for whichever of the two is prelu (it matches ``nn.PReLU`` on 2D (rows, features)
+    outputs, where dim 1 is the feature)."""
 
     def __init__(
         self,
         weight: torch.Tensor,
         bias: torch.Tensor | None = None,
         *,
-        activation: str | None = None,
-        post_activation: str | None = None,
+        activation: ActLike = None,
+        post_activation: ActLike = None,
+        act_slope: torch.Tensor | None = None,
         dtype: torch.dtype = torch.float16,
         config: dict | None = None,
         fp32_precision: str = "ieee",
@@ -173,9 +180,11 @@ class Linear:
             raise ValueError(f"bias must have shape ({n},) to match weight {tuple(weight.shape)}, "
                              f"got {tuple(bias.shape)}")
         self.out_features, self.in_features = n, k
-        self.activation, self.post_activation = activation, post_activation
         # post_activation follows the residual, so it applies only to calls given one.
-        self._act, self._post_act = activation_code(activation), activation_code(post_activation)
+        self.activation, self.post_activation, self.act_slope, self._act_constexprs = \
+            bind_activations(activation, post_activation, act_slope, n, weight.device)
+        # The integer codes are part of the tuner's layer signature (timing-cache keys).
+        self._act, self._post_act = self._act_constexprs["ACT"], self._act_constexprs["POST_ACT"]
         self.dtype = dtype
         self.fp32_precision = fp32_precision
         # Built for at most GEMV_MAX_ROWS rows (batch 1 classifiers): matrix-vector kernel on W
@@ -246,8 +255,8 @@ class Linear:
             return
         cfg = self.config_for(m)
         if self.gemv:
-            launch_gemv(x3, self.weight, self.bias, r3, o3, m, self._act, self._post_act,
-                        residual is not None, cfg)
+            launch_gemv(x3, self.weight, self.bias, r3, o3, self.act_slope, m,
+                        self._act_constexprs, residual is not None, cfg)
             return
         # The precision only matters for fp32 operands; "tf32" is Triton's own default, so fp16
         # compiles exactly as if none were given (as in conv2d).
@@ -255,13 +264,14 @@ class Linear:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]))
         _linear_kernel[grid](
             x3, self.weight_t, self.bias if self.bias is not None else self.weight_t, r3, o3,
+            self.act_slope,
             m, n, k, x3.shape[1],
             x3.stride(0), x3.stride(1), x3.stride(2),
             self.weight_t.stride(0),
             r3.stride(0), r3.stride(1), r3.stride(2),
             o3.stride(0), o3.stride(1), o3.stride(2),
-            HAS_BIAS=self.bias is not None, ACT=self._act,
-            HAS_RES=residual is not None, POST_ACT=self._post_act, PRECISION=precision,
+            HAS_BIAS=self.bias is not None, HAS_RES=residual is not None, **self._act_constexprs,
+            PRECISION=precision,
             **cfg,
         )
 
@@ -270,17 +280,18 @@ def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    activation: str | None = None,
+    activation: ActLike = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
     *,
     residual: torch.Tensor | None = None,
-    post_activation: str | None = None,
+    post_activation: ActLike = None,
+    act_slope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``post_act(act(x @ weight^T + bias) + residual)`` in x's dtype (no residual: just
     ``act(x @ weight^T + bias)``), allocating ``out`` when not given."""
     layer = Linear(weight, bias, activation=activation, post_activation=post_activation,
-                   dtype=x.dtype, config=config)
+                   act_slope=act_slope, dtype=x.dtype, config=config)
     if out is None:
         out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
     layer(x, out, residual)

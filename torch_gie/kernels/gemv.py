@@ -42,12 +42,13 @@ def check_gemv_config(config: dict) -> dict:
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, slope_ptr,
     M, N, K, ROWS_INNER,
     stride_xo, stride_xi, stride_xk, stride_wn,
     stride_ro, stride_ri, stride_rn, stride_oo, stride_oi, stride_on,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, POST_ACT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr,
+    HAS_RES: tl.constexpr, POST_ACT: tl.constexpr, POST_ACT_ALPHA: tl.constexpr,
+    POST_ACT_BETA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -65,8 +66,9 @@ def _gemv_kernel(
         acc += w * xk[None, :]
     y = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]: one output row
     linear_epilogue(y, m + tl.arange(0, 1), rn, M, N, ROWS_INNER, bias_ptr, res_ptr, out_ptr,
-                    stride_ro, stride_ri, stride_rn, stride_oo, stride_oi, stride_on,
-                    HAS_BIAS, ACT, HAS_RES, POST_ACT)
+                    slope_ptr, stride_ro, stride_ri, stride_rn, stride_oo, stride_oi, stride_on,
+                    HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES, POST_ACT, POST_ACT_ALPHA,
+                    POST_ACT_BETA)
 
 
 def pack_gemv_weight(weight: torch.Tensor, dtype: torch.dtype, align: int) -> torch.Tensor:
@@ -78,16 +80,18 @@ def pack_gemv_weight(weight: torch.Tensor, dtype: torch.dtype, align: int) -> to
     return packed
 
 
-def launch_gemv(x3, weight, bias, r3, o3, m: int, act: int, post_act: int, has_res: bool, cfg: dict) -> None:
-    """out rows (3D views, see gemm._as_rows) = epilogue(x rows @ weight[N, K]^T)."""
+def launch_gemv(x3, weight, bias, r3, o3, slope, m: int, activations: dict, has_res: bool,
+                cfg: dict) -> None:
+    """out rows (3D views, see gemm._as_rows) = epilogue(x rows @ weight[N, K]^T); activations
+    holds the ACT*/POST_ACT* constexprs (``act_constexprs``), slope PReLU's fp32 [N] (or None)."""
     n, k = o3.shape[2], x3.shape[2]
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), m)
     _gemv_kernel[grid](
-        x3, weight, bias if bias is not None else weight, r3, o3,
+        x3, weight, bias if bias is not None else weight, r3, o3, slope,
         m, n, k, x3.shape[1],
         x3.stride(0), x3.stride(1), x3.stride(2), weight.stride(0),
         r3.stride(0), r3.stride(1), r3.stride(2), o3.stride(0), o3.stride(1), o3.stride(2),
-        HAS_BIAS=bias is not None, ACT=act, HAS_RES=has_res, POST_ACT=post_act,
+        HAS_BIAS=bias is not None, HAS_RES=has_res, **activations,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
