@@ -42,6 +42,9 @@ def slope_for(c_out, device, *acts):
 
 
 def reference(x, w, b, stride, padding, dilation, groups, act=None, res=None, post=None, slope=None):
+    if not isinstance(padding, int) and len(padding) == 4:  # (top, bottom, left, right)
+        top, bottom, left, right = padding
+        x, padding = F.pad(x.float(), (left, right, top, bottom)), 0
     if slope is None:
         return conv_reference(x, w, b, stride, padding, dilation, groups, act, res, post)
     y = F.conv2d(x.float(), w.float(), None if b is None else b.float(), stride, padding, dilation, groups)
@@ -276,6 +279,47 @@ def test_configs():
 
 
 K_LOOPS = {"unrolled": SMALL, "flat": SMALL_FLAT, "gather": SMALL_GATHER, "fold": SMALL_FOLD}
+
+# Asymmetric (top, bottom, left, right) padding as TensorFlow "SAME" or a folded ZeroPad2d leave
+# it: name -> (n, c_in, c_out, h, w, k, stride, pads). Dense NHWC input with 8 channels, so the
+# fold mode really folds.
+ASYMMETRIC = {
+    "same_3x3_s2": (2, 8, 16, 8, 6, 3, 2, (0, 1, 0, 1)),
+    "same_5x5_s2": (1, 8, 16, 8, 7, 5, 2, (1, 2, 2, 2)),
+    "bottom_right_larger": (1, 8, 12, 7, 7, 3, 2, (1, 3, 0, 2)),
+    "top_and_left_zero": (1, 8, 16, 5, 6, 3, 1, (0, 2, 0, 1)),
+    "only_left_1x1": (1, 8, 16, 4, 5, 1, 1, (0, 0, 2, 0)),
+}
+SPLIT_MODES = {"flat_split": {**SMALL_FLAT, "SPLIT_K": 2}, "fold_split": {**SMALL_FOLD, "SPLIT_K": 2},
+               "unrolled_split": {**SMALL, "SPLIT_K": 2}}
+
+
+@pytest.mark.parametrize("mode", list(K_LOOPS) + list(SPLIT_MODES))
+@pytest.mark.parametrize("name", list(ASYMMETRIC))
+def test_asymmetric_padding(name, mode, device):
+    """Against F.conv2d(F.pad(x, (left, right, top, bottom))): every K-loop form and split-K."""
+    n, c_in, c_out, h, w, k, stride, pads = ASYMMETRIC[name]
+    run(n, c_in, c_out, h, w, k, stride, pads, device=device, act="relu",
+        config={**K_LOOPS, **SPLIT_MODES}[mode])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_asymmetric_padding_fp16_groups_and_slices(dtype, device):
+    run(2, 12, 20, 7, 6, 3, 2, (0, 1, 1, 0), dtype=dtype, device=device, config=SMALL_FLAT, x_slice=True)
+    run(1, 16, 16, 6, 7, 3, 1, (2, 0, 0, 2), groups=4, dtype=dtype, device=device, config=SMALL)
+
+
+def test_padding_forms():
+    wt = torch.randn(8, 4, 3, 3)
+    assert Conv2d(wt, padding=1).padding == (1, 1)
+    assert Conv2d(wt, padding=(1, 2, 3, 3)).padding == (1, 2, 3, 3)
+    layer = Conv2d(wt, padding=(2, 2, 0, 0))  # symmetric: kept as a pair (tuner keys unchanged)
+    assert layer.padding == (2, 0) and layer.pads == (2, 2, 0, 0)
+    layer = Conv2d(wt, stride=2, padding=(0, 1, 0, 1))
+    assert layer.output_hw(8, 7) == (4, 3) and layer.pads == (0, 1, 0, 1)  # TF SAME on 8 rows
+    for bad in ((1, 2, 3), (1, -1, 0, 0), (1.0, 1)):
+        with pytest.raises(ValueError, match="padding"):
+            Conv2d(wt, padding=bad)
 
 
 @pytest.mark.parametrize("mode", list(K_LOOPS))

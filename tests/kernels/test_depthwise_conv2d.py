@@ -6,6 +6,7 @@ are tiny: on CPU every kernel runs in the Triton interpreter.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import CONV_TOL, check_layer_fp16, check_written, conv_reference, poisoned
 from test_conv2d import ACT_CASES, act_id, slope_for
 
@@ -22,8 +23,12 @@ TOL = CONV_TOL
 
 
 def reference(x, w, b, stride, padding, dilation, act=None, res=None, post=None):
-    """groups = C_in: depthwise."""
-    return conv_reference(x, w, b, stride, padding, dilation, x.shape[1], act, res, post)
+    """groups = C_in: depthwise; a 4-tuple padding is (top, bottom, left, right)."""
+    groups = x.shape[1]
+    if not isinstance(padding, int) and len(padding) == 4:
+        top, bottom, left, right = padding
+        x, padding = F.pad(x.float(), (left, right, top, bottom)), 0
+    return conv_reference(x, w, b, stride, padding, dilation, groups, act, res, post)
 
 
 def check(out, ref, dtype):
@@ -70,6 +75,24 @@ GEOMETRIES = {
 @pytest.mark.parametrize("name", list(GEOMETRIES))
 def test_geometry_fp32(name, device):
     run(*GEOMETRIES[name], device=device)
+
+
+# TensorFlow "SAME" / folded ZeroPad2d padding (top, bottom, left, right):
+# name -> (n, c, h, w, k, stride, pads)
+ASYMMETRIC = {
+    "same_3x3_s2": (2, 16, 8, 6, 3, 2, (0, 1, 0, 1)),
+    "same_5x5_s2": (1, 12, 8, 7, 5, 2, (1, 2, 2, 2)),
+    "bottom_right_larger": (1, 8, 7, 7, 3, 2, (1, 3, 0, 2)),
+    "top_and_left_zero": (2, 8, 5, 6, 5, 1, (0, 4, 0, 3)),
+    "only_left": (1, 8, 4, 5, 3, 1, (0, 0, 2, 0)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", list(ASYMMETRIC))
+def test_asymmetric_padding(name, dtype, device):
+    n, c, h, w, k, stride, pads = ASYMMETRIC[name]
+    run(n, c, h, w, k, stride, pads, dtype=dtype, device=device, act="relu6")
 
 
 @pytest.mark.parametrize("name", ["3x3_s2", "5x5_s1", "7x7_convnext", "multiplier2"])

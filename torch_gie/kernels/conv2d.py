@@ -4,10 +4,12 @@ Per group g the convolution is one GEMM  out[m, n] = sum_k A[m, k] * B[k, n]  wi
     M = N·OH·OW   output pixels,     m = (n_img·OH + oh)·OW + ow
     N = C_out/groups                 output channels of the group
     K = KH·KW·C_in/groups            k = (kh·KW + kw)·C_in_g + c
-    A[m, k] = x[n_img, g·C_in_g + c, oh·s_h - p_h + kh·d_h, ow·s_w - p_w + kw·d_w]  (0 outside)
+    A[m, k] = x[n_img, g·C_in_g + c, oh·s_h - p_t + kh·d_h, ow·s_w - p_l + kw·d_w]  (0 outside)
     B[k, n] = weight[g·C_out_g + n, c, kh, kw]   (packed once as [C_out, KH, KW, C_in_g])
 A is never materialized: each (kh, kw) step gathers its rows straight from x, so a 1x1, stride 1,
-pad 0 conv on channels_last data is a plain GEMM over pixels. The epilogue runs on the fp32
+pad 0 conv on channels_last data is a plain GEMM over pixels. Padding may be asymmetric (top p_t,
+bottom, left p_l, right: TensorFlow "SAME", a folded ZeroPad2d); taps are offset by top/left and
+bounds-checked along an axis that pads on either side. The epilogue runs on the fp32
 accumulator: + bias, activation, + residual, post-activation, then one store, optionally split
 along channels into up to four destination views of one buffer (so a concat costs nothing).
 Split-K (for long-K layers whose few output tiles leave SMs idle, e.g. at batch 1): SPLIT_K
@@ -35,7 +37,7 @@ from torch_gie.kernels.conv_epilogue import (
     segment_args,
     store_segments,
 )
-from torch_gie.kernels.layer_args import IntPair, as_pair, bind_activations
+from torch_gie.kernels.layer_args import IntPair, Padding, as_padding, as_pair, bind_activations, four_sided
 
 # Names tl.dot accepts for fp32 operands on NVIDIA in Triton 3.x (keyword ``input_precision``).
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -47,18 +49,22 @@ def pack_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight.detach().permute(0, 2, 3, 1).to(dtype).contiguous()
 
 
-def conv_output_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+def conv_output_size(size: int, k: int, stride: int, pad_before: int, dil: int,
+                     pad_after: int | None = None) -> int:
+    """Output length along one axis; padding is symmetric unless ``pad_after`` is given."""
+    pad_after = pad_before if pad_after is None else pad_after
+    return (size + pad_before + pad_after - dil * (k - 1) - 1) // stride + 1
 
 
 @triton.jit
-def _inside(ih, iw, H, W, PAD_H: tl.constexpr, PAD_W: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Zero padding: which rows read inside the image. Without padding every tap is inside (OH,
-    OW were checked against the conv formula), so the check vanishes at compile time."""
+def _inside(ih, iw, H, W, BORDER_H: tl.constexpr, BORDER_W: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Zero padding: which rows read inside the image. Along an axis without padding every tap
+    is inside (OH, OW were checked against the conv formula), so its check vanishes at compile
+    time; BORDER_H/W say the axis pads on either side."""
     inside = tl.full((BLOCK_M,), 1, tl.int1)
-    if PAD_H > 0:
+    if BORDER_H:
         inside = inside & (ih >= 0) & (ih < H)
-    if PAD_W > 0:
+    if BORDER_W:
         inside = inside & (iw >= 0) & (iw < W)
     return inside
 
@@ -106,9 +112,11 @@ def _conv2d_kernel(
     # output segments 1..3: first channel, element offset from out_ptr; then strides of 0..3
     seg_c1, seg_c2, seg_c3, seg_o1, seg_o2, seg_o3,
     s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
-    # geometry: specializing on it fixes the tap loop bounds and drops needless border checks
+    # geometry: specializing on it fixes the tap loop bounds and drops needless border checks;
+    # PAD_H/PAD_W are the top/left padding, BORDER_H/W whether that axis pads at all
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-    PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    PAD_H: tl.constexpr, PAD_W: tl.constexpr, BORDER_H: tl.constexpr, BORDER_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     # epilogue; activations as (code, alpha, beta), see act_constexprs
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr,
     HAS_RES: tl.constexpr, POST_ACT: tl.constexpr, POST_ACT_ALPHA: tl.constexpr,
@@ -192,7 +200,7 @@ def _conv2d_kernel(
             kw = tap - kh * KW
             ih = oh * STRIDE_H - PAD_H + kh * DIL_H
             iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-            inside = _inside(ih, iw, H, W, PAD_H, PAD_W, BLOCK_M)
+            inside = _inside(ih, iw, H, W, BORDER_H, BORDER_W, BLOCK_M)
             acc = _accumulate(acc, x_rows + ih * s_xh + iw * s_xw, inside, w_cols + tap * C_in_g,
                               (t - tap * num_kc) * BLOCK_K + offs_k, C_in_g, s_xc, EVEN_K,
                               DOT_PRECISION)
@@ -205,7 +213,7 @@ def _conv2d_kernel(
             ih = oh * STRIDE_H - PAD_H + kh * DIL_H
             for kw in tl.static_range(KW):
                 iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-                inside = _inside(ih, iw, H, W, PAD_H, PAD_W, BLOCK_M)
+                inside = _inside(ih, iw, H, W, BORDER_H, BORDER_W, BLOCK_M)
                 a_rows = x_rows + ih * s_xh + iw * s_xw
                 b_cols = w_cols + (kh * KW + kw) * C_in_g
                 for c0 in range(c_lo, c_hi, BLOCK_K):
@@ -246,7 +254,7 @@ class Conv2d:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
+                 stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1,
                  groups: int = 1, activation: ActLike = None, post_activation: ActLike = None,
                  act_slope: torch.Tensor | None = None, dtype: torch.dtype = torch.float16,
                  config: dict | None = None, fp32_precision: str = "ieee",
@@ -262,11 +270,12 @@ class Conv2d:
         c_out, c_in_g, kh, kw = weight.shape
         if groups < 1 or c_out % groups:
             raise ValueError(f"groups={groups} must be >= 1 and divide C_out={c_out}")
-        self.stride, self.padding = as_pair(stride, "stride"), as_pair(padding, "padding")
+        # padding: (ph, pw) when symmetric, else (top, bottom, left, right); see ``pads``.
+        self.stride, self.padding = as_pair(stride, "stride"), as_padding(padding)
         self.dilation = as_pair(dilation, "dilation")
-        if min(self.stride + self.dilation) < 1 or min(self.padding) < 0:
-            raise ValueError(f"need stride, dilation >= 1 and padding >= 0, got stride="
-                             f"{self.stride}, padding={self.padding}, dilation={self.dilation}")
+        if min(self.stride + self.dilation) < 1:
+            raise ValueError(f"need stride, dilation >= 1, got stride={self.stride}, "
+                             f"dilation={self.dilation}")
         self.groups, self.kernel_size = groups, (kh, kw)
         self.out_channels, self.in_channels = c_out, c_in_g * groups
         self.dtype, self.fp32_precision = dtype, fp32_precision
@@ -328,10 +337,24 @@ class Conv2d:
             raise ValueError(f"input_hw={input_hw!r} is too small for this convolution")
         return batch * oh * ow
 
+    @property
+    def pads(self) -> tuple[int, int, int, int]:
+        """(top, bottom, left, right) zero padding."""
+        return four_sided(self.padding)
+
     def output_hw(self, h: int, w: int) -> tuple[int, int]:
         """(OH, OW) of this convolution for an (H, W) input."""
-        return tuple(conv_output_size(*a) for a in zip(
-            (h, w), self.kernel_size, self.stride, self.padding, self.dilation))
+        top, bottom, left, right = self.pads
+        return (conv_output_size(h, self.kernel_size[0], self.stride[0], top, self.dilation[0], bottom),
+                conv_output_size(w, self.kernel_size[1], self.stride[1], left, self.dilation[1], right))
+
+    def _geometry(self) -> dict:
+        """The kernels' geometry constexprs (pads as top/left offsets and per-axis border flags)."""
+        top, bottom, left, right = self.pads
+        return {"KH": self.kernel_size[0], "KW": self.kernel_size[1], "STRIDE_H": self.stride[0],
+                "STRIDE_W": self.stride[1], "PAD_H": top, "PAD_W": left,
+                "BORDER_H": top + bottom > 0, "BORDER_W": left + right > 0,
+                "DIL_H": self.dilation[0], "DIL_W": self.dilation[1]}
 
     def __call__(self, x: torch.Tensor, outs: torch.Tensor | Sequence[torch.Tensor],
                  residual: torch.Tensor | None = None) -> None:
@@ -397,10 +420,7 @@ class Conv2d:
             x, self._fold_weight(pix) if fold else self.weight, bias, res, out, ws, self.act_slope,
             h, w, c_in_g, oh, ow, c_out_g, m,
             *x.stride(), *res_strides, *seg,
-            KH=self.kernel_size[0], KW=self.kernel_size[1],
-            STRIDE_H=self.stride[0], STRIDE_W=self.stride[1],
-            PAD_H=self.padding[0], PAD_W=self.padding[1],
-            DIL_H=self.dilation[0], DIL_W=self.dilation[1], **epilogue,
+            **self._geometry(), **epilogue,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8,
             EVEN_K=c_in_g % cfg["BLOCK_K"] == 0, FLAT_K=cfg.get("FLAT_K", False),
             GATHER_K=gather and not fold, FOLD_KW=fold, PIX=pix if fold else 1,
@@ -446,7 +466,7 @@ def allocate_output(x: torch.Tensor, layer: Conv2d) -> torch.Tensor:
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
+           stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1, groups: int = 1,
            activation: ActLike = None, residual: torch.Tensor | None = None,
            post_activation: ActLike = None, out: torch.Tensor | None = None,
            config: dict | None = None, act_slope: torch.Tensor | None = None) -> torch.Tensor:

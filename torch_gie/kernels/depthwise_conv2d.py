@@ -2,10 +2,11 @@
 
 groups == C_in and C_out = C_in·mult, so each output sums only KH·KW products:
     out[n, co, oh, ow] = sum_{kh, kw} weight[co, 0, kh, kw]
-                         · x[n, co // mult, oh·s_h - p_h + kh·d_h, ow·s_w - p_w + kw·d_w]
+                         · x[n, co // mult, oh·s_h - p_t + kh·d_h, ow·s_w - p_l + kw·d_w]
 As a GEMM that is K = KH·KW with N = 1 per group, far below tensor-core tiles, so this kernel
 multiplies directly on [BLOCK_M pixels, BLOCK_C channels] tiles (channels contiguous), taps
-along kw unrolled. Epilogue, output segments and the bound-layer interface are conv2d's.
+along kw unrolled. Epilogue, output segments, (asymmetric) padding and the bound-layer interface
+are conv2d's.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 
 from torch_gie.activations import ActLike
-from torch_gie.kernels.conv2d import Conv2d, IntPair, allocate_output
+from torch_gie.kernels.conv2d import Conv2d, IntPair, Padding, allocate_output
 from torch_gie.kernels.conv_epilogue import conv_epilogue, output_pixels, store_segments
 
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_C", "num_warps", "num_stages")
@@ -61,10 +62,11 @@ def _depthwise_conv2d_kernel(
     # output segments, as in conv2d
     seg_c1, seg_c2, seg_c3, seg_o1, seg_o2, seg_o3,
     s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
-    # geometry; MULT = C_out / C_in (output channels per input channel)
+    # geometry; MULT = C_out / C_in (output channels per input channel); PAD_H/PAD_W are the
+    # top/left padding, BORDER_H/W whether that axis pads at all (as in conv2d)
     MULT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    BORDER_H: tl.constexpr, BORDER_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     # epilogue; activations as (code, alpha, beta), see act_constexprs
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr,
     HAS_RES: tl.constexpr, POST_ACT: tl.constexpr, POST_ACT_ALPHA: tl.constexpr,
@@ -88,11 +90,11 @@ def _depthwise_conv2d_kernel(
         ih = oh * STRIDE_H - PAD_H + kh * DIL_H
         for kw in tl.static_range(KW):
             iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-            # Without padding every tap is inside the image (OH, OW match the conv formula).
+            # Along an unpadded axis every tap is inside (OH, OW match the conv formula).
             inside = tl.full((BLOCK_M,), 1, tl.int1)
-            if PAD_H > 0:
+            if BORDER_H:
                 inside = inside & (ih >= 0) & (ih < H)
-            if PAD_W > 0:
+            if BORDER_W:
                 inside = inside & (iw >= 0) & (iw < W)
             xv = tl.load((x_rows + ih * s_xh + iw * s_xw)[:, None] + x_cols[None, :],
                          mask=inside[:, None], other=0.0)
@@ -133,11 +135,7 @@ class DepthwiseConv2d(Conv2d):
             x, self.weight, self.bias, residual, out, self.act_slope,
             h, w, oh, ow, self.out_channels, m,
             *x.stride(), *res_strides, *seg,
-            MULT=self.out_channels // self.in_channels,
-            KH=self.kernel_size[0], KW=self.kernel_size[1],
-            STRIDE_H=self.stride[0], STRIDE_W=self.stride[1],
-            PAD_H=self.padding[0], PAD_W=self.padding[1],
-            DIL_H=self.dilation[0], DIL_W=self.dilation[1],
+            MULT=self.out_channels // self.in_channels, **self._geometry(),
             HAS_BIAS=self.bias is not None, HAS_RES=residual is not None, **self._act_constexprs,
             NUM_SEG=num_seg,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
@@ -146,7 +144,7 @@ class DepthwiseConv2d(Conv2d):
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
+                     stride: IntPair = 1, padding: Padding = 0, dilation: IntPair = 1,
                      groups: int | None = None, activation: ActLike = None,
                      residual: torch.Tensor | None = None, post_activation: ActLike = None,
                      out: torch.Tensor | None = None, config: dict | None = None,
