@@ -7,9 +7,15 @@ from helpers import assert_rest_poisoned, rel_err
 
 from torch_gie.kernels.pool2d import (
     AdaptiveAvgPool2d,
+    AdaptiveMaxPool2d,
+    AdaptivePool2d,
+    GlobalPool2d,
     Pool2d,
+    SpatialSplit,
     adaptive_avg_pool2d,
+    adaptive_pool2d,
     pool2d,
+    spatial_split,
 )
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
@@ -75,26 +81,160 @@ def test_pool2d_nchw_many_channels(device, kind):
     check(out, ref, kind, torch.float32)
 
 
+# (kind, kernel, stride, (top, bottom, left, right), dilation, ceil_mode, count_include_pad,
+#  divisor_override): padding folded from an explicit zero pad (pad_is_zeros).
+ZERO_PADDED = [
+    ("avg", 3, 2, (0, 1, 0, 1), 1, False, True, None),  # TensorFlow "SAME" (EfficientNet ports)
+    ("avg", 3, 2, (0, 1, 0, 1), 1, False, False, None),  # count_include_pad: the zeros are real
+    ("avg", 3, 1, (1, 1, 1, 1), 1, True, False, None),
+    ("avg", 3, 2, (2, 0, 1, 2), 1, True, True, None),  # ceil_mode windows overhang the padding
+    ("avg", 2, 2, (3, 0, 0, 3), 1, False, True, None),  # windows wholly inside the padding
+    ("avg", 3, 2, (1, 2, 0, 1), 1, True, False, 4),
+    ("max", 3, 2, (0, 1, 0, 1), 1, False, True, None),  # a max sees the zeros
+    ("max", 2, 2, (1, 0, 0, 1), 1, True, True, None),
+    ("max", 3, 2, (3, 1, 0, 2), 1, True, True, None),
+    ("max", 3, 1, (0, 2, 1, 0), 2, False, True, None),
+]
+
+
+def padded(x, pads, value=0.0):
+    t, b, left, r = pads
+    return F.pad(x.float(), (left, r, t, b), value=value)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("in_hw,out_hw,c", [
-    ((13, 11), (1, 1), 70),  # global path, two channel blocks, several pixel chunks
+@pytest.mark.parametrize("hw", [(9, 11), (8, 10)])
+@pytest.mark.parametrize("params", ZERO_PADDED, ids=lambda p: "-".join(map(str, p)))
+def test_pool2d_zero_padded(device, dtype, hw, params):
+    # Exactly pool(F.pad(x, pads), padding=0), whatever count_include_pad says.
+    kind, k, s, pads, d, ceil_mode, cip, div = params
+    torch.manual_seed(5)
+    _, x = channel_slice(2, 5, *hw, dtype, device)
+    layer = Pool2d(kind, k, s, pads, d, ceil_mode, cip, div, pad_is_zeros=True)
+    oh, ow = layer.output_size(*hw)
+    buf, out = channel_slice(2, 5, oh, ow, dtype, device, fill=float("nan"))
+    layer(x, out)
+    if kind == "max":
+        ref = F.max_pool2d(padded(x, pads), k, s, 0, d, ceil_mode)
+    else:
+        ref = F.avg_pool2d(padded(x, pads), k, s, 0, ceil_mode, cip, div)
+    assert tuple(ref.shape[2:]) == (oh, ow)
+    check(out, ref, kind, dtype)
+    assert_rest_poisoned(buf, 5)
+
+
+@pytest.mark.parametrize("pads", [(0, 1, 1, 0), (1, 0, 0, 1), (1, 1, 0, 1)])
+@pytest.mark.parametrize("kind,cip", [("max", True), ("avg", True), ("avg", False)])
+def test_pool2d_asymmetric_implicit_padding(device, pads, kind, cip):
+    # Four-sided padding that is not data: a max ignores it (-inf), an average counts it only with
+    # count_include_pad, as PyTorch's symmetric padding does.
+    torch.manual_seed(6)
+    _, x = channel_slice(2, 5, 7, 8, torch.float32, device)
+    layer = Pool2d(kind, 3, 2, pads, 1, False, cip)
+    out = torch.full((2, 5, *layer.output_size(7, 8)), float("nan"), device=device)
+    layer(x, out)
+    if kind == "max":
+        ref = F.max_pool2d(padded(x, pads, float("-inf")), 3, 2)
+    elif cip:
+        ref = F.avg_pool2d(padded(x, pads), 3, 2)
+    else:  # window sums over the count of real input pixels under each window
+        ones = torch.ones_like(x)
+        ref = (F.avg_pool2d(padded(x, pads), 3, 2, divisor_override=1)
+               / F.avg_pool2d(padded(ones, pads), 3, 2, divisor_override=1))
+    check(out, ref, kind, torch.float32)
+
+
+def test_pool2d_padding_forms(device):
+    x = torch.randn(1, 3, 9, 8, device=device)
+    ref = F.max_pool2d(x, 3, 2, (1, 0))
+    for padding in [(1, 0), (1, 1, 0, 0)]:
+        assert torch.equal(pool2d(x, "max", 3, 2, padding), ref)
+    assert Pool2d("avg", 3, 2, (1, 1, 0, 0)).padding == (1, 1, 0, 0)
+    assert Pool2d("avg", 3, 2, 1).padding == (1, 1, 1, 1)
+
+
+ADAPTIVE = [
+    ((13, 11), (1, 1), 70),  # global: two channel blocks, one split
+    ((40, 41), (1, 1), 5),  # global split over programs (a partial last chunk)
     ((13, 11), (7, 7), 5),
     ((5, 7), (2, 3), 5),
     ((7, 7), (7, 7), 3),  # identity (torchvision VGG/AlexNet heads at 224)
     ((4, 6), (8, 9), 3),  # upsampling: windows of one pixel, repeated
-])
-def test_adaptive_avg_pool2d(device, dtype, in_hw, out_hw, c):
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["avg", "max"])
+@pytest.mark.parametrize("in_hw,out_hw,c", ADAPTIVE)
+def test_adaptive_pool2d(device, dtype, kind, in_hw, out_hw, c):
     torch.manual_seed(2)
     _, x = channel_slice(2, c, *in_hw, dtype, device)
     buf, out = channel_slice(2, c, *out_hw, dtype, device, fill=float("nan"))
-    AdaptiveAvgPool2d(out_hw)(x, out)
-    assert rel_err(out, F.adaptive_avg_pool2d(x.float(), out_hw)) < TOL[dtype]
+    layer = AdaptiveAvgPool2d(out_hw) if kind == "avg" else AdaptiveMaxPool2d(out_hw)
+    layer(x, out)
+    ref = (F.adaptive_avg_pool2d if kind == "avg" else F.adaptive_max_pool2d)(x.float(), out_hw)
+    check(out, ref, kind, dtype)
     assert_rest_poisoned(buf, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["avg", "max"])
+@pytest.mark.parametrize("n,c,hw", [(2, 5, (40, 41)), (3, 130, (9, 7)), (1, 3, (64, 64))])
+def test_global_pool_2d_out(device, dtype, kind, n, c, hw):
+    # x.mean((2, 3)) / x.amax((2, 3)): a (N, C) result, here a channel slice of a wider buffer.
+    torch.manual_seed(7)
+    _, x = channel_slice(n, c, *hw, dtype, device)
+    buf, out = helpers.channel_slice((n, c), dtype, device, fill=float("nan"))
+    GlobalPool2d(kind)(x, out)
+    ref = x.float().mean((2, 3)) if kind == "avg" else x.float().amax((2, 3))
+    check(out, ref, kind, dtype)
+    assert_rest_poisoned(buf, c)
+    out4 = torch.full((n, c, 1, 1), float("nan"), dtype=dtype, device=device)
+    AdaptivePool2d(kind, 1)(x, out4)
+    check(out4, ref[:, :, None, None], kind, dtype)
+
+
+@pytest.mark.parametrize("kind", ["avg", "max"])
+def test_global_pool_strided_pixels(device, kind):
+    # Plain NCHW input, and a spatial crop whose rows are not consecutive in memory.
+    torch.manual_seed(8)
+    x = torch.randn(2, 6, 30, 31, device=device)
+    for view in (x, x.contiguous(memory_format=torch.channels_last)[:, :, 1:, 2:]):
+        out = torch.full((2, 6), float("nan"), device=device)
+        GlobalPool2d(kind)(view, out)
+        ref = view.mean((2, 3)) if kind == "avg" else view.amax((2, 3))
+        check(out, ref, kind, torch.float32)
+
+
+def test_spatial_split_rule():
+    cpu = torch.device("cpu")  # the rule assumes an H100's 132 SMs without a GPU
+    sp = spatial_split(32, 96, 112 * 112, cpu)
+    assert sp.split > 1 and sp.chunk % sp.block_hw == 0 and sp.split * sp.chunk >= 112 * 112
+    assert 32 * sp.split >= 4 * 132  # enough programs for the SMs
+    assert spatial_split(32, 1280, 7 * 7, cpu).split == 1  # classifier head: one launch
+    sp = spatial_split(1, 1152, 7 * 7, cpu)
+    assert sp.split == 1  # too few pixels to be worth a second launch
+    assert spatial_split(1, 16, 512 * 512, cpu).split == SpatialSplit.MAX_SPLIT
+
+
+def test_global_pool_workspace_kept(device):
+    # Calls after the first must not allocate: they are captured into CUDA graphs.
+    layer = GlobalPool2d("avg")
+    x = torch.randn(1, 4, 48, 48, device=device)
+    out = torch.empty(1, 4, device=device)
+    layer(x, out)
+    ws = layer._partials
+    assert ws is not None
+    layer(x, out)
+    layer(x[:, :, :40], out)
+    assert layer._partials is ws
+    assert rel_err(out, x[:, :, :40].mean((2, 3))) < 1e-5
 
 
 def test_adaptive_convenience_and_none(device):
     x = torch.randn(1, 4, 6, 5, device=device)
     assert rel_err(adaptive_avg_pool2d(x, 1), F.adaptive_avg_pool2d(x, 1)) < 1e-5
+    assert torch.equal(adaptive_pool2d(x, "max", (2, 3)), F.adaptive_max_pool2d(x, (2, 3)))
     out = torch.empty(1, 4, 3, 5, device=device)
     AdaptiveAvgPool2d((3, None))(x, out)  # None keeps the input width, as in PyTorch
     assert rel_err(out, F.adaptive_avg_pool2d(x, (3, None))) < 1e-5
@@ -106,6 +246,13 @@ def test_pool2d_errors(device):
         Pool2d("min", 3)
     with pytest.raises(ValueError, match="at most half"):
         Pool2d("max", 3, 1, 2)
+    with pytest.raises(ValueError, match="at most half"):
+        Pool2d("avg", 3, 1, (0, 2, 0, 0))
+    Pool2d("avg", 3, 1, (0, 2, 0, 0), pad_is_zeros=True)  # real zeros: any amount
+    with pytest.raises(ValueError, match="padding must be"):
+        Pool2d("max", 3, 1, (1, 1, 1))
+    with pytest.raises(ValueError, match="padding must be"):
+        Pool2d("max", 3, 1, -1)
     with pytest.raises(ValueError, match="no dilation"):
         Pool2d("avg", 3, dilation=2)
     with pytest.raises(ValueError, match="divisor_override"):
@@ -125,6 +272,12 @@ def test_pool2d_errors(device):
         AdaptiveAvgPool2d(2)(x, torch.empty(1, 3, 3, 3, device=device))
     with pytest.raises(ValueError, match="4D"):
         adaptive_avg_pool2d(x[0], 1)
+    with pytest.raises(ValueError, match="kind"):
+        AdaptivePool2d("min", 1)
+    with pytest.raises(ValueError, match=r"\(N, C\) or \(N, C, 1, 1\)"):
+        GlobalPool2d("avg")(x, torch.empty(1, 3, 2, 2, device=device))
+    with pytest.raises(ValueError, match="keep x's"):
+        GlobalPool2d("max")(x, torch.empty(1, 4, device=device))
 
 
 def test_output_size_matches_pytorch():
@@ -156,3 +309,24 @@ def test_resnet_global_pool_gpu():
     out = torch.full((128, 2048, 1, 1), float("nan"), dtype=torch.float16, device="cuda")
     AdaptiveAvgPool2d(1)(x, out)
     assert rel_err(out, F.adaptive_avg_pool2d(x.float(), 1)) < 1e-2
+
+
+# Global pools at batch 32 (and 1): efficientnet_b0 / mobilenet_v3_large squeeze-and-excitation
+# inputs (large H*W: split over programs) and classifier heads.
+GLOBAL_SHAPES = [(32, 96, 112, 112), (32, 144, 56, 56), (32, 672, 14, 14), (32, 1280, 7, 7),
+                 (32, 960, 7, 7), (1, 96, 112, 112), (1, 1280, 7, 7)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["avg", "max"])
+@pytest.mark.parametrize("shape", GLOBAL_SHAPES)
+def test_global_pool_real_shapes_gpu(kind, shape):
+    torch.manual_seed(9)
+    x = torch.randn(shape, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    out = torch.full(shape[:2], float("nan"), dtype=torch.float16, device="cuda")
+    layer = GlobalPool2d(kind)
+    for _ in range(2):  # the second call reuses the workspace
+        layer(x, out)
+        ref = x.float().mean((2, 3)) if kind == "avg" else x.float().amax((2, 3))
+        check(out, ref, kind, torch.float16)
+        out.fill_(float("nan"))

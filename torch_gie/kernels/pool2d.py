@@ -1,12 +1,22 @@
-"""2D max / average / adaptive-average pooling on NCHW-shaped strided views (channels_last).
+"""2D max / average / adaptive pooling on NCHW-shaped strided views (channels_last).
 
-Output ``(n, c, oh, ow)`` reduces the taps ``ih = oh*SH - PH + kh*DH`` (kh < KH), likewise for w;
-max ignores taps in the padding (as -inf), average divides by PyTorch's count. Adaptive pooling
-reduces ``[floor(oh*H/OH), ceil((oh+1)*H/OH))``. Programs tile (output pixels x channels), with
+Windowed pooling: output ``(n, c, oh, ow)`` reduces the taps ``ih = oh*SH - PT + kh*DH``
+(kh < KH), likewise for w, with four-sided padding (top PT, bottom PB, left PL, right PR). Max
+ignores taps in the padding (as -inf), average divides by PyTorch's count; with ``pad_is_zeros``
+(a folded explicit zero pad) the padding is real zeros: max sees 0, average counts them. Adaptive
+pooling reduces ``[floor(oh*H/OH), ceil((oh+1)*H/OH))``. Programs tile (output pixels x channels),
 channels contiguous.
+
+Global pooling (1x1 output: classifier heads, squeeze-and-excitation) is a reduction over H*W,
+split over programs so that few images still fill the GPU: ``S`` programs per (image, channel
+block) write fp32 partial sums/maxima ``[N, S, C]`` to a workspace the layer keeps, and a tiny
+kernel reduces them (no atomics: results are reproducible). ``S`` comes from the problem size
+(``spatial_split``); with ``S == 1`` the first kernel writes the result directly.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -14,9 +24,10 @@ import triton
 import triton.language as tl
 
 IntPair = int | tuple[int, int]
+Padding = int | Sequence[int]  # int, (h, w), or (top, bottom, left, right)
 
 _DTYPES = (torch.float16, torch.float32)
-_MAX, _AVG, _ADAPTIVE_AVG = 0, 1, 2  # kernel modes
+_MAX, _AVG, _ADAPTIVE_AVG, _ADAPTIVE_MAX = 0, 1, 2, 3  # windowed kernel modes
 
 
 def _tile(channels: int) -> tuple[int, int]:
@@ -34,10 +45,14 @@ def _pool2d_kernel(
     # strides of the logical NCHW views
     sxn, sxc, sxh, sxw,
     son, soc, soh, sow,
-    # meta-parameters: window extent (adaptive: the largest window), stride, padding, dilation
+    # meta-parameters: window extent (adaptive: the largest window), stride, padding (top,
+    # bottom, left, right), dilation
     MODE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    PT: tl.constexpr, PB: tl.constexpr, PL: tl.constexpr, PR: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr,
     COUNT_INCLUDE_PAD: tl.constexpr, DIVISOR: tl.constexpr,  # DIVISOR 0: no divisor_override
+    PAD_IS_ZEROS: tl.constexpr,  # the padding holds real zeros (max reads 0 there)
+    IS_MAX: tl.constexpr,  # MODE is 0 or 3
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -47,20 +62,20 @@ def _pool2d_kernel(
     ow = p % OW
     oh = (p // OW) % OH
     n = p // (OW * OH)
-    if MODE == 2:  # adaptive: taps from h0 up to (not including) h_hi
+    if MODE >= 2:  # adaptive: taps from h0 up to (not including) h_hi
         h0 = (oh * H) // OH
         w0 = (ow * W) // OW
         h_hi = ((oh + 1) * H + OH - 1) // OH
         w_hi = ((ow + 1) * W + OW - 1) // OW
     else:
-        h0 = oh * SH - PH
-        w0 = ow * SW - PW
+        h0 = oh * SH - PT
+        w0 = ow * SW - PL
         h_hi = H
         w_hi = W
 
     x_pix = x_ptr + n.to(tl.int64) * sxn
     x_chan = c[None, :] * sxc
-    if MODE == 0:
+    if IS_MAX:
         acc = tl.full([BLOCK_P, BLOCK_C], float("-inf"), tl.float32)
     else:
         acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
@@ -72,9 +87,12 @@ def _pool2d_kernel(
             ok = h_ok & (iw >= 0) & (iw < w_hi)
             ptrs = x_pix[:, None] + (ih * sxh + iw * sxw)[:, None] + x_chan
             mask = ok[:, None] & c_ok[None, :]
-            if MODE == 0:
-                v = tl.load(ptrs, mask=mask, other=float("-inf"))
-                acc = tl.maximum(acc, v.to(tl.float32))
+            if IS_MAX:
+                v = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+                if PAD_IS_ZEROS:  # taps in the zero padding read 0; past it (ceil_mode) nothing
+                    in_pad = (ih < H + PB) & (iw < W + PR) & ~ok
+                    v = tl.where(in_pad[:, None], 0.0, v)
+                acc = tl.maximum(acc, v)
             else:
                 acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
@@ -82,7 +100,7 @@ def _pool2d_kernel(
         if DIVISOR != 0:
             acc = acc / DIVISOR
         else:
-            acc = acc / _avg_count(h0, w0, H, W, KH, KW, PH, PW, COUNT_INCLUDE_PAD)[:, None]
+            acc = acc / _avg_count(h0, w0, H, W, KH, KW, PB, PR, COUNT_INCLUDE_PAD)[:, None]
     elif MODE == 2:
         acc = acc / ((h_hi - h0) * (w_hi - w0)).to(tl.float32)[:, None]
     out_ptrs = (out_ptr + n.to(tl.int64)[:, None] * son + (oh * soh + ow * sow)[:, None]
@@ -91,12 +109,13 @@ def _pool2d_kernel(
 
 
 @triton.jit
-def _avg_count(h0, w0, H, W, KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr,
-               PW: tl.constexpr, COUNT_INCLUDE_PAD: tl.constexpr):
+def _avg_count(h0, w0, H, W, KH: tl.constexpr, KW: tl.constexpr, PB: tl.constexpr,
+               PR: tl.constexpr, COUNT_INCLUDE_PAD: tl.constexpr):
     # PyTorch's divisor: the window clipped to the padded input (ceil_mode windows can overhang),
-    # then, without count_include_pad, clipped again to the input itself.
-    h1 = tl.minimum(h0 + KH, H + PH)
-    w1 = tl.minimum(w0 + KW, W + PW)
+    # then, without count_include_pad, clipped again to the input itself. Windows start at or
+    # after the top/left padding, so only their far ends need clipping to it.
+    h1 = tl.minimum(h0 + KH, H + PB)
+    w1 = tl.minimum(w0 + KW, W + PR)
     if not COUNT_INCLUDE_PAD:
         h1 = tl.minimum(h1, H)
         w1 = tl.minimum(w1, W)
@@ -106,24 +125,130 @@ def _avg_count(h0, w0, H, W, KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexp
 
 
 @triton.jit
-def _global_avg_kernel(
-    x_ptr, out_ptr,  # pointers
-    C, H, W,  # sizes
-    sxn, sxc, sxh, sxw, son, soc,  # strides
-    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+def _spatial_reduce_kernel(
+    # pointers: x (N, C, H, W); dest (N, S, C): the partials, or the output when S == 1
+    x_ptr, dest_ptr,
+    # sizes; CHUNK pixels per split, a multiple of BLOCK_HW
+    C, H, W, S, CHUNK, scale,
+    # strides
+    sxn, sxc, sxh, sxw,
+    sdn, sds, sdc,
+    # meta-parameters; DENSE_HW: pixel hw lives at hw * sxw (no h/w split needed)
+    IS_MAX: tl.constexpr, DENSE_HW: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # One program per (image, channel block) reduces all H*W pixels: the classifier-head pooling.
-    n = tl.program_id(0)
+    # Program (image n, split s, channel block) reduces pixels [s*CHUNK, (s+1)*CHUNK) of H*W.
+    n = tl.program_id(0) // S
+    s = tl.program_id(0) % S
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     x_img = x_ptr + n.to(tl.int64) * sxn + c[None, :] * sxc
-    acc = tl.zeros([BLOCK_HW, BLOCK_C], tl.float32)
-    for hw0 in range(0, H * W, BLOCK_HW):
+    if IS_MAX:
+        acc = tl.full([BLOCK_HW, BLOCK_C], float("-inf"), tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_HW, BLOCK_C], tl.float32)
+    hw_end = tl.minimum(s * CHUNK + CHUNK, H * W)
+    for hw0 in range(s * CHUNK, hw_end, BLOCK_HW):
         hw = hw0 + tl.arange(0, BLOCK_HW)
-        ptrs = x_img + ((hw // W) * sxh + (hw % W) * sxw)[:, None]
-        acc += tl.load(ptrs, mask=(hw < H * W)[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-    mean = tl.sum(acc, axis=0) / (H * W)
-    tl.store(out_ptr + n.to(tl.int64) * son + c * soc, mean.to(out_ptr.dtype.element_ty), mask=c_ok)
+        if DENSE_HW:
+            offs = hw * sxw
+        else:
+            offs = (hw // W) * sxh + (hw % W) * sxw
+        mask = (hw < hw_end)[:, None] & c_ok[None, :]
+        if IS_MAX:
+            v = tl.load(x_img + offs[:, None], mask=mask, other=float("-inf"))
+            acc = tl.maximum(acc, v.to(tl.float32))
+        else:
+            acc += tl.load(x_img + offs[:, None], mask=mask, other=0.0).to(tl.float32)
+    if IS_MAX:
+        red = tl.max(acc, axis=0)
+    else:
+        red = tl.sum(acc, axis=0) * scale
+    dest = dest_ptr + n.to(tl.int64) * sdn + s * sds + c * sdc
+    tl.store(dest, red.to(dest_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def _partials_reduce_kernel(
+    part_ptr, out_ptr,  # partials [N, S, C] fp32 contiguous; out (N, C) view
+    S, C, scale,  # sizes; scale multiplies a sum (1 / (H*W) for a mean)
+    son, soc,  # out strides
+    IS_MAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.arange(0, BLOCK_S)
+    mask = (s < S)[:, None] & (c < C)[None, :]
+    ptrs = part_ptr + n.to(tl.int64) * S * C + s[:, None] * C + c[None, :]
+    if IS_MAX:
+        red = tl.max(tl.load(ptrs, mask=mask, other=float("-inf")), axis=0)
+    else:
+        red = tl.sum(tl.load(ptrs, mask=mask, other=0.0), axis=0) * scale
+    tl.store(out_ptr + n.to(tl.int64) * son + c * soc, red.to(out_ptr.dtype.element_ty), mask=c < C)
+
+
+@cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100's count: CPU (interpreter) runs then split as the GPU would
+
+
+@dataclass(frozen=True)
+class SpatialSplit:
+    """How a global reduction over H*W is spread: ``split`` programs per (image, channel block),
+    each reducing ``chunk`` consecutive pixels in ``block_hw x block_c`` tiles."""
+
+    split: int
+    chunk: int
+    block_hw: int
+    block_c: int
+
+    # Splitting aims at this many programs per SM (memory-bound: occupancy hides latency) ...
+    PROGRAMS_PER_SM = 8
+    # ... but never below this many pixels per program (a second launch is not worth less), and
+    # into at most MAX_SPLIT parts (the reduce kernel's tile).
+    MIN_CHUNK = 128
+    MAX_SPLIT = 64
+
+
+def spatial_split(n: int, c: int, hw: int, device: torch.device) -> SpatialSplit:
+    """The split of a global pool of ``n`` images of ``c`` channels and ``hw`` pixels: channel
+    blocks of up to 128 (a whole pixel's channels in one contiguous run for C <= 128), tiles of
+    4096 elements, and as many splits as needed for PROGRAMS_PER_SM programs per SM, keeping at
+    least MIN_CHUNK pixels per program."""
+    block_c = min(128, triton.next_power_of_2(c))
+    block_hw = min(4096 // block_c, triton.next_power_of_2(hw))
+    programs = n * triton.cdiv(c, block_c)
+    want = triton.cdiv(SpatialSplit.PROGRAMS_PER_SM * _sm_count(device), max(programs, 1))
+    split = max(1, min(want, hw // SpatialSplit.MIN_CHUNK, SpatialSplit.MAX_SPLIT))
+    chunk = triton.cdiv(triton.cdiv(hw, split), block_hw) * block_hw
+    return SpatialSplit(triton.cdiv(hw, chunk), chunk, block_hw, block_c)
+
+
+def spatial_reduce(x: torch.Tensor, dest: torch.Tensor, sp: SpatialSplit, kind: str,
+                   scale: float = 1.0) -> None:
+    """Stage 1 of a global pool: ``dest[n, s, c]`` = sum (times ``scale``) or max of x[n, c] over
+    pixels [s*chunk, (s+1)*chunk). ``dest`` is an (N, sp.split, C) view (the fp32 partials, or the
+    output itself when split is 1)."""
+    n, c, h, w = x.shape
+    if n * c == 0:
+        return
+    grid = (n * sp.split, triton.cdiv(c, sp.block_c))
+    _spatial_reduce_kernel[grid](
+        x, dest, c, h, w, sp.split, sp.chunk, scale, *x.stride(), *dest.stride(),
+        IS_MAX=kind == "max", DENSE_HW=h == 1 or x.stride(2) == w * x.stride(3),
+        BLOCK_HW=sp.block_hw, BLOCK_C=sp.block_c, num_warps=4,
+    )
+
+
+def _pad4(padding: Padding) -> tuple[int, int, int, int]:
+    pads = (padding,) * 4 if isinstance(padding, int) else tuple(padding)
+    if len(pads) == 2:
+        pads = (pads[0], pads[0], pads[1], pads[1])
+    if len(pads) != 4 or not all(isinstance(p, int) and p >= 0 for p in pads):
+        raise ValueError(f"padding must be an int >= 0, a pair (h, w) or (top, bottom, left, right) "
+                         f"of them, got {padding!r}")
+    return pads
 
 
 def _pair(v: IntPair, name: str, minimum: int) -> tuple[int, int]:
@@ -133,9 +258,10 @@ def _pair(v: IntPair, name: str, minimum: int) -> tuple[int, int]:
     return pair
 
 
-def _check_io(x: torch.Tensor, out: torch.Tensor) -> None:
-    if x.dim() != 4 or out.dim() != 4:
-        raise ValueError(f"x and out must be 4D (N, C, H, W), got shapes {tuple(x.shape)} "
+def _check_io(x: torch.Tensor, out: torch.Tensor, out_ranks: tuple[int, ...] = (4,)) -> None:
+    if x.dim() != 4 or out.dim() not in out_ranks:
+        want = " or ".join(f"{r}D" for r in out_ranks)
+        raise ValueError(f"x must be 4D (N, C, H, W) and out {want}, got shapes {tuple(x.shape)} "
                          f"and {tuple(out.shape)}")
     if out.shape[:2] != x.shape[:2]:
         raise ValueError(f"out must keep x's (N, C) = {tuple(x.shape[:2])}, "
@@ -159,41 +285,51 @@ def _launch_windowed(x: torch.Tensor, out: torch.Tensor, **meta) -> None:
                          BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4, **meta)
 
 
-def pooled_size(size: int, kernel: int, stride: int, pad: int, dilation: int,
-                ceil_mode: bool) -> int:
+def pooled_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int,
+                dilation: int, ceil_mode: bool, pad_is_zeros: bool = False) -> int:
     """PyTorch's pooling output size, including the ceil_mode rule that the last window must
-    start inside the input or its left padding."""
-    span = size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    start inside the input or its leading padding. With ``pad_is_zeros`` the padding is part of
+    the input (pooling ``F.pad(x)`` with no padding of its own)."""
+    if pad_is_zeros:
+        size, pad_before, pad_after = size + pad_before + pad_after, 0, 0
+    span = size + pad_before + pad_after - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
     out = span // stride + 1
-    if ceil_mode and (out - 1) * stride >= size + pad:
+    if ceil_mode and (out - 1) * stride >= size + pad_before:
         out -= 1
     return out
 
 
 class Pool2d:
-    """Max or average pooling bound at compile time; ``layer(x, out)`` writes out per forward."""
+    """Max or average pooling bound at compile time; ``layer(x, out)`` writes out per forward.
+
+    ``padding``: int, (h, w) or (top, bottom, left, right). ``pad_is_zeros``: the padding was
+    folded from an explicit zero pad, so it holds real zeros: the layer computes
+    ``pool(F.pad(x, pads), padding=0)`` (max sees the zeros; average counts them, so
+    ``count_include_pad`` does not matter) and the padding may exceed half the window."""
 
     def __init__(
         self,
         kind: str,
         kernel_size: IntPair,
         stride: IntPair | None = None,
-        padding: IntPair = 0,
+        padding: Padding = 0,
         dilation: IntPair = 1,
         ceil_mode: bool = False,
         count_include_pad: bool = True,
         divisor_override: int | None = None,
+        pad_is_zeros: bool = False,
     ) -> None:
         if kind not in ("max", "avg"):
             raise ValueError(f"kind must be 'max' or 'avg', got {kind!r}")
         self.kind = kind
         self.kernel_size = _pair(kernel_size, "kernel_size", 1)
         self.stride = self.kernel_size if stride is None else _pair(stride, "stride", 1)
-        self.padding = _pair(padding, "padding", 0)
+        self.padding = _pad4(padding)
         self.dilation = _pair(dilation, "dilation", 1)
-        if any(p > k // 2 for p, k in zip(self.padding, self.kernel_size, strict=True)):
-            raise ValueError(f"padding {self.padding} must be at most half of kernel_size "
-                             f"{self.kernel_size}")
+        kh, kw = self.kernel_size
+        if not pad_is_zeros and any(p > k // 2 for p, k in zip(self.padding, (kh, kh, kw, kw))):
+            raise ValueError(f"padding (top, bottom, left, right) {self.padding} must be at most "
+                             f"half of kernel_size {self.kernel_size} (or pad_is_zeros=True)")
         if kind == "avg" and self.dilation != (1, 1):
             raise ValueError(f"average pooling has no dilation (as in PyTorch), "
                              f"got {self.dilation}")
@@ -203,11 +339,13 @@ class Pool2d:
         self.ceil_mode = ceil_mode
         self.count_include_pad = count_include_pad
         self.divisor_override = divisor_override
+        self.pad_is_zeros = pad_is_zeros
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """(OH, OW) for an (h, w) input, by PyTorch's formula."""
-        dims = zip((h, w), self.kernel_size, self.stride, self.padding, self.dilation, strict=True)
-        return tuple(pooled_size(*dim, self.ceil_mode) for dim in dims)
+        t, b, left, r = self.padding
+        dims = zip((h, w), self.kernel_size, self.stride, (t, left), (b, r), self.dilation)
+        return tuple(pooled_size(*dim, self.ceil_mode, self.pad_is_zeros) for dim in dims)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
         _check_io(x, out)
@@ -216,12 +354,52 @@ class Pool2d:
             raise ValueError(f"{self.kind} pool {self.kernel_size}, stride {self.stride}, padding "
                              f"{self.padding} of a {tuple(x.shape[2:])} input gives {expected}; "
                              f"out has {tuple(out.shape[2:])}")
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
-                                                  self.dilation)
-        _launch_windowed(x, out, MODE=_MAX if self.kind == "max" else _AVG,
-                         KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
-                         COUNT_INCLUDE_PAD=self.count_include_pad,
-                         DIVISOR=self.divisor_override or 0)
+        (kh, kw), (sh, sw), (pt, pb, pl, pr), (dh, dw) = (self.kernel_size, self.stride,
+                                                          self.padding, self.dilation)
+        _launch_windowed(x, out, MODE=_MAX if self.kind == "max" else _AVG, IS_MAX=self.kind == "max",
+                         KH=kh, KW=kw, SH=sh, SW=sw, PT=pt, PB=pb, PL=pl, PR=pr, DH=dh, DW=dw,
+                         COUNT_INCLUDE_PAD=self.count_include_pad or self.pad_is_zeros,
+                         DIVISOR=self.divisor_override or 0, PAD_IS_ZEROS=self.pad_is_zeros)
+
+
+class GlobalPool2d:
+    """Mean or max over H*W of an (N, C, H, W) view into an (N, C) or (N, C, 1, 1) view.
+
+    The fp32 partials of a split reduction live in a workspace allocated on the first call that
+    needs one and kept (calls are captured in CUDA graphs after a warm-up call)."""
+
+    def __init__(self, kind: str) -> None:
+        if kind not in ("max", "avg"):
+            raise ValueError(f"kind must be 'max' or 'avg', got {kind!r}")
+        self.kind = kind
+        self._partials: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        _check_io(x, out, (2, 4))
+        if out.dim() == 4 and out.shape[2:] != (1, 1):
+            raise ValueError(f"a global pool's out is (N, C) or (N, C, 1, 1), got {tuple(out.shape)}")
+        n, c, h, w = x.shape
+        if h * w == 0:
+            raise ValueError(f"global pooling needs a nonempty input, got {(h, w)}")
+        out2 = out[:, :, 0, 0] if out.dim() == 4 else out
+        scale = 1.0 / (h * w)
+        sp = spatial_split(n, c, h * w, x.device)
+        if sp.split == 1:
+            spatial_reduce(x, out2[:, None, :], sp, self.kind, scale)
+            return
+        partials = self.workspace(n * sp.split * c, x.device).view(n, sp.split, c)
+        spatial_reduce(x, partials, sp, self.kind)
+        block_c = min(64, triton.next_power_of_2(c))
+        _partials_reduce_kernel[(n, triton.cdiv(c, block_c))](
+            partials, out2, sp.split, c, scale, *out2.stride(), IS_MAX=self.kind == "max",
+            BLOCK_S=triton.next_power_of_2(sp.split), BLOCK_C=block_c, num_warps=4)
+
+    def workspace(self, numel: int, device: torch.device) -> torch.Tensor:
+        """``numel`` fp32 elements of the layer's kept workspace (grown only on a larger shape)."""
+        ws = self._partials
+        if ws is None or ws.numel() < numel or ws.device != device:
+            ws = self._partials = torch.empty(numel, dtype=torch.float32, device=device)
+        return ws[:numel]
 
 
 @cache
@@ -229,18 +407,21 @@ def _largest_window(size: int, out_size: int) -> int:
     return max(-(-(i + 1) * size // out_size) - i * size // out_size for i in range(out_size))
 
 
-class AdaptiveAvgPool2d:
-    """Adaptive average pooling to out's spatial size; ``output_size``, if given, is checked too."""
+class AdaptivePool2d:
+    """Adaptive max or average pooling to out's spatial size; ``output_size``, if given, is
+    checked too. A 1x1 output (out may then also be (N, C)) is a ``GlobalPool2d``."""
 
-    def __init__(self, output_size: int | tuple[int | None, int | None] | None = None) -> None:
+    def __init__(self, kind: str, output_size: int | tuple[int | None, int | None] | None = None) -> None:
         if isinstance(output_size, int):
             output_size = (output_size, output_size)
+        self.kind = kind
         self.output_size = output_size
+        self._global = GlobalPool2d(kind)  # checks kind
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        _check_io(x, out)
+        _check_io(x, out, (2, 4))
         n, c, h, w = x.shape
-        oh, ow = out.shape[2:]
+        oh, ow = out.shape[2:] if out.dim() == 4 else (1, 1)
         if self.output_size is not None:
             # None in output_size keeps that input dim, as in PyTorch.
             expected = tuple(s if e is None else e
@@ -250,19 +431,29 @@ class AdaptiveAvgPool2d:
         if min(h, w, oh, ow) < 1:
             raise ValueError(f"adaptive pooling needs nonempty input and output, "
                              f"got {(h, w)} -> {(oh, ow)}")
-        if n * c == 0:
-            return
         if (oh, ow) == (1, 1):
-            block_c = min(64, triton.next_power_of_2(c))
-            block_hw = min(4096 // block_c, triton.next_power_of_2(h * w))
-            grid = (n, triton.cdiv(c, block_c))
-            _global_avg_kernel[grid](x, out, c, h, w, *x.stride(), out.stride(0), out.stride(1),
-                                     BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4)
+            self._global(x, out)
             return
         # KH, KW bound the largest window; shorter windows mask their extra taps.
-        _launch_windowed(x, out, MODE=_ADAPTIVE_AVG,
+        _launch_windowed(x, out, MODE=_ADAPTIVE_MAX if self.kind == "max" else _ADAPTIVE_AVG,
+                         IS_MAX=self.kind == "max",
                          KH=_largest_window(h, oh), KW=_largest_window(w, ow),
-                         SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, COUNT_INCLUDE_PAD=True, DIVISOR=0)
+                         SH=1, SW=1, PT=0, PB=0, PL=0, PR=0, DH=1, DW=1,
+                         COUNT_INCLUDE_PAD=True, DIVISOR=0, PAD_IS_ZEROS=False)
+
+
+class AdaptiveAvgPool2d(AdaptivePool2d):
+    """``AdaptivePool2d("avg", output_size)``."""
+
+    def __init__(self, output_size: int | tuple[int | None, int | None] | None = None) -> None:
+        super().__init__("avg", output_size)
+
+
+class AdaptiveMaxPool2d(AdaptivePool2d):
+    """``AdaptivePool2d("max", output_size)``."""
+
+    def __init__(self, output_size: int | tuple[int | None, int | None] | None = None) -> None:
+        super().__init__("max", output_size)
 
 
 def pool2d(
@@ -270,18 +461,19 @@ def pool2d(
     kind: str,
     kernel_size: IntPair,
     stride: IntPair | None = None,
-    padding: IntPair = 0,
+    padding: Padding = 0,
     dilation: IntPair = 1,
     ceil_mode: bool = False,
     count_include_pad: bool = True,
     divisor_override: int | None = None,
     out: torch.Tensor | None = None,
+    pad_is_zeros: bool = False,
 ) -> torch.Tensor:
     """Max/avg pooling of x, allocating ``out`` (channels_last) when not given."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4D (N, C, H, W), got shape {tuple(x.shape)}")
     layer = Pool2d(kind, kernel_size, stride, padding, dilation, ceil_mode, count_include_pad,
-                   divisor_override)
+                   divisor_override, pad_is_zeros)
     if out is None:
         oh, ow = layer.output_size(*x.shape[-2:])
         out = torch.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype, device=x.device,
@@ -290,14 +482,20 @@ def pool2d(
     return out
 
 
-def adaptive_avg_pool2d(x: torch.Tensor, output_size: IntPair,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
-    """Adaptive average pooling of x, allocating ``out`` (channels_last) when not given."""
+def adaptive_pool2d(x: torch.Tensor, kind: str, output_size: IntPair,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Adaptive max/avg pooling of x, allocating ``out`` (channels_last) when not given."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4D (N, C, H, W), got shape {tuple(x.shape)}")
     oh, ow = _pair(output_size, "output_size", 1)
     if out is None:
         out = torch.empty((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype, device=x.device,
                           memory_format=torch.channels_last)
-    AdaptiveAvgPool2d((oh, ow))(x, out)
+    AdaptivePool2d(kind, (oh, ow))(x, out)
     return out
+
+
+def adaptive_avg_pool2d(x: torch.Tensor, output_size: IntPair,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """Adaptive average pooling of x, allocating ``out`` (channels_last) when not given."""
+    return adaptive_pool2d(x, "avg", output_size, out)
