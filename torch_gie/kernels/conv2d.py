@@ -14,7 +14,9 @@ accumulator: + bias, activation, + residual, post-activation, then one store, op
 along channels into up to four destination views of one buffer (so a concat costs nothing).
 Split-K (for long-K layers whose few output tiles leave SMs idle, e.g. at batch 1): SPLIT_K
 programs per tile sum contiguous shares of the K loop into an fp32 workspace, and a second
-kernel adds the shares in a fixed order and runs that same epilogue.
+kernel adds the shares in a fixed order and runs that same epilogue. Narrow groups (ResNeXt's
+32 groups of 4..32 channels) run as super-groups of GROUPS_PER_TILE groups with a block-diagonal
+weight (``conv2d_weights.py``): the kernel just sees fewer, wider groups.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from torch_gie.kernels.conv2d_configs import (
     check_config,
     conv2d_configs,
 )
+from torch_gie.kernels.conv2d_weights import pack_conv_weight, pack_super_groups, pad_channels
 from torch_gie.kernels.conv_epilogue import (
     conv_epilogue,
     output_pixels,
@@ -41,12 +44,6 @@ from torch_gie.kernels.layer_args import IntPair, Padding, as_padding, as_pair, 
 
 # Names tl.dot accepts for fp32 operands on NVIDIA in Triton 3.x (keyword ``input_precision``).
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
-
-
-def pack_conv_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[C_out, C_in/g, KH, KW] -> contiguous [C_out, KH, KW, C_in/g]: k runs along channels, so a
-    B tile reads contiguous memory in the same order as the channels_last A tile."""
-    return weight.detach().permute(0, 2, 3, 1).to(dtype).contiguous()
 
 
 def conv_output_size(size: int, k: int, stride: int, pad_before: int, dil: int,
@@ -243,7 +240,9 @@ class Conv2d:
     None; ``act_slope`` (fp32 [C_out]) is PReLU's per-channel slope, for whichever of the two is
     prelu (at most one). ``configs`` lists candidate tilings for the tuner, built for the
     real problem size when ``input_hw`` and ``batch`` are given (split-K ones for long-K convs
-    with few output tiles); ``config`` is the one used (settable).
+    with few output tiles); ``config`` is the one used (settable). Setting a config with
+    GROUPS_PER_TILE > 1 packs the block-diagonal super-group weight then (never during a CUDA
+    graph capture, since configs are set before); the layer keeps only the latest one.
 
     A split-K config needs an fp32 workspace [SPLIT_K, N·OH·OW, C_out]. It is allocated on the
     layer's device by the first call that needs more than the layer holds, and kept for the
@@ -294,6 +293,7 @@ class Conv2d:
         # Bias stays fp32: it is added to the fp32 accumulator.
         self.bias = None if bias is None else bias.detach().to(weight.device, torch.float32).contiguous()
         self.weight = self._pack(weight)
+        self._super_group_weights: dict[int, torch.Tensor] = {}  # GROUPS_PER_TILE -> weight
         self.configs = self._candidate_configs()
         self.config = config if config is not None else self.configs[0]
 
@@ -303,7 +303,15 @@ class Conv2d:
 
     @config.setter
     def config(self, config: dict) -> None:
-        self._config = check_config(config, self._config_keys, self._min_block)
+        config = check_config(config, self._config_keys, self._min_block)
+        gpt = config.get("GROUPS_PER_TILE", 1)
+        if gpt > 1 and (not self._group_tiles or self.groups % gpt):
+            raise ValueError(f"config GROUPS_PER_TILE={gpt} must divide groups={self.groups}"
+                             + ("" if self._group_tiles else f" and needs {Conv2d.__name__}"))
+        if gpt > 1 and gpt not in self._super_group_weights:
+            self._super_group_weights.clear()  # one at a time: the tuner tries several
+            self._super_group_weights[gpt] = pack_super_groups(self.weight, self.groups, gpt)
+        self._config = config
 
     @property
     def launches(self) -> int:
@@ -312,6 +320,7 @@ class Conv2d:
 
     _config_keys = CONFIG_KEYS
     _min_block = 16  # every tl.dot dimension must be >= 16
+    _group_tiles = True  # GROUPS_PER_TILE configs (super-groups) are supported
 
     # Hooks the depthwise variant overrides.
     def _check_groups(self) -> None:
@@ -393,11 +402,12 @@ class Conv2d:
 
     def _launch(self, x, out, residual, res_strides, num_seg, seg, oh, ow) -> None:
         n, _, h, w = x.shape
-        c_in_g, c_out_g = self.in_channels // self.groups, self.out_channels // self.groups
         cfg, m = self._config, n * oh * ow
-        split = cfg.get("SPLIT_K", 1)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]),
-                self.groups, split)
+        split, gpt = cfg.get("SPLIT_K", 1), cfg.get("GROUPS_PER_TILE", 1)
+        # The kernel sees groups // gpt (super-)groups of gpt times the channels.
+        groups = self.groups // gpt
+        c_in_g, c_out_g = self.in_channels // groups, self.out_channels // groups
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]), groups, split)
         # The precision only matters for fp32 operands; "tf32" is Triton's own default, so fp16
         # compiles exactly as if none were given.
         precision = self.fp32_precision if self.dtype == torch.float32 else "tf32"
@@ -416,8 +426,9 @@ class Conv2d:
             bias, res = None, None
             epilogue = {"HAS_BIAS": False, "HAS_RES": False, **act_constexprs(None, "ACT"),
                         **act_constexprs(None, "POST_ACT"), "NUM_SEG": 1}
+        weight = self._fold_weight(pix) if fold else self._super_group_weights.get(gpt, self.weight)
         _conv2d_kernel[grid](
-            x, self._fold_weight(pix) if fold else self.weight, bias, res, out, ws, self.act_slope,
+            x, weight, bias, res, out, ws, self.act_slope,
             h, w, c_in_g, oh, ow, c_out_g, m,
             *x.stride(), *res_strides, *seg,
             **self._geometry(), **epilogue,
@@ -437,10 +448,7 @@ class Conv2d:
             return self.weight
         cache = self.__dict__.setdefault("_fold_weights", {})
         if pix not in cache:
-            c_out, kh, kw, c_in = self.weight.shape
-            padded = self.weight.new_zeros((c_out, kh, kw, pix))
-            padded[..., :c_in] = self.weight
-            cache[pix] = padded
+            cache[pix] = pad_channels(self.weight, pix)
         return cache[pix]
 
     def _reduce_split_k(self, ws, residual, out, res_strides, seg, m, oh, ow, split,

@@ -3,10 +3,13 @@ the untuned default, from the layer's channel counts, taps and (when known) outp
 
 Config keys: BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, and optionally FLAT_K (one runtime
 loop over (tap, channel block)), GATHER_K / FOLD_KW (few input channels: K gathered across taps,
-or kw folded into c on NHWC input), SPLIT_K (programs per output tile summing shares of K).
+or kw folded into c on NHWC input), SPLIT_K (programs per output tile summing shares of K),
+GROUPS_PER_TILE (grouped convs: that many consecutive groups form one block-diagonal
+"super-group" GEMM, see ``conv2d_weights.py``; it must divide groups).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -27,6 +30,10 @@ SPLIT_K_MIN_K = 1024  # shorter K loops gain too little from splitting to pay fo
 MAX_SPLIT_K = 16
 MIN_SPLIT_ITERS = 4  # K iterations each split keeps, so its loads still pipeline
 BIG_TILE_MIN_M = 1 << 17  # output pixels from which 256-wide tiles are worth a tuning slot
+# Super-groups: groups per tile are offered while the super-group is 16..128 channels wide, the
+# default being the one closest to SUPER_GROUP_WIDTH: wide enough for full 16x16 MMA steps and
+# few tiles, narrow enough that the block-diagonal zeros (GPT-fold MMA work) stay cheap.
+SUPER_GROUP_MIN, SUPER_GROUP_MAX, SUPER_GROUP_WIDTH = 16, 128, 32
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, flat: bool, gather: bool = False,
@@ -37,6 +44,26 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, flat: bool, gather:
 
 def _with_split(cfg: dict, split: int) -> dict:
     return {**cfg, "SPLIT_K": split} if split > 1 else cfg
+
+
+def _with_gpt(cfg: dict, gpt: int) -> dict:
+    return {**cfg, "GROUPS_PER_TILE": gpt} if gpt > 1 else cfg
+
+
+def group_tile_options(c_out_g: int, c_in_g: int, groups: int) -> list[int]:
+    """GROUPS_PER_TILE values worth timing, best guess first: divisors of ``groups`` whose
+    super-group is SUPER_GROUP_MIN..MAX channels wide, closest to SUPER_GROUP_WIDTH first (ties:
+    the narrower). [1] for ungrouped convs. Fewer than three such options (a prime group count:
+    regnet_y_400mf's 13 and 55 groups of 8) add the widest divisor under the minimum, so a plain
+    per-group tiling also gets timed."""
+    if groups == 1:
+        return [1]
+    width = max(c_in_g, c_out_g)
+    divisors = [d for d in range(1, groups + 1) if groups % d == 0 and (d == 1 or d * width <= SUPER_GROUP_MAX)]
+    fit = sorted((d for d in divisors if d * width >= SUPER_GROUP_MIN),
+                 key=lambda d: (abs(math.log2(d * width / SUPER_GROUP_WIDTH)), d))
+    narrow = [d for d in divisors if d * width < SUPER_GROUP_MIN]
+    return fit + narrow[-1:] if len(fit) < 3 or not fit else fit
 
 
 def _unsplit_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int) -> dict:
@@ -53,7 +80,8 @@ def _unsplit_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int) -
 
 
 def _tiles(cfg: dict, m: int, c_out_g: int, groups: int) -> int:
-    return triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]) * groups
+    gpt = cfg.get("GROUPS_PER_TILE", 1)
+    return triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(gpt * c_out_g, cfg["BLOCK_N"]) * (groups // gpt)
 
 
 def _pick_split(tiles: int, k_iters: int) -> int:
@@ -72,15 +100,17 @@ def _split_k_configs(base: dict, c_out_g: int, c_in_g: int, dtype: torch.dtype, 
     count), then K splits until about one program per SM. They keep ``base``'s K-loop form:
     FLAT_K for multi-tap convs (its (tap, channel block) loop splits evenly; the unrolled form
     would split only the few channel blocks of each tap)."""
-    if m is None or taps * c_in_g < SPLIT_K_MIN_K or _tiles(base, m, c_out_g, groups) >= NUM_SMS:
+    gpt = base.get("GROUPS_PER_TILE", 1)
+    k_in = gpt * c_in_g  # channels per tap of the (super-)group's GEMM
+    if m is None or taps * k_in < SPLIT_K_MIN_K or _tiles(base, m, c_out_g, groups) >= NUM_SMS:
         return []
     bm, bn, bk = min(64, max(16, triton.next_power_of_2(m))), min(64, base["BLOCK_N"]), base["BLOCK_K"]
-    k_iters = triton.cdiv(taps * c_in_g, bk) if base["GATHER_K"] else taps * triton.cdiv(c_in_g, bk)
+    k_iters = triton.cdiv(taps * k_in, bk) if base["GATHER_K"] else taps * triton.cdiv(k_in, bk)
     stages = 4 if dtype == torch.float16 else 3
     plans = []  # (tiling, split), the widest tiles first
     for tbm, tbn in ((bm, bn), (bm, bn // 2), (bm // 2, bn)):
         if min(tbm, tbn) >= 16:
-            tiling = _cfg(tbm, tbn, bk, 4, stages, base["FLAT_K"], base["GATHER_K"])
+            tiling = _with_gpt(_cfg(tbm, tbn, bk, 4, stages, base["FLAT_K"], base["GATHER_K"]), gpt)
             plans.append((tiling, _pick_split(_tiles(tiling, m, c_out_g, groups), k_iters)))
     # The default: the widest tiles that reach 3/4 of a wave, else the most programs.
     programs = [_tiles(t, m, c_out_g, groups) * s for t, s in plans]
@@ -95,6 +125,14 @@ def _split_k_configs(base: dict, c_out_g: int, c_in_g: int, dtype: torch.dtype, 
     return [c for i, c in enumerate(cands) if "SPLIT_K" in c and c not in cands[:i]]
 
 
+def _grouped_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int, groups: int,
+                     gpt: int | None = None) -> dict:
+    """The unsplit default for ``gpt`` groups per tile (default: the best-guess option), tiled
+    for the super-group's channel counts."""
+    gpt = group_tile_options(c_out_g, c_in_g, groups)[0] if gpt is None else gpt
+    return _with_gpt(_unsplit_default(gpt * c_out_g, gpt * c_in_g, dtype, taps), gpt)
+
+
 def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16,
                           taps: int = 1, m: int | None = None, groups: int = 1) -> dict:
     """A sensible untuned tiling for H100 (taps = KH·KW): wide tiles narrowed to the channel
@@ -102,8 +140,8 @@ def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.
     than the unrolled one (164 vs 247 for 3x3 64->64 at 128x64x64) and never spilled in our
     checks, and its loads pipeline across taps even when C_in_g is a single BLOCK_K.
     Given m (output pixels N·OH·OW), a long-K conv with too few output tiles to fill the GPU
-    gets a split-K tiling instead."""
-    base = _unsplit_default(c_out_g, c_in_g, dtype, taps)
+    gets a split-K tiling instead. Grouped convs tile super-groups (``group_tile_options``)."""
+    base = _grouped_default(c_out_g, c_in_g, dtype, taps, groups)
     split = _split_k_configs(base, c_out_g, c_in_g, dtype, taps, m, groups)
     return split[0] if split else base
 
@@ -112,9 +150,14 @@ def conv2d_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16
                    taps: int = 1, m: int | None = None, groups: int = 1) -> list[dict]:
     """Candidate tilings for the tuner: the default first, then larger and small-channel ones,
     with both K-loop forms for multi-tap convs. Given m, split-K candidates (if any) lead, with
-    the unsplit default right after them (the tuner times only the first few)."""
-    base = _unsplit_default(c_out_g, c_in_g, dtype, taps)
+    the unsplit default right after them (the tuner times only the first few). Grouped convs
+    then get the other groups-per-tile options, and the rest is tiled for the default one."""
+    base = _grouped_default(c_out_g, c_in_g, dtype, taps, groups)
     cands = _split_k_configs(base, c_out_g, c_in_g, dtype, taps, m, groups) + [base]
+    gpt = base.get("GROUPS_PER_TILE", 1)
+    if groups > 1:
+        cands += _grouped_configs(c_out_g, c_in_g, dtype, taps, groups, gpt, cands)
+    c_out_g, c_in_g = gpt * c_out_g, gpt * c_in_g  # the tiles below are for the super-group
     if m is not None and m >= BIG_TILE_MIN_M and dtype == torch.float16 and c_in_g >= GATHER_BELOW:
         # Huge GEMMs (VGG at batch 128): 256-wide tiles halve the operand traffic per MMA.
         for bm, bn in ((256, 128), (128, 256)):
@@ -124,8 +167,8 @@ def conv2d_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16
         for bm, bn, bk, warps, stages, fold in ((128, 64, 32, 4, 3, True), (128, 64, 32, 4, 4, True),
                                                 (128, 64, 64, 4, 3, False), (128, 128, 32, 8, 3, True),
                                                 (64, 64, 32, 4, 3, False), (64, 64, 32, 4, 4, True)):
-            cfg = _cfg(bm, min(bn, max(16, triton.next_power_of_2(c_out_g))), bk, warps, stages, False,
-                       not fold, fold)
+            cfg = _with_gpt(_cfg(bm, min(bn, max(16, triton.next_power_of_2(c_out_g))), bk, warps,
+                                 stages, False, not fold, fold), gpt)
             if cfg not in cands:
                 cands.append(cfg)
     bk_max = 64 if dtype == torch.float16 else 32  # fp32 tiles cost twice the shared memory
@@ -137,10 +180,24 @@ def conv2d_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16
         if bn > 2 * max(16, triton.next_power_of_2(c_out_g)):
             continue  # mostly-empty tiles: never faster
         for flat in (True, False) if taps > 1 and bn >= 64 else (taps > 1,):
-            cfg = _cfg(bm, bn, min(bk, bk_max), warps, stages, flat)
+            cfg = _with_gpt(_cfg(bm, bn, min(bk, bk_max), warps, stages, flat), gpt)
             if cfg not in cands:
                 cands.append(cfg)
     return cands
+
+
+def _grouped_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int, groups: int,
+                     gpt: int, known: list[dict]) -> list[dict]:
+    """The other groups-per-tile options at their default tiling, then the default option with
+    taller and shorter pixel tiles (narrow super-groups are memory-bound: rows per program
+    matter more than the MMA shape)."""
+    cands = [_grouped_default(c_out_g, c_in_g, dtype, taps, groups, d)
+             for d in group_tile_options(c_out_g, c_in_g, groups)[1:4]]
+    base = _grouped_default(c_out_g, c_in_g, dtype, taps, groups, gpt)
+    for bm, warps in ((256, 8), (64, 4)):
+        if dtype == torch.float16 or bm <= 128:
+            cands.append({**base, "BLOCK_M": bm, "num_warps": warps})
+    return [c for i, c in enumerate(cands) if c not in known and c not in cands[:i]]
 
 
 def check_config(config: dict, keys: Sequence[str] = CONFIG_KEYS, min_block: int = 16) -> dict:
@@ -155,6 +212,9 @@ def check_config(config: dict, keys: Sequence[str] = CONFIG_KEYS, min_block: int
     split = config.get("SPLIT_K", 1)
     if not isinstance(split, int) or split < 1 or split & (split - 1):
         raise ValueError(f"config SPLIT_K must be a power of two >= 1, got {split!r}")
+    gpt = config.get("GROUPS_PER_TILE", 1)
+    if not isinstance(gpt, int) or gpt < 1:
+        raise ValueError(f"config GROUPS_PER_TILE must be an int >= 1, got {gpt!r}")
     return dict(config)
 
 

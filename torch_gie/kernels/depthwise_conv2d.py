@@ -115,6 +115,7 @@ class DepthwiseConv2d(Conv2d):
 
     _config_keys = _CONFIG_KEYS
     _min_block = 1  # no tl.dot: any power of two works
+    _group_tiles = False
 
     def _check_groups(self) -> None:
         if self.groups != self.in_channels:
