@@ -560,3 +560,88 @@ def test_launch_count_follows_split_k_and_huge_gemms_get_wide_tiles():
     assert {(c["BLOCK_M"], c["BLOCK_N"]) for c in wide} == {(256, 128), (128, 256)}
     assert not [c for c in conv2d_configs(256, 256, torch.float16, 9, 128 * 14 * 14) if c["BLOCK_M"] == 256]
     assert not [c for c in conv2d_configs(64, 64, torch.float32, 9, 128 * 56 * 56) if c["BLOCK_M"] == 256]
+
+
+def make_gate(n, c, form, dtype, device):
+    """Positive SE-like factors (sigmoid of randoms) as (N, C) or (N, C, 1, 1) views with
+    non-contiguous strides: a column slice of a wider buffer, or a transposed one."""
+    if form == "nc_slice":
+        return torch.sigmoid(torch.randn(n, c + 3, device=device)).to(dtype)[:, 1:1 + c]
+    if form == "nc_transposed":
+        return torch.sigmoid(torch.randn(c, n, device=device)).to(dtype).t()
+    return torch.sigmoid(torch.randn(n, 2 * c, 1, 1, device=device)).to(dtype)[:, ::2]  # (N, C, 1, 1)
+
+
+def run_gated(n, c_in, c_out, h, w, k, stride=1, padding=0, groups=1, *, config, device,
+              dtype=torch.float32, gate_dtype=None, form="nc_slice", x_slice=False):
+    """conv(x * gate) with the gate folded into the A loads, against F.conv2d on the product."""
+    if x_slice:
+        x = torch.randn(n, c_in + 5, h, w, device=device).to(dtype, memory_format=torch.channels_last)[:, 2:2 + c_in]
+    else:
+        x = torch.randn(n, c_in, h, w, device=device).to(dtype, memory_format=torch.channels_last)
+    gate = make_gate(n, c_in, form, gate_dtype or dtype, device)
+    wt = (torch.randn(c_out, c_in // groups, k, k, device=device) / (c_in // groups * k * k) ** 0.5).to(dtype)
+    b = torch.randn(c_out, device=device)
+    ref = reference(x.float() * gate.float().reshape(n, c_in, 1, 1), wt, b, stride, padding, 1, groups, "relu")
+    out = poisoned(tuple(ref.shape), dtype, device)
+    Conv2d(wt, b, stride=stride, padding=padding, groups=groups, activation="relu", dtype=dtype,
+           config=config)(x, [out], gate=gate)
+    check(out, ref, dtype)
+
+
+GATE_MODES = {**K_LOOPS, "flat_split": {**SMALL_FLAT, "SPLIT_K": 2}, "unrolled_split": {**SMALL, "SPLIT_K": 4}}
+
+
+@pytest.mark.parametrize("mode", list(GATE_MODES))
+def test_gate_every_k_loop(mode, device):
+    """1x1 projection (the SE case) with an odd C_in (masked K tail) and a batch of 3 whose 15
+    pixels per image make every 32-row tile straddle two images; then a 3x3 with padding."""
+    config = GATE_MODES[mode]
+    run_gated(3, 13, 20, 5, 3, 1, config=config, device=device)
+    run_gated(2, 8, 16, 5, 4, 3, 1, 1, config=config, device=device, form="nc11")
+
+
+@pytest.mark.parametrize("gate_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("form", ["nc_slice", "nc_transposed", "nc11"])
+def test_gate_fp16_forms_and_slices(form, gate_dtype, device):
+    run_gated(3, 24, 16, 4, 5, 1, config=SMALL_FLAT, device=device, dtype=torch.float16,
+              gate_dtype=gate_dtype, form=form, x_slice=True)
+
+
+def test_gate_even_k_groups_and_super_groups(device):
+    run_gated(2, 32, 16, 4, 4, 1, config=SMALL, device=device)  # EVEN_K: unmasked gate loads
+    run_gated(2, 16, 24, 5, 4, 3, 2, 1, groups=4, config=SMALL_FLAT, device=device)
+    run_gated(2, 32, 32, 5, 4, 3, 1, 1, groups=8, config={**SMALL_FLAT, "GROUPS_PER_TILE": 4}, device=device)
+
+
+def test_gate_with_residual_and_segments(device):
+    n, c_in, c_out = 2, 12, 16
+    x = torch.randn(n, c_in, 4, 4, device=device).to(memory_format=torch.channels_last)
+    gate = make_gate(n, c_in, "nc11", torch.float32, device)
+    wt, b = torch.randn(c_out, c_in, 1, 1, device=device) / 3, torch.randn(c_out, device=device)
+    res = torch.randn(n, c_out, 4, 4, device=device).to(memory_format=torch.channels_last)
+    out = poisoned((n, c_out, 4, 4), torch.float32, device)
+    layer = Conv2d(wt, b, post_activation="relu", dtype=torch.float32, config=SMALL)
+    layer(x, [out], res, gate=gate)
+    check(out, reference(x * gate, wt, b, 1, 0, 1, 1, None, res, "relu"), torch.float32)
+    big = poisoned((n, c_out + 3, 4, 4), torch.float32, device)
+    layer(x, [big[:, :5], big[:, 6:17]], gate=gate)
+    ref = reference(x * gate, wt, b, 1, 0, 1, 1, None, None, "relu")
+    check(torch.cat([big[:, :5], big[:, 6:17]], 1), ref, torch.float32)
+    assert big[:, 5].isnan().all() and big[:, 17:].isnan().all()
+    layer(x, [out])  # the ungated variant still runs after the gated one
+    check(out, reference(x, wt, b, 1, 0, 1, 1, None, None, "relu"), torch.float32)
+
+
+def test_gate_errors(device):
+    layer = Conv2d(torch.randn(8, 4, 1, 1, device=device), dtype=torch.float32, config=SMALL)
+    x, out = torch.randn(2, 4, 3, 3, device=device), torch.empty(2, 8, 3, 3, device=device)
+    for gate, match in ((torch.rand(2, 5, device=device), r"\(2, 4\) or \(2, 4, 1, 1\)"),
+                        (torch.rand(1, 4, device=device), "one factor per image"),
+                        (torch.rand(2, 4, 3, 3, device=device), "gate: expected shape"),
+                        (torch.rand(2, 4, device=device, dtype=torch.float16), "float32")):
+        with pytest.raises(ValueError, match=match):
+            layer(x, [out], gate=gate)
+    dw = DepthwiseConv2d(torch.randn(4, 1, 3, 3, device=device), groups=4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="no gate"):
+        dw(x, [torch.empty(2, 4, 1, 1, device=device)], gate=torch.rand(2, 4, device=device))

@@ -17,6 +17,8 @@ programs per tile sum contiguous shares of the K loop into an fp32 workspace, an
 kernel adds the shares in a fixed order and runs that same epilogue. Narrow groups (ResNeXt's
 32 groups of 4..32 channels) run as super-groups of GROUPS_PER_TILE groups with a block-diagonal
 weight (``conv2d_weights.py``): the kernel just sees fewer, wider groups.
+An optional gate (a squeeze-and-excitation multiply folded into the conv) scales every A element
+x[n, c, ih, iw] by gate[n, c] as the tile loads (HAS_GATE): conv(x * gate) in one pass over x.
 """
 from __future__ import annotations
 
@@ -40,17 +42,22 @@ from torch_gie.kernels.conv_epilogue import (
     segment_args,
     store_segments,
 )
-from torch_gie.kernels.layer_args import IntPair, Padding, as_padding, as_pair, bind_activations, four_sided
+from torch_gie.kernels.layer_args import (
+    IntPair,
+    Padding,
+    as_padding,
+    as_pair,
+    bind_activations,
+    check_conv_input,
+    check_conv_outputs,
+    check_gate,
+    conv_output_size,
+    four_sided,
+    problem_pixels,
+)
 
 # Names tl.dot accepts for fp32 operands on NVIDIA in Triton 3.x (keyword ``input_precision``).
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
-
-
-def conv_output_size(size: int, k: int, stride: int, pad_before: int, dil: int,
-                     pad_after: int | None = None) -> int:
-    """Output length along one axis; padding is symmetric unless ``pad_after`` is given."""
-    pad_after = pad_before if pad_after is None else pad_after
-    return (size + pad_before + pad_after - dil * (k - 1) - 1) // stride + 1
 
 
 @triton.jit
@@ -82,17 +89,34 @@ def _split_range(total, STEP: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(acc, a_rows, inside, b_cols, c, C_in_g, s_xc, EVEN_K: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+def _gated(a, gate_ptrs, mask, HAS_GATE: tl.constexpr, MASKED: tl.constexpr):
+    """a * gate (the [rows, k] gate values at gate_ptrs; mask only if MASKED) in fp32, back in
+    a's dtype for the dot: the same rounding as an eager fp16 ``x * gate`` before the conv."""
+    if HAS_GATE:
+        if MASKED:
+            gv = tl.load(gate_ptrs, mask=mask, other=0.0)
+        else:
+            gv = tl.load(gate_ptrs)
+        a = (a.to(tl.float32) * gv.to(tl.float32)).to(a.dtype)
+    return a
+
+
+@triton.jit
+def _accumulate(acc, a_rows, inside, b_cols, c, C_in_g, s_xc, gate_rows, s_gc,
+                HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc += A[rows, channels c] @ B[channels c, cols] for one tap; a_rows/b_cols point at the
-    tap's channel 0 for each output pixel / output channel."""
+    tap's channel 0 for each output pixel / output channel, gate_rows at each pixel's image's
+    gate for channel 0 (HAS_GATE)."""
     a_ptrs = a_rows[:, None] + (c * s_xc)[None, :]
     b_ptrs = b_cols[None, :] + c[:, None]
+    g_ptrs = gate_rows[:, None] + (c * s_gc)[None, :]
     if EVEN_K:
         a = tl.load(a_ptrs, mask=inside[:, None], other=0.0)
+        a = _gated(a, g_ptrs, inside[:, None], HAS_GATE, False)
         b = tl.load(b_ptrs)
     else:
         a = tl.load(a_ptrs, mask=inside[:, None] & (c < C_in_g)[None, :], other=0.0)
+        a = _gated(a, g_ptrs, (c < C_in_g)[None, :], HAS_GATE, True)
         b = tl.load(b_ptrs, mask=(c < C_in_g)[:, None], other=0.0)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
@@ -100,12 +124,13 @@ def _accumulate(acc, a_rows, inside, b_cols, c, C_in_g, s_xc, EVEN_K: tl.constex
 @triton.jit
 def _conv2d_kernel(
     # pointers: input, packed weight [C_out, KH, KW, C_in_g], fp32 bias, residual, outs[0],
-    # fp32 split-K workspace [SPLIT_K, M, C_out] (SPLIT_K > 1 only), fp32 PReLU slope [C_out]
-    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, ws_ptr, slope_ptr,
+    # fp32 split-K workspace [SPLIT_K, M, C_out] (SPLIT_K > 1 only), fp32 PReLU slope [C_out],
+    # input gate [N, C_in] (HAS_GATE only)
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, ws_ptr, slope_ptr, gate_ptr,
     # sizes; channel counts are per group
     H, W, C_in_g, OH, OW, C_out_g, M,
-    # strides in logical NCHW order: input, residual
-    s_xn, s_xc, s_xh, s_xw, s_rn, s_rc, s_rh, s_rw,
+    # strides in logical NCHW order: input, residual, gate (image, channel)
+    s_xn, s_xc, s_xh, s_xw, s_rn, s_rc, s_rh, s_rw, s_gn, s_gc,
     # output segments 1..3: first channel, element offset from out_ptr; then strides of 0..3
     seg_c1, seg_c2, seg_c3, seg_o1, seg_o2, seg_o3,
     s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
@@ -122,7 +147,7 @@ def _conv2d_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, FLAT_K: tl.constexpr, GATHER_K: tl.constexpr, FOLD_KW: tl.constexpr,
     PIX: tl.constexpr, C_IN_G: tl.constexpr,
-    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
 ):
     # Grouped launch order (as in Triton's matmul tutorial): GROUP_M row tiles share their
     # input rows in L2 while all column tiles go through them. Axis 2 is the K split.
@@ -143,6 +168,10 @@ def _conv2d_kernel(
     m_ld, nb, oh, ow = output_pixels(offs_m, M, OH, OW)
     co = g * C_out_g + offs_n % C_out_g
     x_rows = x_ptr + nb * s_xn + (g * C_in_g) * s_xc
+    # Each row's own image's gate: an M tile may straddle two images.
+    gate_rows = nb  # unused without a gate
+    if HAS_GATE:
+        gate_rows = gate_ptr + nb * s_gn + (g * C_in_g) * s_gc
     w_cols = w_ptr + co.to(tl.int64) * (KH * KW * C_in_g)
     offs_k = tl.arange(0, BLOCK_K)
 
@@ -184,6 +213,8 @@ def _conv2d_kernel(
             iw = (ow * STRIDE_W - PAD_W)[:, None] + (kw * DIL_W)[None, :]
             a_mask = (k < K_total)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a = tl.load(x_rows[:, None] + ih * s_xh + iw * s_xw + (c * s_xc)[None, :], mask=a_mask, other=0.0)
+            a = _gated(a, gate_rows[:, None] + (c * s_gc)[None, :], (k < K_total)[None, :], HAS_GATE,
+                       True)
             b = tl.load(w_cols[None, :] + k[:, None], mask=(k < K_total)[:, None], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     elif FLAT_K:
@@ -199,8 +230,8 @@ def _conv2d_kernel(
             iw = ow * STRIDE_W - PAD_W + kw * DIL_W
             inside = _inside(ih, iw, H, W, BORDER_H, BORDER_W, BLOCK_M)
             acc = _accumulate(acc, x_rows + ih * s_xh + iw * s_xw, inside, w_cols + tap * C_in_g,
-                              (t - tap * num_kc) * BLOCK_K + offs_k, C_in_g, s_xc, EVEN_K,
-                              DOT_PRECISION)
+                              (t - tap * num_kc) * BLOCK_K + offs_k, C_in_g, s_xc, gate_rows,
+                              s_gc, HAS_GATE, EVEN_K, DOT_PRECISION)
     else:
         # Taps unrolled, channel blocks in a runtime loop: rows, border mask and tap offsets
         # are computed once per tap; best when C_in_g spans several BLOCK_Ks. A split takes
@@ -215,7 +246,7 @@ def _conv2d_kernel(
                 b_cols = w_cols + (kh * KW + kw) * C_in_g
                 for c0 in range(c_lo, c_hi, BLOCK_K):
                     acc = _accumulate(acc, a_rows, inside, b_cols, c0 + offs_k, C_in_g, s_xc,
-                                      EVEN_K, DOT_PRECISION)
+                                      gate_rows, s_gc, HAS_GATE, EVEN_K, DOT_PRECISION)
 
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K > 1:
@@ -243,6 +274,11 @@ class Conv2d:
     with few output tiles); ``config`` is the one used (settable). Setting a config with
     GROUPS_PER_TILE > 1 packs the block-diagonal super-group weight then (never during a CUDA
     graph capture, since configs are set before); the layer keeps only the latest one.
+
+    ``layer(x, outs, residual=None, gate=None)``: a gate ((N, C_in) or (N, C_in, 1, 1), any
+    strides, the layer's dtype or fp32) computes conv(x * gate[:, :, None, None]) in the same
+    single pass (a squeeze-and-excitation scale folded into the next conv). The gated kernel is
+    compiled on the first gated call; a kw-folding config gathers instead when gated.
 
     A split-K config needs an fp32 workspace [SPLIT_K, N·OH·OW, C_out]. It is allocated on the
     layer's device by the first call that needs more than the layer holds, and kept for the
@@ -281,7 +317,7 @@ class Conv2d:
         # Output pixels the configs are built for. The _config prefix keeps it out of the
         # tuner's layer signature, which already holds the input shape: timing-cache keys stay
         # as they were.
-        self._config_m = self._problem_pixels(input_hw, batch)
+        self._config_m = problem_pixels(self.output_hw, input_hw, batch)
         self._workspace: torch.Tensor | None = None
         self.activation, self.post_activation, self.act_slope, self._act_constexprs = \
             bind_activations(activation, post_activation, act_slope, c_out, weight.device)
@@ -334,18 +370,6 @@ class Conv2d:
                               self.dtype, self.kernel_size[0] * self.kernel_size[1],
                               self._config_m, self.groups)
 
-    def _problem_pixels(self, input_hw: IntPair | None, batch: int | None) -> int | None:
-        """N·OH·OW for the input size given at build time, or None when it is not given."""
-        if input_hw is None and batch is None:
-            return None
-        if input_hw is None or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"input_hw and batch >= 1 go together, got input_hw={input_hw!r}, "
-                             f"batch={batch!r}")
-        oh, ow = self.output_hw(*as_pair(input_hw, "input_hw"))
-        if min(oh, ow) < 1:
-            raise ValueError(f"input_hw={input_hw!r} is too small for this convolution")
-        return batch * oh * ow
-
     @property
     def pads(self) -> tuple[int, int, int, int]:
         """(top, bottom, left, right) zero padding."""
@@ -366,41 +390,22 @@ class Conv2d:
                 "DIL_H": self.dilation[0], "DIL_W": self.dilation[1]}
 
     def __call__(self, x: torch.Tensor, outs: torch.Tensor | Sequence[torch.Tensor],
-                 residual: torch.Tensor | None = None) -> None:
+                 residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> None:
         outs = [outs] if isinstance(outs, torch.Tensor) else list(outs)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be 4D (N, {self.in_channels}, H, W), "
-                             f"got shape {tuple(x.shape)}")
-        if x.dtype != self.dtype:
-            raise ValueError(f"x dtype: expected {self.dtype}, got {x.dtype}")
-        if x.device != self.weight.device:
-            raise ValueError(f"x is on {x.device}, weights on {self.weight.device}")
-        num_seg, seg = segment_args(outs, self.out_channels)
-        if outs[0].dtype != self.dtype or outs[0].device != x.device:
-            raise ValueError(f"outs: expected {self.dtype} on {x.device}, "
-                             f"got {outs[0].dtype} on {outs[0].device}")
-        n, _, h, w = x.shape
+        n, _, h, w = check_conv_input(x, self.in_channels, self.dtype, self.weight.device)
         oh, ow = self.output_hw(h, w)
-        for i, t in enumerate(outs):
-            if (t.shape[0], t.shape[2], t.shape[3]) != (n, oh, ow):
-                raise ValueError(f"outs[{i}] has shape {tuple(t.shape)}, expected "
-                                 f"(N, C, OH, OW) = ({n}, C, {oh}, {ow}) for x {tuple(x.shape)}")
-        res_strides = [0, 0, 0, 0]
-        if residual is not None:
-            if num_seg != 1:
-                raise ValueError(f"a residual needs a single output view, got {num_seg}")
-            if tuple(residual.shape) != (n, self.out_channels, oh, ow):
-                raise ValueError(f"residual shape: expected {(n, self.out_channels, oh, ow)}, "
-                                 f"got {tuple(residual.shape)}")
-            if residual.dtype != self.dtype or residual.device != x.device:
-                raise ValueError(f"residual: expected {self.dtype} on {x.device}, "
-                                 f"got {residual.dtype} on {residual.device}")
-            res_strides = list(residual.stride())
+        num_seg, seg = segment_args(outs, self.out_channels)
+        res_strides = check_conv_outputs(outs, residual, num_seg, (n, self.out_channels, oh, ow), x)
+        if gate is not None:
+            self._check_gate(gate, x)
         if n * oh * ow == 0:
             return
-        self._launch(x, outs[0], residual, res_strides, num_seg, seg, oh, ow)
+        self._launch(x, outs[0], residual, res_strides, num_seg, seg, oh, ow, gate)
 
-    def _launch(self, x, out, residual, res_strides, num_seg, seg, oh, ow) -> None:
+    def _check_gate(self, gate: torch.Tensor, x: torch.Tensor) -> None:
+        check_gate(gate, x, self.in_channels, self.dtype)
+
+    def _launch(self, x, out, residual, res_strides, num_seg, seg, oh, ow, gate=None) -> None:
         n, _, h, w = x.shape
         cfg, m = self._config, n * oh * ow
         split, gpt = cfg.get("SPLIT_K", 1), cfg.get("GROUPS_PER_TILE", 1)
@@ -414,8 +419,10 @@ class Conv2d:
         # Folding kw into channels needs NHWC input with a small pixel stride (dense, or channels
         # padded up to 8), one group and dilation_w == 1; otherwise a fold config gathers.
         pix = x.stride(3)
+        # A gated conv gathers too: the folded loads would need the gate of every (kw, c) lane.
         fold = cfg.get("FOLD_KW", False) and self.groups == 1 and self.dilation[1] == 1 \
-            and x.stride(1) == 1 and self.in_channels <= pix <= max(8, self.in_channels)
+            and x.stride(1) == 1 and self.in_channels <= pix <= max(8, self.in_channels) \
+            and gate is None
         gather = cfg.get("GATHER_K", False) or cfg.get("FOLD_KW", False)
         epilogue = {"HAS_BIAS": self.bias is not None, "HAS_RES": residual is not None,
                     **self._act_constexprs, "NUM_SEG": num_seg}
@@ -428,14 +435,15 @@ class Conv2d:
                         **act_constexprs(None, "POST_ACT"), "NUM_SEG": 1}
         weight = self._fold_weight(pix) if fold else self._super_group_weights.get(gpt, self.weight)
         _conv2d_kernel[grid](
-            x, weight, bias, res, out, ws, self.act_slope,
+            x, weight, bias, res, out, ws, self.act_slope, gate,
             h, w, c_in_g, oh, ow, c_out_g, m,
-            *x.stride(), *res_strides, *seg,
+            *x.stride(), *res_strides, *(gate.stride()[:2] if gate is not None else (0, 0)), *seg,
             **self._geometry(), **epilogue,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8,
             EVEN_K=c_in_g % cfg["BLOCK_K"] == 0, FLAT_K=cfg.get("FLAT_K", False),
             GATHER_K=gather and not fold, FOLD_KW=fold, PIX=pix if fold else 1,
             C_IN_G=c_in_g if fold else 1, SPLIT_K=split, DOT_PRECISION=precision,
+            HAS_GATE=gate is not None,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if split > 1:

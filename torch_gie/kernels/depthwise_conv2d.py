@@ -128,7 +128,12 @@ class DepthwiseConv2d(Conv2d):
     def _candidate_configs(self) -> list[dict]:
         return depthwise_conv2d_configs(self.out_channels)
 
-    def _launch(self, x, out, residual, res_strides, num_seg, seg, oh, ow) -> None:
+    def _check_gate(self, gate: torch.Tensor, x: torch.Tensor) -> None:
+        # SE gates sit after the depthwise conv of an inverted residual block, in front of the
+        # 1x1 projection (a Conv2d), so the depthwise kernel has no gated variant.
+        raise ValueError("DepthwiseConv2d takes no gate: fold the gate into the next Conv2d")
+
+    def _launch(self, x, out, residual, res_strides, num_seg, seg, oh, ow, gate=None) -> None:
         n, _, h, w = x.shape
         cfg, m = self._config, n * oh * ow
         grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(self.out_channels, cfg["BLOCK_C"]))

@@ -1,10 +1,11 @@
-"""Build-time argument checks shared by the bound conv and Linear layers: int pairs, conv
-padding (symmetric or TensorFlow-style asymmetric), and the fused activations with PReLU's
-per-channel slope, so every kernel family accepts the same forms and fails the same way.
+"""Argument checks shared by the bound conv and Linear layers: at build time int pairs, conv
+padding (symmetric or TensorFlow-style asymmetric), output sizes, and the fused activations with
+PReLU's per-channel slope; at call time the conv's input, outputs, residual and gate. Every
+kernel family accepts the same forms and fails the same way (ValueError: expected vs got).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -63,3 +64,72 @@ def bind_activations(activation: ActLike, post_activation: ActLike, act_slope: t
                              f"channel), got {tuple(act_slope.shape)}")
         slope = act_slope.detach().to(device, torch.float32).contiguous()
     return act, post, slope, {**act_constexprs(act, "ACT"), **act_constexprs(post, "POST_ACT")}
+
+
+def conv_output_size(size: int, k: int, stride: int, pad_before: int, dil: int,
+                     pad_after: int | None = None) -> int:
+    """Output length along one axis; padding is symmetric unless ``pad_after`` is given."""
+    pad_after = pad_before if pad_after is None else pad_after
+    return (size + pad_before + pad_after - dil * (k - 1) - 1) // stride + 1
+
+
+def problem_pixels(output_hw: Callable[[int, int], tuple[int, int]], input_hw: IntPair | None,
+                   batch: int | None) -> int | None:
+    """N·OH·OW for the input size given at build time, or None when it is not given."""
+    if input_hw is None and batch is None:
+        return None
+    if input_hw is None or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"input_hw and batch >= 1 go together, got input_hw={input_hw!r}, "
+                         f"batch={batch!r}")
+    oh, ow = output_hw(*as_pair(input_hw, "input_hw"))
+    if min(oh, ow) < 1:
+        raise ValueError(f"input_hw={input_hw!r} is too small for this convolution")
+    return batch * oh * ow
+
+
+def check_conv_input(x: torch.Tensor, channels: int, dtype: torch.dtype,
+                     device: torch.device) -> tuple[int, int, int, int]:
+    """x's shape (N, C, H, W) after checking it is the layer's input."""
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"x must be 4D (N, {channels}, H, W), got shape {tuple(x.shape)}")
+    if x.dtype != dtype:
+        raise ValueError(f"x dtype: expected {dtype}, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device}, weights on {device}")
+    return tuple(x.shape)
+
+
+def check_conv_outputs(outs: Sequence[torch.Tensor], residual: torch.Tensor | None, num_seg: int,
+                       shape: tuple[int, int, int, int], x: torch.Tensor) -> list[int]:
+    """Check the output views (already split by ``segment_args``) and the residual against the
+    full output ``shape`` (N, C_out, OH, OW) of input x; returns the residual's strides."""
+    n, c_out, oh, ow = shape
+    if outs[0].dtype != x.dtype or outs[0].device != x.device:
+        raise ValueError(f"outs: expected {x.dtype} on {x.device}, "
+                         f"got {outs[0].dtype} on {outs[0].device}")
+    for i, t in enumerate(outs):
+        if (t.shape[0], t.shape[2], t.shape[3]) != (n, oh, ow):
+            raise ValueError(f"outs[{i}] has shape {tuple(t.shape)}, expected "
+                             f"(N, C, OH, OW) = ({n}, C, {oh}, {ow}) for x {tuple(x.shape)}")
+    if residual is None:
+        return [0, 0, 0, 0]
+    if num_seg != 1:
+        raise ValueError(f"a residual needs a single output view, got {num_seg}")
+    if tuple(residual.shape) != shape:
+        raise ValueError(f"residual shape: expected {shape}, got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual: expected {x.dtype} on {x.device}, "
+                         f"got {residual.dtype} on {residual.device}")
+    return list(residual.stride())
+
+
+def check_gate(gate: torch.Tensor, x: torch.Tensor, channels: int, dtype: torch.dtype) -> None:
+    """A conv's input gate: one factor per (image, input channel) as (N, C) or (N, C, 1, 1), in
+    the layer's dtype or fp32, on x's device."""
+    n = x.shape[0]
+    if tuple(gate.shape) not in ((n, channels), (n, channels, 1, 1)):
+        raise ValueError(f"gate: expected shape ({n}, {channels}) or ({n}, {channels}, 1, 1) (one "
+                         f"factor per image and input channel), got {tuple(gate.shape)}")
+    if gate.dtype not in (dtype, torch.float32) or gate.device != x.device:
+        raise ValueError(f"gate: expected {dtype} or torch.float32 on {x.device}, "
+                         f"got {gate.dtype} on {gate.device}")
