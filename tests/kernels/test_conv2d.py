@@ -278,6 +278,19 @@ def test_configs():
     assert layer.config == SMALL
 
 
+def test_narrow_pointwise_candidates(device):
+    """1x1 convs of 16..64 channels (MnasNet's projections) get whole-channel, tall-pixel tiles
+    right after the default, shorter ones first for small M; each computes the conv."""
+    cands = conv2d_configs(48, 16, torch.float16, 1, 32 * 112 * 112)
+    tall = cands[1:5]
+    assert all(c["BLOCK_M"] >= 128 and c["BLOCK_N"] == 64 and c["BLOCK_K"] == 16 for c in tall)
+    assert {c["BLOCK_M"] for c in tall} == {128, 256, 512}
+    assert conv2d_configs(24, 48, torch.float16, 1, 112 * 112)[1]["BLOCK_M"] == 64  # batch 1
+    assert not [c for c in conv2d_configs(128, 64, torch.float16, 1, 32 * 56 * 56) if c["BLOCK_M"] == 512]
+    for config in cands[:5]:
+        run(2, 16, 48, 9, 7, 1, dtype=torch.float16, device=device, act="relu6", config=config)
+
+
 K_LOOPS = {"unrolled": SMALL, "flat": SMALL_FLAT, "gather": SMALL_GATHER, "fold": SMALL_FOLD}
 
 # Asymmetric (top, bottom, left, right) padding as TensorFlow "SAME" or a folded ZeroPad2d leave

@@ -203,6 +203,14 @@ def test_configs():
             assert cfg["BLOCK_C"] & (cfg["BLOCK_C"] - 1) == 0
 
 
+@pytest.mark.parametrize("c", [24, 72])
+def test_first_candidates_compute_the_conv(c, device):
+    """What the tuner times (the first 8 candidates) on a 5x5 stride-2 and a 3x3 layer."""
+    for config in depthwise_conv2d_configs(c)[:8]:
+        run(1, c, 9, 7, 5, 2, 2, dtype=torch.float16, device=device, config=config)
+        run(2, c, 5, 4, 3, 1, 1, device=device, config=config)
+
+
 @pytest.mark.parametrize("weight,kw,match", [
     ((8, 2, 3, 3), {"groups": 8}, "groups == C_in"),
     ((8, 1, 3, 3), {"groups": 16}, "groups"),

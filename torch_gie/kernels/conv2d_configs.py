@@ -34,6 +34,9 @@ BIG_TILE_MIN_M = 1 << 17  # output pixels from which 256-wide tiles are worth a 
 # default being the one closest to SUPER_GROUP_WIDTH: wide enough for full 16x16 MMA steps and
 # few tiles, narrow enough that the block-diagonal zeros (GPT-fold MMA work) stay cheap.
 SUPER_GROUP_MIN, SUPER_GROUP_MAX, SUPER_GROUP_WIDTH = 16, 128, 32
+# Narrow pointwise convs (1x1, both channel counts up to this: MobileNet/MnasNet/EfficientNet's
+# 16..64-channel projections) are memory-bound: whole-channel tiles, tall pixel tiles.
+NARROW_POINTWISE = 64
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, flat: bool, gather: bool = False,
@@ -157,6 +160,8 @@ def conv2d_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16
     gpt = base.get("GROUPS_PER_TILE", 1)
     if groups > 1:
         cands += _grouped_configs(c_out_g, c_in_g, dtype, taps, groups, gpt, cands)
+    if taps == 1 and groups == 1 and max(c_out_g, c_in_g) <= NARROW_POINTWISE:
+        cands += [c for c in _narrow_pointwise_configs(c_out_g, c_in_g, dtype, m) if c not in cands]
     c_out_g, c_in_g = gpt * c_out_g, gpt * c_in_g  # the tiles below are for the super-group
     if m is not None and m >= BIG_TILE_MIN_M and dtype == torch.float16 and c_in_g >= GATHER_BELOW:
         # Huge GEMMs (VGG at batch 128): 256-wide tiles halve the operand traffic per MMA.
@@ -184,6 +189,22 @@ def conv2d_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16
             if cfg not in cands:
                 cands.append(cfg)
     return cands
+
+
+def _narrow_pointwise_configs(c_out: int, c_in: int, dtype: torch.dtype, m: int | None) -> list[dict]:
+    """1x1 convs of at most NARROW_POINTWISE channels each way. Reading x and writing the output
+    is the whole cost (batch 32 at 112x112: 401k pixels by 16..64 channels), so each program
+    takes every output channel (one N tile: x is read once) and all of K in one step, and 256
+    or 512 pixels: 16..64 KB of fp16 traffic per program, still 800..1600 programs for 132 SMs.
+    Channel rows of 16..64 fp16 are 32..128 contiguous bytes: the loads vectorize. Shorter tiles
+    follow for small M (batch 1), where only they give every SM a program."""
+    bn = max(16, triton.next_power_of_2(c_out))
+    bk = min(64 if dtype == torch.float16 else 32, max(16, triton.next_power_of_2(c_in)))
+    # One K step leaves nothing to pipeline: 2 stages, fp32 halves the tile (shared memory).
+    tiles = [(256, 8), (512, 8), (256, 4), (128, 4)] if dtype == torch.float16 else [(128, 4), (256, 8)]
+    if m is not None and triton.cdiv(m, 128) < NUM_SMS:
+        tiles = [(64, 4), (32, 2), *tiles]
+    return [_cfg(bm, bn, bk, warps, 2, False) for bm, warps in tiles]
 
 
 def _grouped_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int, groups: int,

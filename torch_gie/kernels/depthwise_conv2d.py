@@ -34,8 +34,18 @@ def default_depthwise_config(c_out: int) -> dict:
 
 
 def depthwise_conv2d_configs(c_out: int) -> list[dict]:
-    """Candidate tilings for the tuner: the default first."""
+    """Candidate tilings for the tuner, the default first. Depthwise convs are memory-bound (9
+    or 25 FMAs per output element), so the first ones vary the bytes each program moves at full
+    channel width (contiguous 32..256-byte channel rows: vector loads) and rows per thread;
+    narrow layers (16..48 channels at 112x112) get tall pixel tiles, whose taps one row above
+    and below are more often in the same program's cache lines. Then fixed shapes."""
+    bc = min(128, max(16, triton.next_power_of_2(c_out)))
     cands = [default_depthwise_config(c_out)]
+    for elems, warps in ((2048, 4), (8192, 8), (2048, 8), (4096, 4)):
+        if _cfg(elems // bc, bc, warps) not in cands:
+            cands.append(_cfg(elems // bc, bc, warps))
+    if bc >= 64:  # half-width channel tiles: twice the programs for late, small-image layers
+        cands.append(_cfg(4096 // (bc // 2), bc // 2, 8))
     for bm, bc, warps in ((16, 128, 4), (32, 128, 8), (32, 64, 4), (64, 64, 8), (64, 32, 4),
                           (128, 32, 8), (128, 16, 4), (256, 16, 8), (64, 64, 4)):
         if bc > 2 * max(16, triton.next_power_of_2(c_out)):
