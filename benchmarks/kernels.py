@@ -1,0 +1,176 @@
+"""Per-layer micro-benchmark of the conv kernels against cuDNN at real network shapes (fp16,
+channels_last, H100-class GPU): depthwise 3x3/5x5 (MnasNet, EfficientNet-B0, MobileNetV3),
+narrow pointwise 1x1 (8..64 channels), grouped 3x3 (ResNeXt-50 32x4d, RegNetY-400MF) and a few
+ResNet-50 layers as a regression check, at batch 32 and 1.
+
+Every candidate config (the first --max-configs, as the tuner would) is first checked against
+an fp32 F.conv2d reference on a NaN-poisoned output, then timed as the compiled forward runs it
+(``time_in_cuda_graph``); cuDNN (F.conv2d with bias, fp16 channels_last) is timed the same way.
+The table gives the best config, its time, cuDNN's, the memory floor (input + output + weight
+bytes at 3.0 TB/s) and the achieved fraction of it, and TFLOP/s; JSON holds every config's
+time. Once --budget-s is spent, the remaining layers time only their default config.
+
+    python benchmarks/kernels.py --out $OUT/kernels.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from torch_gie.kernels.conv2d import Conv2d  # noqa: E402
+from torch_gie.kernels.depthwise_conv2d import DepthwiseConv2d  # noqa: E402
+from torch_gie.testing import rel_err  # noqa: E402
+from torch_gie.timing import time_in_cuda_graph  # noqa: E402
+
+MEMORY_BW = 3.0e12  # bytes/s: the floor's assumed HBM bandwidth (H100 SXM reaches ~3.0-3.3)
+
+# kind -> [(name, C_in, C_out, k, stride, H, groups)]; padding is k // 2, square images.
+LAYERS: dict[str, list[tuple]] = {
+    "depthwise": [
+        ("mnas.dw3_32_s1_112", 32, 32, 3, 1, 112, 32), ("mnas.dw3_48_s2_112", 48, 48, 3, 2, 112, 48),
+        ("mnas.dw3_72_s1_56", 72, 72, 3, 1, 56, 72), ("mnas.dw5_72_s2_56", 72, 72, 5, 2, 56, 72),
+        ("mnas.dw5_120_s1_28", 120, 120, 5, 1, 28, 120), ("mnas.dw5_240_s2_28", 240, 240, 5, 2, 28, 240),
+        ("mnas.dw5_480_s1_14", 480, 480, 5, 1, 14, 480), ("mnas.dw5_1152_s1_7", 1152, 1152, 5, 1, 7, 1152),
+        ("effb0.dw3_96_s2_112", 96, 96, 3, 2, 112, 96), ("effb0.dw5_144_s2_56", 144, 144, 5, 2, 56, 144),
+        ("effb0.dw5_672_s2_14", 672, 672, 5, 2, 14, 672), ("mbv3.dw3_16_s1_112", 16, 16, 3, 1, 112, 16),
+        ("mbv3.dw3_64_s2_112", 64, 64, 3, 2, 112, 64), ("mbv3.dw3_184_s1_14", 184, 184, 3, 1, 14, 184),
+    ],
+    "pointwise": [
+        ("mnas.pw_32_16_112", 32, 16, 1, 1, 112, 1), ("mnas.pw_16_48_112", 16, 48, 1, 1, 112, 1),
+        ("mnas.pw_48_24_56", 48, 24, 1, 1, 56, 1), ("mbv3.pw_16_16_112", 16, 16, 1, 1, 112, 1),
+        ("mbv3.pw_16_64_112", 16, 64, 1, 1, 112, 1), ("mbv3.pw_64_24_56", 64, 24, 1, 1, 56, 1),
+        ("regnet.pw_32_48_s2_112", 32, 48, 1, 2, 112, 1), ("regnet.pw_48_48_56", 48, 48, 1, 1, 56, 1),
+    ],
+    "grouped": [
+        ("resnext.g3_128_56", 128, 128, 3, 1, 56, 32), ("resnext.g3_256_s2_56", 256, 256, 3, 2, 56, 32),
+        ("resnext.g3_256_28", 256, 256, 3, 1, 28, 32), ("resnext.g3_512_s2_28", 512, 512, 3, 2, 28, 32),
+        ("resnext.g3_512_14", 512, 512, 3, 1, 14, 32), ("resnext.g3_1024_7", 1024, 1024, 3, 1, 7, 32),
+        ("regnet.g3_48_s2_112", 48, 48, 3, 2, 112, 6), ("regnet.g3_104_28", 104, 104, 3, 1, 28, 13),
+        ("regnet.g3_208_14", 208, 208, 3, 1, 14, 26), ("regnet.g3_440_7", 440, 440, 3, 1, 7, 55),
+    ],
+    "resnet50": [
+        ("r50.c1_64_64_56", 64, 64, 1, 1, 56, 1), ("r50.c3_64_64_56", 64, 64, 3, 1, 56, 1),
+        ("r50.c1_256_128_56", 256, 128, 1, 1, 56, 1), ("r50.c3_128_128_s2_56", 128, 128, 3, 2, 56, 1),
+        ("r50.c3_512_512_7", 512, 512, 3, 1, 7, 1), ("r50.c1_1024_2048_s2_14", 1024, 2048, 1, 2, 14, 1),
+    ],
+}
+
+
+def make_case(c_in: int, c_out: int, k: int, s: int, h: int, g: int, batch: int) -> dict:
+    """Inputs, bound layer, fp32 reference and the layer's byte/flop counts."""
+    dev = torch.device("cuda")
+    x = torch.randn(batch, c_in, h, h, device=dev).to(torch.float16, memory_format=torch.channels_last)
+    w = (torch.randn(c_out, c_in // g, k, k, device=dev) / (c_in // g * k * k) ** 0.5).half()
+    b = torch.randn(c_out, device=dev) * 0.1
+    cls = DepthwiseConv2d if g == c_in and g > 1 else Conv2d
+    layer = cls(w, b, stride=s, padding=k // 2, groups=g, dtype=torch.float16, input_hw=(h, h), batch=batch)
+    ref = F.conv2d(x.float(), w.float(), b, s, k // 2, 1, g)
+    out = torch.empty(ref.shape, dtype=torch.float16, device=dev).contiguous(memory_format=torch.channels_last)
+    bytes_moved = (x.numel() + out.numel() + w.numel()) * 2
+    flops = 2 * out.numel() * (c_in // g) * k * k
+    return {"x": x, "w": w, "b": b.half(), "layer": layer, "ref": ref, "out": out, "bytes": bytes_moved,
+            "flops": flops, "stride": s, "pad": k // 2, "groups": g}
+
+
+def check_and_time(case: dict, config: dict) -> dict:
+    """One config: correctness on a poisoned output, then CUDA-graph replay time."""
+    layer, x, out = case["layer"], case["x"], case["out"]
+    layer.config = config
+    out.fill_(float("nan"))
+    layer(x, [out])
+    torch.cuda.synchronize()
+    err = rel_err(out, case["ref"]) if torch.isfinite(out).all() else float("inf")
+    if not err < 1e-2:
+        return {"config": config, "error": f"rel_err {err:.3g}"}
+    return {"config": config, "us": 1e3 * time_in_cuda_graph(lambda: layer(x, [out])), "rel_err": err}
+
+
+def time_cudnn(case: dict) -> float:
+    x, w, b = case["x"], case["w"], case["b"]
+    return 1e3 * time_in_cuda_graph(lambda: F.conv2d(x, w, b, case["stride"], case["pad"], 1, case["groups"]))
+
+
+def bench_layer(kind: str, spec: tuple, batch: int, max_configs: int, full: bool) -> dict:
+    name, c_in, c_out, k, s, h, g = spec
+    case = make_case(c_in, c_out, k, s, h, g, batch)
+    configs = case["layer"].configs[:max_configs if full else 1]
+    results = []
+    for config in configs:
+        try:
+            results.append(check_and_time(case, config))
+        except Exception as exc:  # a config may not compile or fit this GPU: report, go on
+            results.append({"config": config, "error": f"{type(exc).__name__}: {exc}"[:300]})
+    timed = [r for r in results if "us" in r]
+    best = min(timed, key=lambda r: r["us"]) if timed else None
+    cudnn = time_cudnn(case)
+    floor = 1e6 * case["bytes"] / MEMORY_BW
+    row = {"kind": kind, "layer": name, "batch": batch, "c_in": c_in, "c_out": c_out, "k": k, "stride": s,
+           "h": h, "groups": g, "bytes": case["bytes"], "flops": case["flops"], "floor_us": floor,
+           "cudnn_us": cudnn, "configs": results, "all_configs_timed": full}
+    if best is not None:
+        row.update(best_us=best["us"], best_config=best["config"], default_us=results[0].get("us"),
+                   floor_fraction=floor / best["us"], tflops=case["flops"] / best["us"] / 1e6)
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'layer':28} {'batch':>5} {'ours us':>9} {'dflt us':>9} {'cuDNN us':>9} {'floor us':>9} "
+            f"{'floor/ours':>10} {'TFLOP/s':>8}  best config")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "best_us" not in r:
+            lines.append(f"{r['layer']:28} {r['batch']:>5} {'FAILED':>9} {'':>9} {r['cudnn_us']:>9.1f}")
+            continue
+        cfg = {k: v for k, v in r["best_config"].items() if v not in (False, None)}
+        dflt = f"{r['default_us']:9.1f}" if r["default_us"] else f"{'-':>9}"
+        lines.append(f"{r['layer']:28} {r['batch']:>5} {r['best_us']:9.1f} {dflt} {r['cudnn_us']:9.1f} "
+                     f"{r['floor_us']:9.1f} {r['floor_fraction']:10.2f} {r['tflops']:8.1f}  {cfg}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON output path")
+    p.add_argument("--kinds", default=",".join(LAYERS), help=f"comma list of {list(LAYERS)}")
+    p.add_argument("--batches", default="32,1")
+    p.add_argument("--max-configs", type=int, default=8, help="candidates timed per layer (the tuner's 8)")
+    p.add_argument("--budget-s", type=float, default=150.0,
+                   help="after this many seconds, layers time only their default config (Triton "
+                        "compiles dominate a first run; the total stays near 4 minutes on an H100)")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False  # the fp32 reference stays fp32
+    torch.manual_seed(0)
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": __import__("triton").__version__, "max_configs": args.max_configs}
+    rows, start = [], time.time()
+    for kind in args.kinds.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            for spec in LAYERS[kind]:
+                full = time.time() - start < args.budget_s
+                try:
+                    row = bench_layer(kind, spec, batch, args.max_configs, full)
+                except Exception:
+                    row = {"kind": kind, "layer": spec[0], "batch": batch, "cudnn_us": float("nan"),
+                           "error": traceback.format_exc()[-2000:]}
+                rows.append(row)
+                print(f"[{time.time() - start:6.1f}s] {kind} {spec[0]} b{batch}: "
+                      f"ours {row.get('best_us', float('nan')):.1f} us, cuDNN {row['cudnn_us']:.1f} us",
+                      flush=True)
+                with open(args.out, "w") as f:  # after every layer, so a cut-short run keeps its rows
+                    json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()
