@@ -658,3 +658,52 @@ def test_gate_errors(device):
     dw = DepthwiseConv2d(torch.randn(4, 1, 3, 3, device=device), groups=4, dtype=torch.float32)
     with pytest.raises(ValueError, match="no gate"):
         dw(x, [torch.empty(2, 4, 1, 1, device=device)], gate=torch.rand(2, 4, device=device))
+
+
+# 1x1 projections after a squeeze-and-excitation block (C_in, C_out, H): EfficientNet-B0 and
+# MobileNetV3-Large; and narrow pointwise convs of MnasNet / MobileNetV3.
+SE_PROJECTIONS = [(144, 24, 56), (480, 112, 14), (1152, 320, 7), (72, 40, 28), (672, 160, 7)]
+NARROW_POINTWISE = [(32, 16, 112), (16, 48, 112), (16, 64, 112), (64, 24, 56)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [32, 1])
+@pytest.mark.parametrize("c_in,c_out,h", SE_PROJECTIONS)
+def test_gated_projection_every_config_gpu(c_in, c_out, h, batch):
+    """conv(x * gate) at real shapes; the tuner's first 8 configs (split-K ones at batch 1)."""
+    dev = torch.device("cuda")
+    x = torch.randn(batch, c_in, h, h, device=dev).to(torch.float16, memory_format=torch.channels_last)
+    gate = torch.sigmoid(torch.randn(batch, c_in, device=dev)).half()
+    wt = (torch.randn(c_out, c_in, 1, 1, device=dev) / c_in ** 0.5).half()
+    b = torch.randn(c_out, device=dev)
+    ref = reference(x.float() * gate.float()[:, :, None, None], wt, b, 1, 0, 1, 1)
+    layer = Conv2d(wt, b, input_hw=(h, h), batch=batch)
+    for config in layer.configs[:8]:
+        layer.config = config
+        out = poisoned(tuple(ref.shape), torch.float16, dev)
+        layer(x, [out], gate=gate)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2, config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c_in,c_out,h", NARROW_POINTWISE)
+def test_narrow_pointwise_every_config_gpu(c_in, c_out, h):
+    x, ref, layer = _gpu_case(c_in, c_out, 1, 1, 0, h, 1, batch=32, sized=True)
+    for config in layer.configs[:8]:
+        layer.config = config
+        check_layer_fp16(x, ref, layer)
+
+
+@pytest.mark.gpu
+def test_asymmetric_padding_gpu():
+    """TensorFlow "SAME" stride-2 padding (0, 1, 0, 1) at an EfficientNet-like shape, every config."""
+    dev = torch.device("cuda")
+    x = torch.randn(8, 32, 112, 112, device=dev).to(torch.float16, memory_format=torch.channels_last)
+    wt = (torch.randn(64, 32, 3, 3, device=dev) / 17).half()
+    b = torch.randn(64, device=dev)
+    ref = reference(x, wt, b, 2, (0, 1, 0, 1), 1, 1, "relu")
+    layer = Conv2d(wt, b, stride=2, padding=(0, 1, 0, 1), activation="relu", input_hw=(112, 112), batch=8)
+    for config in layer.configs[:8]:
+        layer.config = config
+        check_layer_fp16(x, ref, layer)
