@@ -89,10 +89,12 @@ def _split_range(total, STEP: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def _gated(a, gate_ptrs, mask, HAS_GATE: tl.constexpr, MASKED: tl.constexpr):
-    """a * gate (the [rows, k] gate values at gate_ptrs; mask only if MASKED) in fp32, back in
-    a's dtype for the dot: the same rounding as an eager fp16 ``x * gate`` before the conv."""
+def _gated(a, gate_rows, c, s_gc, mask, HAS_GATE: tl.constexpr, MASKED: tl.constexpr):
+    """a [rows, k] * gate[row's image, channel c] (gate_rows: each row's gate at channel 0; the
+    mask only if MASKED) in fp32, back in a's dtype for the dot: the same rounding as an eager
+    fp16 ``x * gate`` before the conv. Without a gate, a passes through untouched."""
     if HAS_GATE:
+        gate_ptrs = gate_rows[:, None] + (c * s_gc)[None, :]
         if MASKED:
             gv = tl.load(gate_ptrs, mask=mask, other=0.0)
         else:
@@ -109,14 +111,13 @@ def _accumulate(acc, a_rows, inside, b_cols, c, C_in_g, s_xc, gate_rows, s_gc,
     gate for channel 0 (HAS_GATE)."""
     a_ptrs = a_rows[:, None] + (c * s_xc)[None, :]
     b_ptrs = b_cols[None, :] + c[:, None]
-    g_ptrs = gate_rows[:, None] + (c * s_gc)[None, :]
     if EVEN_K:
         a = tl.load(a_ptrs, mask=inside[:, None], other=0.0)
-        a = _gated(a, g_ptrs, inside[:, None], HAS_GATE, False)
+        a = _gated(a, gate_rows, c, s_gc, inside[:, None], HAS_GATE, False)
         b = tl.load(b_ptrs)
     else:
         a = tl.load(a_ptrs, mask=inside[:, None] & (c < C_in_g)[None, :], other=0.0)
-        a = _gated(a, g_ptrs, (c < C_in_g)[None, :], HAS_GATE, True)
+        a = _gated(a, gate_rows, c, s_gc, (c < C_in_g)[None, :], HAS_GATE, True)
         b = tl.load(b_ptrs, mask=(c < C_in_g)[:, None], other=0.0)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
@@ -213,8 +214,7 @@ def _conv2d_kernel(
             iw = (ow * STRIDE_W - PAD_W)[:, None] + (kw * DIL_W)[None, :]
             a_mask = (k < K_total)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a = tl.load(x_rows[:, None] + ih * s_xh + iw * s_xw + (c * s_xc)[None, :], mask=a_mask, other=0.0)
-            a = _gated(a, gate_rows[:, None] + (c * s_gc)[None, :], (k < K_total)[None, :], HAS_GATE,
-                       True)
+            a = _gated(a, gate_rows, c, s_gc, (k < K_total)[None, :], HAS_GATE, True)
             b = tl.load(w_cols[None, :] + k[:, None], mask=(k < K_total)[:, None], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     elif FLAT_K:
