@@ -2,11 +2,17 @@
 normalize every supported module, function and method into one canonical op (``torch_gie.ops``).
 
 Whatever is not recognised is kept as the original fx node (a *fallback*); it runs the user's
-own PyTorch code, so any traceable model compiles, and the report lists what fell back.
+own PyTorch code, so any traceable model compiles, and the report lists what fell back and why
+(``meta["fallback_reason"]``).
+
+Modules, functions and methods are matched through one table per kind of op (activations,
+elementwise arithmetic, views, reductions), so ``nn.ReLU()``, ``F.relu`` and ``x.relu()`` all
+become the same canonical node.
 """
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,26 +25,86 @@ from torch.fx.operator_schemas import normalize_function
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from . import ops
+from .activations import Act
 from .errors import CompileError
 
 log = logging.getLogger(__name__)
 
 Canonical = tuple[Callable, list, Any]  # (op function, input nodes, spec)
 
-_ACTIVATION_MODULES = {
-    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
-    nn.Hardsigmoid: "hardsigmoid", nn.Sigmoid: "sigmoid",
+
+class _NotCanonical(Exception):
+    """Raised inside a normalizer: this node stays a fallback (the message says why)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: module type / function / method name -> how to read its Act (and PReLU slope).
+
+def _fixed(name: str) -> Callable[..., Act]:
+    return lambda *args, **kwargs: Act(name)
+
+
+def _gelu(approximate: str = "none") -> Act:
+    return Act("gelu" if approximate == "none" else "gelu_tanh")
+
+
+def _hardtanh(min_val: float = -1.0, max_val: float = 1.0) -> Act:
+    return Act("relu6") if (min_val, max_val) == (0.0, 6.0) else Act("clamp", min_val, max_val)
+
+
+def _softplus(beta: float = 1.0, threshold: float = 20.0) -> Act:
+    if (beta, threshold) != (1.0, 20.0):
+        raise _NotCanonical(f"softplus with beta={beta}, threshold={threshold} (only 1, 20 fuse)")
+    return Act("softplus")
+
+
+def _clamp(lo, hi) -> Act:
+    if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)) or (lo is None and hi is None):
+        raise _NotCanonical("clamp bounds that are not numbers")
+    if lo == 0 and hi is None:
+        return Act("relu")
+    if (lo, hi) == (0, 6):
+        return Act("relu6")
+    return Act("clamp", -math.inf if lo is None else lo, math.inf if hi is None else hi)
+
+
+_ACT_MODULES: dict[type, Callable[[nn.Module], Act]] = {
+    nn.ReLU: _fixed("relu"), nn.ReLU6: _fixed("relu6"), nn.SiLU: _fixed("silu"),
+    nn.Hardswish: _fixed("hardswish"), nn.Hardsigmoid: _fixed("hardsigmoid"), nn.Sigmoid: _fixed("sigmoid"),
+    nn.Mish: _fixed("mish"), nn.Tanh: _fixed("tanh"), nn.SELU: _fixed("selu"),
+    nn.GELU: lambda m: _gelu(m.approximate),
+    nn.LeakyReLU: lambda m: Act("leaky_relu", m.negative_slope),
+    nn.ELU: lambda m: Act("elu", m.alpha),
+    nn.Hardtanh: lambda m: _hardtanh(m.min_val, m.max_val),
+    nn.Softplus: lambda m: _softplus(m.beta, m.threshold),
 }
-_ACTIVATION_FUNCTIONS = {
-    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.relu6: "relu6",
-    F.silu: "silu", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid",
-    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+_ACT_FUNCTIONS: dict[Callable, Callable[..., Act]] = {
+    F.relu: _fixed("relu"), torch.relu: _fixed("relu"), torch.relu_: _fixed("relu"), F.relu_: _fixed("relu"),
+    F.relu6: _fixed("relu6"), F.silu: _fixed("silu"), F.hardswish: _fixed("hardswish"),
+    F.hardsigmoid: _fixed("hardsigmoid"), torch.sigmoid: _fixed("sigmoid"), F.sigmoid: _fixed("sigmoid"),
+    F.mish: _fixed("mish"), torch.tanh: _fixed("tanh"), F.tanh: _fixed("tanh"), F.selu: _fixed("selu"),
+    F.gelu: lambda x, approximate="none": _gelu(approximate),
+    F.leaky_relu: lambda x, negative_slope=0.01, inplace=False: Act("leaky_relu", negative_slope),
+    F.elu: lambda x, alpha=1.0, inplace=False: Act("elu", alpha),
+    F.hardtanh: lambda x, min_val=-1.0, max_val=1.0, inplace=False: _hardtanh(min_val, max_val),
+    F.softplus: lambda x, beta=1.0, threshold=20.0: _softplus(beta, threshold),
+    torch.clamp: lambda x, min=None, max=None: _clamp(min, max),
+    torch.clip: lambda x, min=None, max=None: _clamp(min, max),
 }
-_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid"}
+_ACT_METHODS: dict[str, Callable[..., Act]] = {
+    "relu": _fixed("relu"), "relu_": _fixed("relu"), "sigmoid": _fixed("sigmoid"), "tanh": _fixed("tanh"),
+    "clamp": lambda x, min=None, max=None: _clamp(min, max), "clamp_": lambda x, min=None, max=None: _clamp(min, max),
+    "clip": lambda x, min=None, max=None: _clamp(min, max),
+}
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout)
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
+# Elementwise arithmetic: (function or method name) -> operator kind.
+_ARITH_FUNCTIONS = {operator.add: "add", operator.iadd: "add", torch.add: "add", operator.mul: "mul",
+                    operator.imul: "mul", torch.mul: "mul", operator.sub: "sub", operator.isub: "sub",
+                    torch.sub: "sub", operator.truediv: "div", operator.itruediv: "div", torch.div: "div"}
+_ARITH_METHODS = {"add": "add", "add_": "add", "mul": "mul", "mul_": "mul", "sub": "sub", "sub_": "sub",
+                  "div": "div", "div_": "div"}
 
 
 def _pair(v) -> tuple[int, int]:
@@ -51,38 +117,43 @@ def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
         return None
     if isinstance(node, fx.Node) and node.op == "get_attr":
         return operator.attrgetter(node.target)(gm).detach()
-    raise _NotCanonical
+    raise _NotCanonical("a weight that is computed at run time, not a module constant")
 
 
-class _NotCanonical(Exception):
-    """Raised inside a normalizer: this node stays a fallback."""
+def _shape(node) -> tuple[int, ...] | None:
+    return tuple(node.meta["shape"]) if isinstance(node, fx.Node) and "shape" in node.meta else None
 
 
-def _conv_padding(padding, weight: torch.Tensor, dilation, stride) -> tuple[int, int]:
+def _dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution, normalization, pooling.
+
+def _conv_padding(padding, weight: torch.Tensor, dilation, stride) -> ops.Pair | ops.Quad:
     if isinstance(padding, str):
         if padding == "valid":
             return (0, 0)
         if padding == "same" and tuple(stride) == (1, 1):
-            pads = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
-            if any(p % 2 for p in pads):  # asymmetric padding: not expressible as one pair
-                raise _NotCanonical
-            return (pads[0] // 2, pads[1] // 2)
-        raise _NotCanonical
+            # PyTorch puts the odd pixel of an even total on the bottom/right side.
+            (th, tw) = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+            return ops.symmetric((th // 2, th - th // 2, tw // 2, tw - tw // 2))
+        raise _NotCanonical(f"conv padding={padding!r} with stride {tuple(stride)}")
     return _pair(padding)
 
 
-def _conv(gm, x, weight, bias, stride, padding, dilation, groups) -> Canonical:
-    if weight.dim() != 4:
-        raise _NotCanonical
+def _conv(x, weight, bias, stride, padding, dilation, groups) -> Canonical:
+    if weight is None or weight.dim() != 4:
+        raise _NotCanonical("not a 2D convolution")
     stride, dilation = _pair(stride), _pair(dilation)
-    spec = ops.ConvSpec(weight, bias, stride, _conv_padding(padding, weight, dilation, stride),
-                        dilation, groups)
+    spec = ops.ConvSpec(weight, bias, stride, _conv_padding(padding, weight, dilation, stride), dilation, groups)
     return ops.conv2d, [x], spec
 
 
 def _batch_norm(x, mean, var, weight, bias, eps) -> Canonical:
     if mean is None or var is None:
-        raise _NotCanonical
+        raise _NotCanonical("batch norm without running statistics")
     scale = torch.rsqrt(var.float() + eps)
     if weight is not None:
         scale = scale * weight.float()
@@ -90,6 +161,13 @@ def _batch_norm(x, mean, var, weight, bias, eps) -> Canonical:
     if bias is not None:
         shift = shift + bias.float()
     return ops.affine, [x], ops.AffineSpec(scale, shift)
+
+
+def _layer_norm(node: fx.Node, x, normalized_shape, weight, bias, eps) -> Canonical:
+    shape = _shape(x)
+    if shape is None or tuple(normalized_shape) != shape[-1:]:
+        raise _NotCanonical(f"layer norm over {tuple(normalized_shape)} (only the last dim is lowered)")
+    return ops.layer_norm, [x], ops.LayerNormSpec(weight, bias, float(eps), -1)
 
 
 def _pool(kind, x, kernel_size, stride, padding, dilation=1, ceil_mode=False,
@@ -101,56 +179,175 @@ def _pool(kind, x, kernel_size, stride, padding, dilation=1, ceil_mode=False,
     return ops.pool2d, [x], spec
 
 
+def _adaptive_pool(node: fx.Node, kind: str, x) -> Canonical:
+    out_shape = _shape(node)
+    if out_shape is None or len(out_shape) != 4:
+        raise _NotCanonical("adaptive pooling of a tensor that is not 4D")
+    return ops.adaptive_pool2d, [x], ops.AdaptivePoolSpec(kind, tuple(out_shape[2:]))
+
+
+def _spatial_reduction(node: fx.Node, kind: str, x, dims, keepdim=False, dtype=None) -> Canonical:
+    """``x.mean((2, 3))`` / ``x.amax((-2, -1), keepdim=True)``: a global pool."""
+    shape = _shape(x)
+    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+    if shape is None or len(shape) != 4 or dtype is not None or \
+            sorted(_dim(d, 4) for d in dims) != [2, 3]:
+        raise _NotCanonical(f"{kind} over dims {dims} (only the spatial dims (2, 3) of a 4D tensor)")
+    return ops.adaptive_pool2d, [x], ops.AdaptivePoolSpec(kind, (1, 1), keepdim=bool(keepdim))
+
+
+def _pad(x, pads, mode="constant", value=None) -> Canonical:
+    shape = _shape(x)
+    pads = tuple(pads)
+    if mode != "constant" or shape is None or len(shape) != 4 or len(pads) not in (2, 4) or min(pads) < 0:
+        raise _NotCanonical(f"pad mode={mode!r} pads={pads} (constant non-negative spatial pads of a 4D tensor)")
+    return ops.pad, [x], ops.PadSpec(pads + (0,) * (4 - len(pads)), float(value or 0.0))
+
+
+def _prelu(x, weight: torch.Tensor) -> Canonical:
+    weight = weight.detach().float().reshape(-1)
+    if weight.numel() == 1:
+        return ops.activation, [x], ops.ActivationSpec(Act("leaky_relu", weight.item()))
+    shape = _shape(x)
+    if shape is None or len(shape) < 2 or shape[ops.channel_dim(len(shape))] != weight.numel():
+        raise _NotCanonical("PReLU whose slopes do not run along the channel dim")
+    return ops.activation, [x], ops.ActivationSpec(Act("prelu"), weight)
+
+
 def _normalize_module(gm: fx.GraphModule, node: fx.Node) -> Canonical:
     mod = gm.get_submodule(node.target)
     x = node.args[0] if node.args else None
     if len(node.args) != 1 or node.kwargs:
-        raise _NotCanonical
-    if type(mod) is nn.Conv2d and mod.padding_mode == "zeros":
-        return _conv(gm, x, mod.weight.detach(), None if mod.bias is None else mod.bias.detach(),
+        raise _NotCanonical(f"{type(mod).__name__} called with {len(node.args)} args / keywords")
+    kind = type(mod)
+    if kind is nn.Conv2d and mod.padding_mode == "zeros":
+        return _conv(x, mod.weight.detach(), None if mod.bias is None else mod.bias.detach(),
                      mod.stride, mod.padding, mod.dilation, mod.groups)
-    if type(mod) is nn.Linear:
-        return ops.linear, [x], ops.LinearSpec(mod.weight.detach(),
-                                               None if mod.bias is None else mod.bias.detach())
-    if type(mod) in (nn.BatchNorm2d, nn.BatchNorm1d) and mod.track_running_stats:
+    if kind is nn.Linear:
+        return ops.linear, [x], ops.LinearSpec(mod.weight.detach(), None if mod.bias is None else mod.bias.detach())
+    if kind in (nn.BatchNorm2d, nn.BatchNorm1d) and mod.track_running_stats:
         return _batch_norm(x, mod.running_mean, mod.running_var,
                            None if mod.weight is None else mod.weight.detach(),
                            None if mod.bias is None else mod.bias.detach(), mod.eps)
-    if type(mod) in _ACTIVATION_MODULES:
-        return ops.activation, [x], ops.ActivationSpec(_ACTIVATION_MODULES[type(mod)])
-    if type(mod) is nn.GELU:
-        return ops.activation, [x], ops.ActivationSpec("gelu" if mod.approximate == "none" else "gelu_tanh")
-    if type(mod) is nn.MaxPool2d and not mod.return_indices:
+    if kind is nn.LayerNorm:
+        return _layer_norm(node, x, mod.normalized_shape, None if mod.weight is None else mod.weight.detach(),
+                           None if mod.bias is None else mod.bias.detach(), mod.eps)
+    if kind in _ACT_MODULES:
+        return ops.activation, [x], ops.ActivationSpec(_ACT_MODULES[kind](mod))
+    if kind is nn.PReLU:
+        return _prelu(x, mod.weight)
+    if kind is nn.MaxPool2d and not mod.return_indices:
         return _pool("max", x, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode)
-    if type(mod) is nn.AvgPool2d:
+    if kind is nn.AvgPool2d:
         return _pool("avg", x, mod.kernel_size, mod.stride, mod.padding, 1, mod.ceil_mode,
                      mod.count_include_pad, mod.divisor_override)
-    if type(mod) is nn.AdaptiveAvgPool2d:
-        return _adaptive_pool(node, x, mod.output_size)
-    if type(mod) is nn.Flatten:
+    if kind is nn.AdaptiveAvgPool2d:
+        return _adaptive_pool(node, "avg", x)
+    if kind is nn.AdaptiveMaxPool2d and not mod.return_indices:
+        return _adaptive_pool(node, "max", x)
+    if kind in (nn.ZeroPad2d, nn.ConstantPad2d):
+        return _pad(x, mod.padding, "constant", getattr(mod, "value", 0.0))
+    if kind is nn.Flatten:
         return ops.flatten, [x], ops.FlattenSpec(mod.start_dim, mod.end_dim)
+    if kind is nn.ChannelShuffle:
+        return ops.channel_shuffle, [x], ops.ChannelShuffleSpec(mod.groups)
     if isinstance(mod, _DROPOUT_MODULES):
         return ops.identity, [x], ops.IdentitySpec(type(mod).__name__)
-    raise _NotCanonical
+    raise _NotCanonical(f"no lowering for module {type(mod).__name__}")
 
 
-def _adaptive_pool(node: fx.Node, x, output_size) -> Canonical:
-    out_shape = node.meta.get("shape")
-    if out_shape is None or len(out_shape) != 4:
-        raise _NotCanonical
-    return ops.adaptive_avg_pool2d, [x], ops.AdaptiveAvgPoolSpec(tuple(out_shape[2:]))
+# ---------------------------------------------------------------------------------------------
+# Elementwise arithmetic: same-shape tensors, broadcast gates, and per-channel constants.
 
+def _as_constant(gm: fx.GraphModule, v) -> torch.Tensor | None:
+    """A Python number or a module constant as a float tensor; None for a computed tensor."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return torch.tensor(float(v))
+    if isinstance(v, fx.Node) and v.op == "get_attr":
+        t = operator.attrgetter(v.target)(gm)
+        return t.detach().float() if isinstance(t, torch.Tensor) else None
+    return None
+
+
+def _per_channel_vector(const: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """``const`` as a [C] vector if, broadcast against ``shape``, it varies only along the
+    channel dim (or not at all); else None."""
+    rank = len(shape)
+    if const.dim() > rank:
+        return None
+    full = const.reshape((1,) * (rank - const.dim()) + tuple(const.shape))
+    cdim = ops.channel_dim(rank) % rank
+    if any(s != 1 for d, s in enumerate(full.shape) if d != cdim):
+        return None
+    c = shape[cdim]
+    if full.shape[cdim] not in (1, c):
+        return None
+    return full.reshape(-1).expand(c).clone()
+
+
+def _arith(gm: fx.GraphModule, node: fx.Node, kind: str, a, b, alpha=1) -> Canonical:
+    out_shape = _shape(node)
+    if out_shape is None or alpha != 1:
+        raise _NotCanonical(f"{kind} with alpha={alpha}")
+    ca, cb = _as_constant(gm, a), _as_constant(gm, b)
+    if ca is None and cb is None:
+        return _tensor_arith(kind, a, b, out_shape)
+    if ca is not None and cb is not None:
+        raise _NotCanonical("arithmetic on constants only")
+    x, const, x_first = (a, cb, True) if cb is not None else (b, ca, False)
+    if _shape(x) != out_shape:
+        raise _NotCanonical("a constant that broadcasts the tensor to a larger shape")
+    vec = _per_channel_vector(const, out_shape)
+    if vec is None:
+        other = b if x_first else a
+        if kind in ("add", "mul") and isinstance(other, fx.Node):
+            # A module constant that varies along other dims (a position embedding): a broadcast input.
+            return (ops.add, [x, other], ops.AddSpec()) if kind == "add" else (ops.mul, [x, other], ops.MulSpec())
+        raise _NotCanonical(f"{kind} by a constant of shape {tuple(const.shape)}")
+    ones, zeros = torch.ones_like(vec), torch.zeros_like(vec)
+    if kind == "mul":
+        scale, shift = vec, zeros
+    elif kind == "add":
+        scale, shift = ones, vec
+    elif kind == "sub":
+        scale, shift = (ones, -vec) if x_first else (-ones, vec)
+    else:  # div
+        if not x_first:
+            raise _NotCanonical("a constant divided by a tensor")
+        scale, shift = 1.0 / vec, zeros
+    return ops.affine, [x], ops.AffineSpec(scale, shift)
+
+
+def _broadcasts_to(small: tuple[int, ...], big: tuple[int, ...]) -> bool:
+    if len(small) > len(big):
+        return False
+    small = (1,) * (len(big) - len(small)) + small
+    return all(s in (1, b) for s, b in zip(small, big))
+
+
+def _tensor_arith(kind: str, a, b, out_shape) -> Canonical:
+    sa, sb = _shape(a), _shape(b)
+    if sa is None or sb is None or kind not in ("add", "mul"):
+        raise _NotCanonical(f"{kind} of two computed tensors" if kind in ("sub", "div")
+                            else "arithmetic on non-tensors")
+    if a.meta["dtype"] != b.meta["dtype"]:
+        raise _NotCanonical("arithmetic across dtypes")
+    # The full-size operand first: the kernels broadcast the second (an SE gate (N, C, 1, 1)).
+    if sa != out_shape:
+        a, b, sa, sb = b, a, sb, sa
+    if sa != out_shape or not _broadcasts_to(sb, sa):
+        raise _NotCanonical("arithmetic where neither operand has the result's shape")
+    return (ops.add, [a, b], ops.AddSpec()) if kind == "add" else (ops.mul, [a, b], ops.MulSpec())
+
+
+# ---------------------------------------------------------------------------------------------
+# Views: channel slices (chunk / split / narrow / x[:, a:b]), permutes, reshapes.
 
 def _kwargs(node: fx.Node) -> dict:
     norm = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
     if norm is None:
-        raise _NotCanonical
+        raise _NotCanonical(f"could not read the arguments of {getattr(node.target, '__name__', node.target)}")
     return dict(norm.kwargs)
-
-
-def _same_shape_tensors(a, b) -> bool:
-    return (isinstance(a, fx.Node) and isinstance(b, fx.Node) and "shape" in a.meta and "shape" in b.meta
-            and a.meta["shape"] == b.meta["shape"] and a.meta["dtype"] == b.meta["dtype"])
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
@@ -161,47 +358,142 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+_SPLITS = {("call_method", "chunk"): "chunk", ("call_function", torch.chunk): "chunk",
+           ("call_method", "split"): "split", ("call_function", torch.split): "split",
+           ("call_method", "tensor_split"): None, ("call_method", "unbind"): None}
+
+
+def _split_slice(node: fx.Node) -> Canonical:
+    """``getitem(chunk(x, k, dim=1), i)`` / ``getitem(split(x, s, dim=1), i)``: a channel slice."""
+    parent, index = node.args
+    kind = _SPLITS.get((parent.op, parent.target))
+    if kind is None or not isinstance(index, int):
+        raise _NotCanonical("an item of a tuple this capture does not know")
+    x = parent.args[0]
+    shape = _shape(x)
+    how = _arg(parent, 1, "chunks" if kind == "chunk" else "split_size_or_sections")
+    if kind == "split" and parent.op == "call_method" and how is None:
+        how = parent.kwargs.get("split_size")
+    dim = _arg(parent, 2, "dim", 0)
+    if shape is None or not isinstance(dim, int) or _dim(dim, len(shape)) != 1 or how is None:
+        raise _NotCanonical(f"{kind} along dim {dim} (only the channel dim 1 becomes a view)")
+    parts = torch.arange(shape[1])
+    pieces = parts.chunk(how) if kind == "chunk" else parts.split(how)
+    piece = pieces[index]
+    return ops.channel_slice, [x], ops.SliceSpec(int(piece[0]), len(piece), 1)
+
+
+def _getitem(node: fx.Node) -> Canonical:
+    src, index = node.args
+    if not isinstance(src, fx.Node):
+        raise _NotCanonical("indexing a non-tensor")
+    if (src.op, src.target) in _SPLITS:
+        return _split_slice(node)
+    shape = _shape(src)
+    if shape is None or not isinstance(index, tuple) or len(index) < 2:
+        raise _NotCanonical("indexing other than x[:, start:stop:step]")
+    first, chan, *rest = index
+    full = slice(None, None, None)
+    if first != full or not isinstance(chan, slice) or any(r not in (full, Ellipsis) for r in rest):
+        raise _NotCanonical("indexing other than x[:, start:stop:step]")
+    start, stop, step = chan.indices(shape[1])
+    length = len(range(start, stop, step))
+    if step < 1 or length < 1:
+        raise _NotCanonical("an empty or reversed channel slice")
+    return ops.channel_slice, [src], ops.SliceSpec(start, length, step)
+
+
+def _dims_arg(args) -> tuple[int, ...]:
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = args[0]
+    if not all(isinstance(d, int) for d in args):
+        raise _NotCanonical("dims computed at run time")
+    return tuple(args)
+
+
+def _permute(x, dims) -> Canonical:
+    shape = _shape(x)
+    if shape is None:
+        raise _NotCanonical("permute of a non-tensor")
+    return ops.permute, [x], ops.PermuteSpec(tuple(_dim(d, len(shape)) for d in dims))
+
+
+def _transpose(x, d0, d1) -> Canonical:
+    shape = _shape(x)
+    if shape is None or not isinstance(d0, int) or not isinstance(d1, int):
+        raise _NotCanonical("transpose of a non-tensor or by computed dims")
+    dims = list(range(len(shape)))
+    d0, d1 = _dim(d0, len(shape)), _dim(d1, len(shape))
+    dims[d0], dims[d1] = dims[d1], dims[d0]
+    return ops.permute, [x], ops.PermuteSpec(tuple(dims))
+
+
+def _reshape(node: fx.Node, x) -> Canonical:
+    out_shape = _shape(node)
+    if out_shape is None or _shape(x) is None:
+        raise _NotCanonical("reshape of a non-tensor")
+    return ops.reshape, [x], ops.ReshapeSpec(out_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch on functions and methods.
+
+def _cat(node: fx.Node) -> Canonical:
+    tensors, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
+    rank = len(node.meta.get("shape", ()))
+    if rank not in (2, 4) or not isinstance(dim, int) or dim % rank != 1 \
+            or not all(isinstance(n, fx.Node) for n in tensors):
+        raise _NotCanonical(f"cat along dim {dim} of a rank-{rank} tensor (only channel cats are lowered)")
+    return ops.cat, list(tensors), ops.CatSpec(1)
+
+
 def _normalize_function(gm: fx.GraphModule, node: fx.Node) -> Canonical:
     t = node.target
-    if t in _ADD_FUNCTIONS:
-        if len(node.args) != 2 or node.kwargs or not _same_shape_tensors(*node.args):
-            raise _NotCanonical
-        return ops.add, list(node.args), ops.AddSpec()
+    if t is operator.getitem:
+        return _getitem(node)
+    if t in _ARITH_FUNCTIONS:
+        if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+            raise _NotCanonical(f"{_ARITH_FUNCTIONS[t]} with extra arguments")
+        return _arith(gm, node, _ARITH_FUNCTIONS[t], *node.args, **node.kwargs)
     if t in _CAT_FUNCTIONS:
-        tensors, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
-        rank = len(node.meta.get("shape", ()))
-        if rank not in (2, 4) or not isinstance(dim, int) or dim % rank != 1 \
-                or not all(isinstance(n, fx.Node) for n in tensors):
-            raise _NotCanonical
-        return ops.cat, list(tensors), ops.CatSpec(1)
+        return _cat(node)
     if t is torch.flatten:
         return ops.flatten, [_arg(node, 0, "input")], ops.FlattenSpec(_arg(node, 1, "start_dim", 0),
                                                                        _arg(node, 2, "end_dim", -1))
-    if t in _ACTIVATION_FUNCTIONS and len(node.args) >= 1 and not set(node.kwargs) - {"inplace"}:
-        return ops.activation, [node.args[0]], ops.ActivationSpec(_ACTIVATION_FUNCTIONS[t])
-    kw = _kwargs(node)
-    x = kw.get("input")
-    if t in _ACTIVATION_FUNCTIONS:
-        return ops.activation, [x], ops.ActivationSpec(_ACTIVATION_FUNCTIONS[t])
-    if t is F.gelu:
-        return ops.activation, [x], ops.ActivationSpec("gelu" if kw.get("approximate", "none") == "none"
-                                                        else "gelu_tanh")
-    if t is F.hardtanh and kw.get("min_val", -1.0) == 0.0 and kw.get("max_val", 1.0) == 6.0:
-        return ops.activation, [x], ops.ActivationSpec("relu6")
+    if t in (torch.permute,):
+        return _permute(node.args[0], _dims_arg(node.args[1:] or (node.kwargs["dims"],)))
+    if t in (torch.transpose, torch.swapaxes):
+        return _transpose(*node.args)
+    if t in (torch.reshape,):
+        return _reshape(node, node.args[0])
+    if t in (torch.mean, torch.amax):
+        return _spatial_reduction(node, "avg" if t is torch.mean else "max", node.args[0],
+                                  _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False), node.kwargs.get("dtype"))
+    if t is torch.narrow:
+        return _narrow(node.args[0], *node.args[1:])
     if getattr(t, "__name__", "") == "stochastic_depth" and getattr(t, "__module__", "").startswith("torchvision"):
         if node.kwargs.get("training", node.args[3] if len(node.args) > 3 else True):
-            raise _NotCanonical
+            raise _NotCanonical("stochastic depth in training mode")
         return ops.identity, [node.args[0]], ops.IdentitySpec("stochastic_depth")
+    if t in _ACT_FUNCTIONS:
+        return ops.activation, [node.args[0]], ops.ActivationSpec(_ACT_FUNCTIONS[t](*node.args, **node.kwargs))
+    kw = _kwargs(node)
+    x = kw.get("input")
     if t in _DROPOUT_FUNCTIONS and not kw.get("training", True):
         return ops.identity, [x], ops.IdentitySpec(t.__name__)
+    if t is F.prelu:
+        return _prelu(x, _attr(gm, kw["weight"]))
     if t is F.conv2d:
-        return _conv(gm, x, _attr(gm, kw["weight"]), _attr(gm, kw.get("bias")), kw.get("stride", 1),
+        return _conv(x, _attr(gm, kw["weight"]), _attr(gm, kw.get("bias")), kw.get("stride", 1),
                      kw.get("padding", 0), kw.get("dilation", 1), kw.get("groups", 1))
     if t is F.linear:
         return ops.linear, [x], ops.LinearSpec(_attr(gm, kw["weight"]), _attr(gm, kw.get("bias")))
     if t is F.batch_norm and not kw.get("training", False):
         return _batch_norm(x, _attr(gm, kw["running_mean"]), _attr(gm, kw["running_var"]),
                            _attr(gm, kw.get("weight")), _attr(gm, kw.get("bias")), kw.get("eps", 1e-5))
+    if t is F.layer_norm:
+        return _layer_norm(node, x, kw["normalized_shape"], _attr(gm, kw.get("weight")), _attr(gm, kw.get("bias")),
+                           kw.get("eps", 1e-5))
     if t is F.max_pool2d and not kw.get("return_indices", False):
         return _pool("max", x, kw["kernel_size"], kw.get("stride"), kw.get("padding", 0),
                      kw.get("dilation", 1), kw.get("ceil_mode", False))
@@ -209,39 +501,86 @@ def _normalize_function(gm: fx.GraphModule, node: fx.Node) -> Canonical:
         return _pool("avg", x, kw["kernel_size"], kw.get("stride"), kw.get("padding", 0), 1,
                      kw.get("ceil_mode", False), kw.get("count_include_pad", True), kw.get("divisor_override"))
     if t is F.adaptive_avg_pool2d:
-        return _adaptive_pool(node, x, kw["output_size"])
-    raise _NotCanonical
+        return _adaptive_pool(node, "avg", x)
+    if t is F.adaptive_max_pool2d and not kw.get("return_indices", False):
+        return _adaptive_pool(node, "max", x)
+    if t is F.pad:
+        return _pad(x, kw["pad"], kw.get("mode", "constant"), kw.get("value"))
+    if t in (getattr(F, "channel_shuffle", None), torch.channel_shuffle):
+        return ops.channel_shuffle, [x], ops.ChannelShuffleSpec(kw["groups"])
+    raise _NotCanonical(f"no lowering for {getattr(t, '__module__', '')}.{getattr(t, '__name__', t)}")
 
 
-def _normalize_method(node: fx.Node) -> Canonical:
-    if node.target in _ACTIVATION_METHODS and len(node.args) == 1 and not node.kwargs:
-        return ops.activation, [node.args[0]], ops.ActivationSpec(_ACTIVATION_METHODS[node.target])
-    if node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs \
-            and _same_shape_tensors(*node.args):
-        return ops.add, list(node.args), ops.AddSpec()
-    if node.target == "flatten" and all(isinstance(a, int) for a in node.args[1:]):
-        return ops.flatten, [node.args[0]], ops.FlattenSpec(*node.args[1:], **node.kwargs)
-    raise _NotCanonical
+def _narrow(x, dim, start, length) -> Canonical:
+    shape = _shape(x)
+    if shape is None or not all(isinstance(v, int) for v in (dim, start, length)) or _dim(dim, len(shape)) != 1:
+        raise _NotCanonical("narrow other than along the channel dim by constants")
+    return ops.channel_slice, [x], ops.SliceSpec(_dim(start, shape[1]), length, 1)
 
 
-def _normalize(gm: fx.GraphModule, node: fx.Node) -> Canonical | None:
-    try:
-        if node.op == "call_module":
-            canon = _normalize_module(gm, node)
-        elif node.op == "call_function":
-            canon = _normalize_function(gm, node)
-        elif node.op == "call_method":
-            canon = _normalize_method(node)
-        else:
-            return None
-    except (_NotCanonical, KeyError, TypeError, ValueError, RuntimeError):
-        return None
+_VIEW_METHODS = ("view", "reshape", "unsqueeze", "squeeze", "view_as", "reshape_as")
+
+
+def _normalize_method(gm: fx.GraphModule, node: fx.Node) -> Canonical:
+    name, args = node.target, node.args
+    x = args[0] if args else None
+    if name in _ACT_METHODS:
+        return ops.activation, [x], ops.ActivationSpec(_ACT_METHODS[name](*args, **node.kwargs))
+    if name in _ARITH_METHODS:
+        if len(args) != 2 or set(node.kwargs) - {"alpha"}:
+            raise _NotCanonical(f"Tensor.{name} with extra arguments")
+        return _arith(gm, node, _ARITH_METHODS[name], *args, **node.kwargs)
+    if name == "flatten" and all(isinstance(a, int) for a in args[1:]):
+        return ops.flatten, [x], ops.FlattenSpec(*args[1:], **node.kwargs)
+    if name == "permute":
+        return _permute(x, _dims_arg(args[1:] or (node.kwargs["dims"],)))
+    if name in ("transpose", "swapaxes"):
+        return _transpose(*args)
+    if name in _VIEW_METHODS:
+        return _reshape(node, x)
+    if name == "contiguous":
+        return ops.identity, [x], ops.IdentitySpec("contiguous")
+    if name in ("mean", "amax"):
+        return _spatial_reduction(node, "avg" if name == "mean" else "max", x,
+                                  _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False), node.kwargs.get("dtype"))
+    if name == "narrow":
+        return _narrow(*args)
+    if name == "chunk" or name == "split":
+        raise _NotCanonical(f"Tensor.{name} whose parts are not only indexed")
+    raise _NotCanonical(f"no lowering for Tensor.{name}")
+
+
+def _normalize(gm: fx.GraphModule, node: fx.Node) -> Canonical:
+    """The node's canonical form; raises _NotCanonical (with the reason) when there is none."""
+    if node.op == "call_module":
+        canon = _normalize_module(gm, node)
+    elif node.op == "call_function":
+        canon = _normalize_function(gm, node)
+    elif node.op == "call_method":
+        canon = _normalize_method(gm, node)
+    else:
+        raise _NotCanonical(node.op)
     fn, inputs, _ = canon
-    tensor_ins = all(isinstance(i, fx.Node) and "shape" in i.meta for i in inputs)
-    if not tensor_ins or "shape" not in node.meta or not node.meta["dtype"].is_floating_point:
-        return None
+    if not all(isinstance(i, fx.Node) and "shape" in i.meta for i in inputs):
+        raise _NotCanonical("inputs that are not tensors")
+    if "shape" not in node.meta or not node.meta["dtype"].is_floating_point:
+        raise _NotCanonical("a result that is not one floating-point tensor")
     return canon
 
+
+def _try_normalize(gm: fx.GraphModule, node: fx.Node) -> Canonical | None:
+    if node.op not in ("call_module", "call_function", "call_method"):
+        return None
+    try:
+        return _normalize(gm, node)
+    except _NotCanonical as exc:
+        node.meta["fallback_reason"] = str(exc)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        node.meta["fallback_reason"] = f"unsupported arguments ({type(exc).__name__}: {exc})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 
 def _holds_tensor(meta) -> bool:
     if isinstance(meta, TensorMetadata):
@@ -298,9 +637,11 @@ def capture(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Gra
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
-        canon = _normalize(gm, node)
+        canon = _try_normalize(gm, node)
         if canon is None:
             new = graph.node_copy(node, lambda n: env[n])
+            if "fallback_reason" in node.meta:
+                new.meta["fallback_reason"] = node.meta["fallback_reason"]
         else:
             fn, inputs, spec = canon
             new = graph.create_node("call_function", fn, tuple(env[i] for i in inputs), {}, name=node.name)
@@ -312,5 +653,6 @@ def capture(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Gra
         env[node] = new
     out = fx.GraphModule(gm, graph)
     out.graph.eliminate_dead_code()
+    out.recompile()
     log.debug("captured %s: %d nodes", type(module).__name__, len(graph.nodes))
     return out

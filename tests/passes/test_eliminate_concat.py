@@ -61,7 +61,7 @@ def test_densenet_prefix_cats_become_views_of_one_buffer():
 def test_fallback_producer_is_copied():
     class M(nn.Module):
         def forward(self, x):
-            return torch.cat([x * 2, torch.tanh(x)], 1)
+            return torch.cat([torch.sin(x), x.abs()], 1)  # ops with no lowering: fallbacks
 
     _, result = check_pass(eliminate_concat, M(), torch.randn(1, 2, 3, 3))
     assert result.counts["copies"] == 2

@@ -101,7 +101,7 @@ def _adaptive_pool(node, dtype, device, options) -> BoundKernel:
 
 _LOWERINGS = {
     ops.conv2d: _conv, ops.linear: _linear, ops.affine: _affine, ops.activation: _activation,
-    ops.add: _add, ops.pool2d: _pool, ops.adaptive_avg_pool2d: _adaptive_pool,
+    ops.add: _add, ops.pool2d: _pool, ops.adaptive_pool2d: _adaptive_pool,
 }
 
 

@@ -1,16 +1,20 @@
 """Triton helpers shared by every kernel's epilogue: the fused activations, and the Linear
 kernels' (GEMM and GEMV) bias/activation/residual epilogue with its store.
 
-``activate(x, ACT)`` is specialized at compile time on ``ACT``, the code from
-``torch_gie.activations.activation_code``; it is applied to the fp32 accumulator.
+``activate(x, ACT, ALPHA, BETA)`` is specialized at compile time on ``ACT``, the code from
+``torch_gie.activations.activation_code``, and on the activation's parameters; it is applied to
+the fp32 accumulator. ``activate_channels`` adds PReLU's per-channel slope.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def activate(x, ACT: tl.constexpr):
-    # Codes follow torch_gie.activations.ACTIVATION_NAMES.
+def activate(x, ACT: tl.constexpr, ALPHA: tl.constexpr, BETA: tl.constexpr):
+    """x -> act(x) in fp32. Codes follow torch_gie.activations.ACTIVATION_NAMES; ALPHA and BETA
+    are the activation's parameters (``act_constexprs``). ``prelu`` needs its per-channel slope:
+    use ``activate_channels``."""
+    tl.static_assert(ACT != 16, "prelu needs its slope vector: call activate_channels")
     if ACT == 1:  # relu
         x = tl.maximum(x, 0.0)
     elif ACT == 2:  # relu6
@@ -23,12 +27,49 @@ def activate(x, ACT: tl.constexpr):
         x = tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
     elif ACT == 6:  # gelu (erf)
         x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-    elif ACT == 7:  # gelu (tanh approximation), tanh written through exp for portability
-        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        t = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
-        x = 0.5 * x * (1.0 + t)
+    elif ACT == 7:  # gelu (tanh approximation)
+        x = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
     elif ACT == 8:  # sigmoid
         x = 1.0 / (1.0 + tl.exp(-x))
+    elif ACT == 9:  # leaky_relu, ALPHA = negative slope
+        x = tl.where(x >= 0.0, x, x * ALPHA)
+    elif ACT == 10:  # elu
+        x = tl.where(x > 0.0, x, ALPHA * (tl.exp(tl.minimum(x, 0.0)) - 1.0))
+    elif ACT == 11:  # mish = x * tanh(softplus(x))
+        x = x * _tanh(_softplus(x))
+    elif ACT == 12:  # tanh
+        x = _tanh(x)
+    elif ACT == 13:  # clamp(ALPHA, BETA)
+        x = tl.minimum(tl.maximum(x, ALPHA), BETA)
+    elif ACT == 14:  # selu
+        neg = 1.6732632423543772 * (tl.exp(tl.minimum(x, 0.0)) - 1.0)
+        x = 1.0507009873554805 * tl.where(x > 0.0, x, neg)
+    elif ACT == 15:  # softplus (beta 1, threshold 20, as PyTorch)
+        x = _softplus(x)
+    return x
+
+
+@triton.jit
+def _tanh(x):
+    # Through exp for portability across Triton versions; saturates to +-1 without NaN.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+@triton.jit
+def activate_channels(x, cols, slope_ptr, ACT: tl.constexpr, ALPHA: tl.constexpr,
+                      BETA: tl.constexpr):
+    """``activate`` on a [rows, channels] tile whose column j is channel cols[j]; ``prelu``
+    (code 16) reads its per-channel slope from slope_ptr (cols must be in range)."""
+    if ACT == 16:
+        slope = tl.load(slope_ptr + cols).to(tl.float32)[None, :]
+        x = tl.where(x > 0.0, x, x * slope)
+    else:
+        x = activate(x, ACT, ALPHA, BETA)
     return x
 
 

@@ -18,7 +18,7 @@ from ..graph import is_canonical, slot_root
 from .base import PassContext, PassResult
 
 _IN_PLACE_OPS = (ops.conv2d, ops.linear, ops.affine, ops.add, ops.activation, ops.pool2d,
-                 ops.adaptive_avg_pool2d, ops.cat)
+                 ops.adaptive_pool2d, ops.cat, ops.layer_norm, ops.mul)
 
 
 def is_segment(node: fx.Node) -> bool:

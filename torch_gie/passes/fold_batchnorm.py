@@ -17,6 +17,10 @@ def can_fold_into(producer: fx.Node, affine_node: fx.Node) -> bool:
         return False
     if getattr(spec(producer), "out_splits", None) is not None:
         return False
+    # The affine's channels must be the producer's output channels: dim 1 of a conv's 4D
+    # output, the last dim of a linear's (N, F) or (N, L, F) output.
+    if is_canonical(producer, ops.linear) and len(producer.meta["shape"]) not in (2, 3):
+        return False
     return spec(affine_node).activation is None
 
 

@@ -11,8 +11,13 @@ from ..graph import is_canonical, spec
 from .base import PassContext, PassResult, replace_node, sole_user
 
 
-def can_absorb_activation(ep: ops.Epilogue) -> bool:
-    return ep.post_activation is None and (ep.residual or ep.activation is None)
+def can_absorb_activation(node: fx.Node, act_node: fx.Node) -> bool:
+    """The activation has a free slot (before or after the residual) and, for a PReLU, the op
+    has no slope yet (one per-channel slope vector per epilogue)."""
+    ep = spec(node).epilogue
+    if ep.post_activation is not None or not (ep.residual or ep.activation is None):
+        return False
+    return spec(act_node).slope is None or spec(node).act_slope is None
 
 
 def residual_operand(node: fx.Node, add_node: fx.Node) -> fx.Node | None:
@@ -25,10 +30,10 @@ def residual_operand(node: fx.Node, add_node: fx.Node) -> fx.Node | None:
 
 
 def _absorb_activation(node: fx.Node, act_node: fx.Node) -> None:
-    ep = spec(node).epilogue
-    name = spec(act_node).name
-    new_ep = ops.replace(ep, post_activation=name) if ep.residual else ops.replace(ep, activation=name)
-    node.meta["spec"] = ops.replace(spec(node), epilogue=new_ep)
+    ep, act = spec(node).epilogue, spec(act_node)
+    new_ep = ops.replace(ep, post_activation=act.act) if ep.residual else ops.replace(ep, activation=act.act)
+    slope = {"act_slope": act.slope} if act.slope is not None else {}
+    node.meta["spec"] = ops.replace(spec(node), epilogue=new_ep, **slope)
     replace_node(act_node, node)
 
 
@@ -54,7 +59,7 @@ def fuse_conv_epilogue(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         absorbed = [node]
         while (user := sole_user(node)) is not None:
             ep = spec(node).epilogue
-            if is_canonical(user, ops.activation) and can_absorb_activation(ep):
+            if is_canonical(user, ops.activation) and can_absorb_activation(node, user):
                 absorbed.append(user)
                 _absorb_activation(node, user)
             elif is_canonical(user, ops.add) and not ep.residual and ep.post_activation is None \

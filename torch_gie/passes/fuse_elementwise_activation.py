@@ -16,8 +16,12 @@ def fuse_elementwise_activation(gm: fx.GraphModule, ctx: PassContext) -> PassRes
         user = sole_user(node)
         if user is None or not is_canonical(user, ops.activation) or spec(node).activation is not None:
             continue
-        node.meta["spec"] = ops.replace(spec(node), activation=spec(user).name)
-        result.fusion("vertical", [node, user], node.name, epilogue=spec(user).name)
+        act = spec(user)
+        if act.slope is not None and not is_canonical(node, ops.affine):
+            continue  # an add has no per-channel slope to carry a PReLU
+        updates = {"activation": act.act} | ({"act_slope": act.slope} if act.slope is not None else {})
+        node.meta["spec"] = ops.replace(spec(node), **updates)
+        result.fusion("vertical", [node, user], node.name, epilogue=str(act.act))
         replace_node(user, node)
         result.count("fused_ops")
     return result

@@ -29,7 +29,8 @@ def can_merge(node: fx.Node) -> bool:
     if not is_canonical(node, ops.conv2d):
         return False
     s = spec(node)
-    return s.groups == 1 and s.out_splits is None and not s.epilogue.residual and len(node.args) == 1
+    return (s.groups == 1 and s.out_splits is None and not s.epilogue.residual and len(node.args) == 1
+            and s.act_slope is None and not s.input_gate)
 
 
 def _merge(gm: fx.GraphModule, group: list[fx.Node]) -> fx.Node:

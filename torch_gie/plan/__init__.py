@@ -97,6 +97,12 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) 
         placements[node] = Placement(buf, offset, channels)
         value_dtypes[node] = dtype
 
+    for node in order:
+        if is_canonical(node) and node.target in ops.VIEW_OPS and node.args[0] in value_dtypes:
+            value_dtypes[node] = value_dtypes[node.args[0]]  # a view of a planned value keeps its dtype
+        elif node.op == "get_attr" and node.users and all(is_canonical(u) for u in node.users):
+            value_dtypes[node] = dtype  # a constant only kernels read: converted once at build time
+
     extend_lifetimes(buffers.values(), order + [gm.graph.output_node()],
                      _buffer_reads(gm, order, placements))
     stream_plan = StreamPlan()

@@ -7,6 +7,7 @@ fresh tensors in the original dtypes and layout.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import warnings
@@ -22,7 +23,7 @@ from ..graph import is_canonical, is_fallback_compute, spec
 from ..plan import Plan
 from ..plan.memory import materialize
 from ..timing import time_in_cuda_graph
-from .steps import CopyStep, FallbackStep, Kernel, KernelStep, Step, ViewStep
+from .steps import ConvertStep, CopyStep, FallbackStep, Kernel, KernelStep, Step, ViewStep
 
 log = logging.getLogger(__name__)
 
@@ -178,41 +179,61 @@ def build_program(gm: fx.GraphModule, plan: Plan, lowering: Lowering, backend: s
     for node, placement in plan.placements.items():
         env[ids[node]] = materialize(arena, placement, pinned)
 
-    def casts_for(node: fx.Node, inputs: Sequence[fx.Node], want: Callable[[fx.Node], torch.dtype]):
-        return {i: want(i) for i in inputs if plan.value_dtype(i) != want(i)
-                and plan.value_dtype(i) is not None and want(i) is not None}
-
     steps: list[Step] = []
+    converted: dict[tuple[fx.Node, torch.dtype, torch.memory_format], int] = {}
+
+    def slot(value: fx.Node, convert: bool, dtype: torch.dtype, fmt: torch.memory_format) -> int:
+        """The env slot of ``value``: its own, or with ``convert`` a copy as ``dtype`` in layout
+        ``fmt`` made once (by a ConvertStep before its first consumer) and shared by every consumer."""
+        if not convert or dtype is None:
+            return ids[value]
+        key = (value, dtype, fmt)
+        if key not in converted:
+            converted[key] = len(env)
+            env.append(None)
+            steps.append(ConvertStep(value, ids[value], converted[key], dtype, fmt))
+        return converted[key]
+
     static_inputs = []
     for node in plan.order:
         if node.op == "placeholder":
             static_inputs.append(env[ids[node]])
         elif node.op == "get_attr":
-            env[ids[node]] = operator.attrgetter(node.target)(gm)
+            value = operator.attrgetter(node.target)(gm)
+            if isinstance(value, torch.Tensor) and plan.value_dtype(node) != value.dtype:
+                value = value.detach().to(device=device, dtype=plan.value_dtype(node))  # once, at build
+            env[ids[node]] = value
         elif is_canonical(node, ops.cat):
-            copies = [(ids[node.args[i]], None, _slot_view(env[ids[node]], node, i))
+            copies = [(ids[node.args[i]], None, _slot_view(env[ids[node]], node, i))  # copy_ casts
                       for i in node.meta.get("cat_copies", range(len(node.args)))]
             if copies:
                 steps.append(CopyStep(node, copies))
         elif is_canonical(node) and node.target in ops.VIEW_OPS:
-            s = spec(node)
-            fn = (lambda x, s=s: torch.flatten(x, s.start_dim, s.end_dim)) if node.target is ops.flatten \
-                else (lambda x: x)
+            fn = functools.partial(node.target, spec(node))
             steps.append(ViewStep(node, fn, ids[node.args[0]], ids[node]))
         elif is_canonical(node):
             outs = [env[ids[u]] for u in _segments(node)] if getattr(spec(node), "out_splits", None) \
                 else [env[ids[node]]]
-            casts = [plan.dtype if plan.value_dtype(i) != plan.dtype else None for i in node.args]
+            in_ids = [slot(i, plan.value_dtype(i) not in (None, plan.dtype), plan.dtype, torch.channels_last)
+                      for i in node.args]
             kernel, used = _lower(node, lowering, backend, fallback)
-            steps.append(KernelStep(node, kernel, [ids[i] for i in node.args], casts, outs, used))
+            steps.append(KernelStep(node, kernel, in_ids, outs, used))
         elif "segment_of" in node.meta:
             continue  # written by its merged conv
         else:
-            casts = casts_for(node, node.all_input_nodes, lambda n: n.meta.get("dtype"))
-            steps.append(FallbackStep(node, _fallback_callable(gm, node), ids, casts, ids[node],
+            # PyTorch code sees what the original model saw: its dtypes, contiguous tensors.
+            in_ids = {i: slot(i, _ours(i, plan), i.meta.get("dtype"), torch.contiguous_format)
+                      for i in node.all_input_nodes}
+            steps.append(FallbackStep(node, _fallback_callable(gm, node), in_ids, ids[node],
                                       launches=1 if is_fallback_compute(node) else 0))
 
     return Program(gm, plan, steps, env, ids, arena, static_inputs)
+
+
+def _ours(node: fx.Node, plan: Plan) -> bool:
+    """Is the value in the network precision and planned layout (an input, a kernel result, a
+    view of one), rather than a PyTorch result?"""
+    return node.op == "placeholder" or node in plan.placements or node in plan.value_dtypes
 
 
 def _segments(node: fx.Node) -> list[fx.Node]:

@@ -2,7 +2,8 @@
 
 Values live in ``env``, a list indexed by node number. Planned values (``plan.placements``) are
 static views into the arena, set once at build time; fallback and view results are stored in
-``env`` as they are computed. Every cast a step does is decided at build time.
+``env`` as they are computed. Every conversion between the network precision and what PyTorch code expects is a step of its
+own (``ConvertStep``), decided at build time, one per value and boundary.
 """
 from __future__ import annotations
 
@@ -13,10 +14,6 @@ import torch
 from torch import fx
 
 Kernel = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], None]
-
-
-def _fetch(env: list, ids: Sequence[int], casts: Sequence[torch.dtype | None]) -> list[torch.Tensor]:
-    return [env[i] if c is None else env[i].to(c) for i, c in zip(ids, casts)]
 
 
 class Step:
@@ -34,9 +31,9 @@ class Step:
 class KernelStep(Step):
     """A canonical op: its kernel reads ``inputs`` from env and stores into static ``outs``."""
 
-    def __init__(self, node: fx.Node, kernel: Kernel, in_ids, casts, outs: list[torch.Tensor], backend: str):
+    def __init__(self, node: fx.Node, kernel: Kernel, in_ids, outs: list[torch.Tensor], backend: str):
         self.node, self.name, self.op = node, node.name, node.target.__name__
-        self.kernel, self.in_ids, self.casts, self.outs = kernel, list(in_ids), list(casts), outs
+        self.kernel, self.in_ids, self.outs = kernel, list(in_ids), outs
         self.backend = backend
 
     @property
@@ -45,7 +42,7 @@ class KernelStep(Step):
         return getattr(getattr(self.kernel, "layer", None), "launches", 1)
 
     def __call__(self, env: list) -> None:
-        self.kernel(_fetch(env, self.in_ids, self.casts), self.outs)
+        self.kernel([env[i] for i in self.in_ids], self.outs)
 
 
 class CopyStep(Step):
@@ -61,7 +58,8 @@ class CopyStep(Step):
 
 
 class ViewStep(Step):
-    """A reshape-like op on a value (flatten): no kernel when the result is a view."""
+    """A view op on a value (flatten, channel slice, permute, reshape): no kernel when the result
+    is a view (a reshape that needs a copy launches one, as torch.reshape does)."""
 
     launches = 0
 
@@ -73,21 +71,32 @@ class ViewStep(Step):
         env[self.out_id] = self.fn(env[self.in_id])
 
 
+class ConvertStep(Step):
+    """A value crossing a boundary between kernels and PyTorch code: one conversion per value
+    and boundary (dtype, and the layout the other side expects), shared by every consumer.
+    ``Tensor.to`` returns the value itself when nothing changes, so a no-op costs nothing."""
+
+    def __init__(self, node: fx.Node, in_id: int, out_id: int, dtype: torch.dtype,
+                 memory_format: torch.memory_format):
+        self.node, self.name, self.op = node, f"{node.name}.to({str(dtype)[6:]})", "convert"
+        self.in_id, self.out_id, self.dtype, self.memory_format = in_id, out_id, dtype, memory_format
+
+    def __call__(self, env: list) -> None:
+        v = env[self.in_id]
+        fmt = self.memory_format if isinstance(v, torch.Tensor) and v.dim() == 4 else torch.contiguous_format
+        env[self.out_id] = v.to(dtype=self.dtype, memory_format=fmt) if isinstance(v, torch.Tensor) else v
+
+
 class FallbackStep(Step):
     """Runs an original fx node with PyTorch, on the dtypes the original model used."""
 
-    def __init__(self, node: fx.Node, fn: Callable[..., Any], ids: dict[fx.Node, int],
-                 casts: dict[fx.Node, torch.dtype], out_id: int, launches: int):
+    def __init__(self, node: fx.Node, fn: Callable[..., Any], in_ids: dict[fx.Node, int], out_id: int,
+                 launches: int):
         self.node, self.name, self.op = node, node.name, str(node.target)
         self.fn, self.out_id, self.launches = fn, out_id, launches
         self._args = (node.args, node.kwargs)
-        self._ids, self._casts = ids, casts
-
-    def _value(self, env: list, n: fx.Node):
-        v = env[self._ids[n]]
-        c = self._casts.get(n)
-        return v if c is None else v.to(c)
+        self._ids = in_ids  # input node -> env slot (a converted copy where the plan made one)
 
     def __call__(self, env: list) -> None:
-        args, kwargs = fx.node.map_arg(self._args, lambda n: self._value(env, n))
+        args, kwargs = fx.node.map_arg(self._args, lambda n: env[self._ids[n]])
         env[self.out_id] = self.fn(*args, **kwargs)
