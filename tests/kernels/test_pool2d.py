@@ -190,8 +190,10 @@ def test_global_pool_2d_out(device, dtype, kind, n, c, hw):
     check(out, ref, kind, dtype)
     assert_rest_poisoned(buf, c)
     out4 = torch.full((n, c, 1, 1), float("nan"), dtype=dtype, device=device)
-    AdaptivePool2d(kind, 1)(x, out4)
+    layer = AdaptivePool2d(kind, 1)
+    layer(x, out4)
     check(out4, ref[:, :, None, None], kind, dtype)
+    assert layer.launches == (1 if spatial_split(n, c, hw[0] * hw[1], x.device).split == 1 else 2)
 
 
 @pytest.mark.parametrize("kind", ["avg", "max"])
@@ -228,6 +230,7 @@ def test_global_pool_workspace_kept(device):
     layer(x, out)
     layer(x[:, :, :40], out)
     assert layer._partials is ws
+    assert layer.launches == 2  # split: partials, then their reduction
     assert rel_err(out, x[:, :, :40].mean((2, 3))) < 1e-5
 
 

@@ -373,6 +373,12 @@ class GlobalPool2d:
             raise ValueError(f"kind must be 'max' or 'avg', got {kind!r}")
         self.kind = kind
         self._partials: torch.Tensor | None = None
+        self._launches = 1
+
+    @property
+    def launches(self) -> int:
+        """Kernels the last call launched: 2 when H*W was split over programs."""
+        return self._launches
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
         _check_io(x, out, (2, 4))
@@ -384,6 +390,7 @@ class GlobalPool2d:
         out2 = out[:, :, 0, 0] if out.dim() == 4 else out
         scale = 1.0 / (h * w)
         sp = spatial_split(n, c, h * w, x.device)
+        self._launches = 1 if sp.split == 1 else 2
         if sp.split == 1:
             spatial_reduce(x, out2[:, None, :], sp, self.kind, scale)
             return
@@ -417,6 +424,12 @@ class AdaptivePool2d:
         self.kind = kind
         self.output_size = output_size
         self._global = GlobalPool2d(kind)  # checks kind
+        self._is_global = False
+
+    @property
+    def launches(self) -> int:
+        """Kernels the last call launched (a split global pool: 2)."""
+        return self._global.launches if self._is_global else 1
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
         _check_io(x, out, (2, 4))
@@ -431,7 +444,8 @@ class AdaptivePool2d:
         if min(h, w, oh, ow) < 1:
             raise ValueError(f"adaptive pooling needs nonempty input and output, "
                              f"got {(h, w)} -> {(oh, ow)}")
-        if (oh, ow) == (1, 1):
+        self._is_global = (oh, ow) == (1, 1)
+        if self._is_global:
             self._global(x, out)
             return
         # KH, KW bound the largest window; shorter windows mask their extra taps.
