@@ -39,6 +39,7 @@ def _excite_kernel(
     ACT1: tl.constexpr, ACT1_ALPHA: tl.constexpr, ACT1_BETA: tl.constexpr,
     ACT2: tl.constexpr, ACT2_ALPHA: tl.constexpr, ACT2_BETA: tl.constexpr,
     FP32_DOT: tl.constexpr,  # fp32 weights, exact (ieee) products; else fp16 operands
+    ONE_SPLIT: tl.constexpr,  # S == 1: the partials are the sums (one load, a pipelinable K loop)
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -55,8 +56,8 @@ def _excite_kernel(
         for k0 in range(0, C, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < C
-            m = _channel_means(part_ptr, img_base, img_ok, k, k_ok, S, C, inv_hw, BLOCK_N, BLOCK_S,
-                               BLOCK_K)
+            m = _channel_means(part_ptr, img_base, img_ok, k, k_ok, S, C, inv_hw, ONE_SPLIT, BLOCK_N,
+                               BLOCK_S, BLOCK_K)
             w1 = tl.load(w1t_ptr + k[:, None] * CR + r[None, :], mask=k_ok[:, None] & r_ok[None, :],
                          other=0.0)
             h = _dot(m, w1, h, FP32_DOT)
@@ -75,12 +76,14 @@ def _excite_kernel(
 
 
 @triton.jit
-def _channel_means(part_ptr, img_base, img_ok, k, k_ok, S, C, inv_hw, BLOCK_N: tl.constexpr,
-                   BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+def _channel_means(part_ptr, img_base, img_ok, k, k_ok, S, C, inv_hw, ONE_SPLIT: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
     """Means [BLOCK_N, BLOCK_K] of channels k: the S partial sums of each, BLOCK_S at a time."""
     mask = img_ok[:, None] & k_ok[None, :]
     base = part_ptr + img_base[:, None] + k[None, :]
-    if BLOCK_S == 1:
+    if ONE_SPLIT:
+        m = tl.load(base, mask=mask, other=0.0)
+    elif BLOCK_S == 1:
         m = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for s in range(0, S):
             m += tl.load(base + s * C, mask=mask, other=0.0)
@@ -259,7 +262,7 @@ class SqueezeExcitation:
             dummy if self.act2_slope is None else self.act2_slope, gate2,
             n, sp.split, c, self.hidden, 1.0 / (h * w), *gate2.stride(),
             HAS_B1=self.b1 is not None, HAS_B2=self.b2 is not None, **self._acts,
-            FP32_DOT=self.dtype == torch.float32, BLOCK_S=block_s,
+            FP32_DOT=self.dtype == torch.float32, ONE_SPLIT=sp.split == 1, BLOCK_S=block_s,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"],
             BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
         )
