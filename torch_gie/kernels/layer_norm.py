@@ -38,10 +38,11 @@ def _layer_norm_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rows < R
-    rows = rows.to(tl.int64)  # rows * row stride passes 2**31 for large batches
-    i2 = rows % R2
-    i1 = (rows // R2) % R1
-    i0 = rows // (R2 * R1)
+    # Row indices split in int32 (64-bit division is slow and costs registers); offsets in int64:
+    # rows * row stride passes 2**31 for large batches.
+    i2 = (rows % R2).to(tl.int64)
+    i1 = ((rows // R2) % R1).to(tl.int64)
+    i0 = (rows // (R2 * R1)).to(tl.int64)
     x_row = x_ptr + (i0 * sx0 + i1 * sx1 + i2 * sx2)[:, None]
     o_row = out_ptr + (i0 * so0 + i1 * so1 + i2 * so2)[:, None]
     if SINGLE_PASS:
