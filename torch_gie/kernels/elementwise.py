@@ -174,8 +174,8 @@ class ChannelAffine:
 
 
 class _Binary:
-    """``out = act(a op b)``; a and b broadcast (PyTorch rules) to out's shape. a has out's dtype;
-    b has it too or is fp32 (a constant kept exact)."""
+    """``out = act(a op b)``; a and b broadcast (PyTorch rules) to out's shape. Each operand has
+    out's dtype or is fp32 (a constant kept exact); the arithmetic is fp32."""
 
     _OP = _NO_B
 
@@ -186,7 +186,7 @@ class _Binary:
     def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         shape = broadcast_shape(a, b)
         _check("out", out, shape, _DTYPES, a.device)
-        _check("a", a.expand(shape), shape, (out.dtype,), out.device)
+        _check("a", a.expand(shape), shape, (out.dtype, torch.float32), out.device)
         _check("b", b.expand(shape), shape, (out.dtype, torch.float32), out.device)
         _check_slope_channels(self.act_slope, out)
         _launch(a.expand(shape), b.expand(shape), self._OP, out, self.activation, self.act_slope)
