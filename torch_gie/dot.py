@@ -26,7 +26,7 @@ def _label(node: fx.Node) -> str:
         if ep is not None and not ep.is_empty:
             text += f"\\n{ep.describe()}"
         if "slot" in node.meta:
-            parent, off = node.meta["slot"]
+            parent, off, _ = node.meta["slot"]
             text += f"\\n-> {parent.name}[{off}:]"
         return f"{node.name}\\n{text}"
     return f"{node.name}\\n{node.target if node.op != 'call_module' else node.target}"

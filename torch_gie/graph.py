@@ -67,14 +67,24 @@ def set_tensor_meta(node: fx.Node, like: fx.Node | None = None, *, shape_=None, 
     node.meta["dtype"] = dtype if dtype is not None else like.meta["dtype"]
 
 
-def slot_root(node: fx.Node) -> tuple[fx.Node, int]:
-    """Where ``node``'s output lives: (the node owning the buffer, channel offset in it),
-    following the concat slots set by ``eliminate_concat`` (nested cats add their offsets)."""
-    offset = 0
+def slot_root(node: fx.Node) -> tuple[fx.Node, int, int]:
+    """Where ``node``'s output lives: (the node owning the buffer, first channel in it, channel
+    step), following the concat slots ``(parent, offset, step)`` set by ``eliminate_concat``.
+    Nested slots compose: channel j of a slot is channel ``offset + step * j`` of its parent."""
+    offset, step = 0, 1
     while "slot" in node.meta:
-        node, off = node.meta["slot"]
-        offset += off
-    return node, offset
+        node, off, st = node.meta["slot"]
+        offset, step = off + st * offset, st * step
+    return node, offset, step
+
+
+def cat_input_slot(cat: fx.Node, i: int) -> tuple[fx.Node, int, int]:
+    """(cat, first channel, channel step) of the i-th input of a channel concat in its output
+    (an interleaved concat, a channel shuffle of the concat, puts input i at i, i + g, ...)."""
+    interleave = cat.meta["spec"].interleave
+    if interleave > 1:
+        return cat, i, interleave
+    return cat, sum(a.meta["shape"][1] for a in cat.args[:i]), 1
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:

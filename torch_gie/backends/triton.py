@@ -13,9 +13,11 @@ from .. import ops
 from ..graph import spec
 from ..kernels.conv2d import Conv2d
 from ..kernels.depthwise_conv2d import DepthwiseConv2d
-from ..kernels.elementwise import Activation, Add, ChannelAffine
+from ..kernels.elementwise import Activation, Add, ChannelAffine, Mul
 from ..kernels.gemm import Linear
-from ..kernels.pool2d import AdaptiveAvgPool2d, Pool2d
+from ..kernels.layer_norm import LayerNorm
+from ..kernels.pool2d import AdaptivePool2d, Pool2d
+from ..kernels.squeeze_excitation import SqueezeExcitation
 from ..runtime.steps import Kernel
 
 
@@ -52,56 +54,124 @@ def _conv(node: fx.Node, dtype: torch.dtype, device: torch.device, options: dict
     s, ep = spec(node), spec(node).epilogue
     cls = DepthwiseConv2d if is_depthwise(s) else Conv2d
     n, _, h, w = node.args[0].meta["shape"]  # the real size lets the kernel offer split-K tilings
-    layer = cls(s.weight.to(device), None if s.bias is None else s.bias.to(device), stride=s.stride,
-                padding=s.padding, dilation=s.dilation, groups=s.groups, activation=ep.activation,
-                post_activation=ep.post_activation, dtype=dtype, input_hw=(h, w), batch=n,
-                **_precision(dtype, options))
-    if ep.residual:
-        return BoundKernel(layer, lambda k, i, o: k(i[0], o, i[1]), cls.__name__)
-    return BoundKernel(layer, lambda k, i, o: k(i[0], o), cls.__name__)
+    layer = cls(s.weight.to(device), _on(s.bias, device), stride=s.stride, padding=s.padding,
+                dilation=s.dilation, groups=s.groups, activation=ep.activation,
+                post_activation=ep.post_activation, act_slope=_on(s.act_slope, device), dtype=dtype,
+                input_hw=(h, w), batch=n, **_precision(dtype, options))
+    gated, residual = s.input_gate, ep.residual
+
+    def call(k, i, o):
+        k(i[0], o, i[-1] if residual else None, **({"gate": i[1]} if gated else {}))
+    return BoundKernel(layer, call, cls.__name__)
+
+
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
 
 
 def _linear(node: fx.Node, dtype: torch.dtype, device: torch.device, options: dict) -> BoundKernel:
     s, ep = spec(node), spec(node).epilogue
     rows = math.prod(node.args[0].meta["shape"][:-1])  # 1 for a batch-1 classifier: GEMV
-    layer = Linear(s.weight.to(device), None if s.bias is None else s.bias.to(device),
-                   activation=ep.activation, post_activation=ep.post_activation, dtype=dtype,
+    if s.act_slope is not None and len(node.meta["shape"]) not in (2, 3):
+        raise NotImplementedError("a PReLU on a Linear's output of rank > 3 (slopes along dim 1)")
+    layer = Linear(s.weight.to(device), _on(s.bias, device), activation=ep.activation,
+                   post_activation=ep.post_activation, act_slope=_on(s.act_slope, device), dtype=dtype,
                    rows=rows, **_precision(dtype, options))
     if ep.residual:
         return BoundKernel(layer, lambda k, i, o: k(i[0], o[0], i[1]), "Linear")
     return BoundKernel(layer, lambda k, i, o: k(i[0], o[0]), "Linear")
 
 
+def _elementwise_rank(node: fx.Node) -> None:
+    if len(node.meta["shape"]) not in (2, 3, 4):
+        raise NotImplementedError(f"elementwise kernels take rank 2 to 4, got shape {node.meta['shape']}")
+
+
 def _affine(node, dtype, device, options) -> BoundKernel:
     s = spec(node)
-    layer = ChannelAffine(s.scale.to(device), s.shift.to(device), s.activation, dtype)
+    _elementwise_rank(node)
+    layer = ChannelAffine(s.scale.to(device), s.shift.to(device), s.activation, dtype, _on(s.act_slope, device))
     return BoundKernel(layer, lambda k, i, o: k(i[0], o[0]), "ChannelAffine")
 
 
 def _activation(node, dtype, device, options) -> BoundKernel:
-    return BoundKernel(Activation(spec(node).name), lambda k, i, o: k(_rows(i[0]), _rows(o[0])), "Activation")
+    s = spec(node)
+    if s.slope is not None:
+        _elementwise_rank(node)
+        layer = Activation(s.act, s.slope.to(device))
+        return BoundKernel(layer, lambda k, i, o: k(i[0], o[0]), "Activation")
+    return BoundKernel(Activation(s.act), lambda k, i, o: k(_rows(i[0]), _rows(o[0])), "Activation")
 
 
-def _add(node, dtype, device, options) -> BoundKernel:
-    return BoundKernel(Add(spec(node).activation),
-                       lambda k, i, o: k(_rows(i[0]), _rows(i[1]), _rows(o[0])), "Add")
+def _binary(cls):
+    def lower_binary(node, dtype, device, options) -> BoundKernel:
+        _elementwise_rank(node)
+        return BoundKernel(cls(spec(node).activation), lambda k, i, o: k(i[0], i[1], o[0]), cls.__name__)
+    return lower_binary
 
 
 def _pool(node, dtype, device, options) -> BoundKernel:
     s = spec(node)
     layer = Pool2d(s.kind, s.kernel_size, s.stride, s.padding, s.dilation, s.ceil_mode,
-                   s.count_include_pad, s.divisor_override)
+                   s.count_include_pad, s.divisor_override, pad_is_zeros=s.pad_is_zeros)
     return BoundKernel(layer, lambda k, i, o: k(i[0], o[0]), f"Pool2d({s.kind})")
 
 
 def _adaptive_pool(node, dtype, device, options) -> BoundKernel:
-    layer = AdaptiveAvgPool2d(spec(node).output_size)
-    return BoundKernel(layer, lambda k, i, o: k(i[0], o[0]), "AdaptiveAvgPool2d")
+    s = spec(node)
+    layer = AdaptivePool2d(s.kind, s.output_size)
+    return BoundKernel(layer, lambda k, i, o: k(i[0], o[0]), f"AdaptivePool2d({s.kind})")
+
+
+def _layer_norm(node, dtype, device, options) -> BoundKernel:
+    s = spec(node)
+    layer = LayerNorm(_on(s.weight, device), _on(s.bias, device), s.eps, s.dim, dtype)
+    return BoundKernel(layer, lambda k, i, o: k(i[0], o[0]), "LayerNorm")
+
+
+def _squeeze_excitation(node, dtype, device, options) -> BoundKernel:
+    s = spec(node)
+    layer = SqueezeExcitation(s.w1.to(device), _on(s.b1, device), s.act1, s.w2.to(device), _on(s.b2, device),
+                              s.act2, dtype)
+    return BoundKernel(layer, lambda k, i, o: k(i[0], o[0]), "SqueezeExcitation")
+
+
+class TorchCopy:
+    """A data movement PyTorch does in one or two copy kernels (pads and channel shuffles that no
+    producer could write in place)."""
+
+    def __init__(self, launches: int, fn):
+        self.launches, self._fn = launches, fn
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        self._fn(x, out)
+
+
+def _pad(node, dtype, device, options) -> BoundKernel:
+    s = spec(node)
+    left, _, top, _ = s.pads
+    h, w = node.args[0].meta["shape"][2:]
+
+    def pad(x, out):
+        out.fill_(s.value)
+        out[:, :, top:top + h, left:left + w].copy_(x)
+    return BoundKernel(TorchCopy(2, pad), lambda k, i, o: k(i[0], o[0]), "pad (torch)")
+
+
+def _channel_shuffle(node, dtype, device, options) -> BoundKernel:
+    g = spec(node).groups
+    c = node.meta["shape"][1]
+
+    def shuffle(x, out):
+        out.unflatten(1, (c // g, g)).copy_(x.unflatten(1, (g, c // g)).transpose(1, 2))
+    return BoundKernel(TorchCopy(1, shuffle), lambda k, i, o: k(i[0], o[0]), "channel_shuffle (torch)")
 
 
 _LOWERINGS = {
     ops.conv2d: _conv, ops.linear: _linear, ops.affine: _affine, ops.activation: _activation,
-    ops.add: _add, ops.pool2d: _pool, ops.adaptive_pool2d: _adaptive_pool,
+    ops.add: _binary(Add), ops.mul: _binary(Mul), ops.pool2d: _pool, ops.adaptive_pool2d: _adaptive_pool,
+    ops.layer_norm: _layer_norm, ops.squeeze_excitation: _squeeze_excitation, ops.pad: _pad,
+    ops.channel_shuffle: _channel_shuffle,
 }
 
 

@@ -11,22 +11,33 @@ import time
 
 from torch import fx
 
+from ..errors import CompileError
 from .base import PassContext, PassResult
 from .eliminate_concat import eliminate_concat
 from .eliminate_dead_code import eliminate_dead_code
 from .fold_batchnorm import fold_batchnorm
+from .fold_gate_into_conv import fold_gate_into_conv
+from .fold_padding import fold_padding
+from .fuse_channel_shuffle import fuse_channel_shuffle
 from .fuse_conv_epilogue import fuse_conv_epilogue
 from .fuse_elementwise_activation import fuse_elementwise_activation
+from .fuse_squeeze_excitation import fuse_squeeze_excitation
 from .merge_sibling_convs import merge_sibling_convs
 from .remove_identity import remove_identity
+from .sink_channel_permutes import sink_channel_permutes
 
 log = logging.getLogger(__name__)
 
 PIPELINE = [
-    remove_identity,               # first: Dropout/Identity would hide conv -> bn adjacency
+    remove_identity,               # first: Dropout/Identity/contiguous would hide adjacency
+    fold_padding,                  # zero pads into the conv/pool after them
+    sink_channel_permutes,         # before folding: ConvNeXt's Linears become 1x1 convs a scale can fold into
     fold_batchnorm,                # before epilogue fusion: the BN sits between conv and its activation
     fuse_conv_epilogue,            # after folding: conv -> act -> add -> act chains are now adjacent
-    fuse_elementwise_activation,   # leftovers: unfoldable BN + act, add + act
+    fuse_elementwise_activation,   # leftovers: unfoldable BN + act, add + act, mul + act
+    fuse_squeeze_excitation,       # after epilogue fusion: the SE's layers carry their activations
+    fold_gate_into_conv,           # after SE fusion: the gate multiply goes into the next conv's loads
+    fuse_channel_shuffle,          # before concat elimination: a shuffled cat becomes an interleaved one
     merge_sibling_convs,           # after vertical fusion: siblings merge only with equal epilogues
     eliminate_dead_code,
     eliminate_concat,              # last: places producers (merged segments too) into concat slots
@@ -46,8 +57,12 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext | None = None) -> list[PassR
         if name in ctx.disabled:
             continue
         start = time.perf_counter()
-        result = rewrite(gm, ctx)
-        gm.graph.lint()
+        try:
+            result = rewrite(gm, ctx)
+            gm.graph.lint()
+        except Exception as exc:  # a bug in a rewrite must say where, not surface as a raw error
+            raise CompileError(f"rewrite pass {name} failed: {type(exc).__name__}: {exc}. "
+                               f"Compiling with disable_passes=['{name}'] skips it.") from exc
         result.name = name
         for f in result.fusions:
             f["pass"] = name

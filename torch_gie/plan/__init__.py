@@ -83,7 +83,7 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) 
     for node in order:
         if not is_planned(node):
             continue
-        root, offset = slot_root(node)
+        root, offset, step = slot_root(node)
         if root not in buffers:
             shape = tuple(root.meta["shape"])
             pinned = root.op == "placeholder"
@@ -94,7 +94,7 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) 
         buf = buffers[root]
         buf.first = min(buf.first, pos[_writer(node)])
         channels = node.meta["shape"][1] if len(node.meta["shape"]) > 1 else node.meta["shape"][0]
-        placements[node] = Placement(buf, offset, channels)
+        placements[node] = Placement(buf, offset, channels, step)
         value_dtypes[node] = dtype
 
     for node in order:

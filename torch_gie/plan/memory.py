@@ -52,15 +52,17 @@ class Buffer:
 
 @dataclass
 class Placement:
-    """A value's home: ``channels`` channels of ``buffer`` starting at ``channel_offset``."""
+    """A value's home: ``channels`` channels of ``buffer`` starting at ``channel_offset``, every
+    ``channel_step``-th one (a step > 1: an input of a concat whose channels are interleaved)."""
 
     buffer: Buffer
     channel_offset: int
     channels: int
+    channel_step: int = 1
 
     @property
     def is_whole(self) -> bool:
-        return self.channel_offset == 0 and self.channels == self.buffer.shape[1]
+        return self.channel_offset == 0 and self.channel_step == 1 and self.channels == self.buffer.shape[1]
 
 
 def _align(n: int) -> int:
@@ -109,4 +111,5 @@ def materialize(arena: torch.Tensor, placement: Placement, pinned: dict[int, tor
     whole = flat.as_strided(buf.shape, buf.strides)
     if placement.is_whole:
         return whole
-    return whole.narrow(1, placement.channel_offset, placement.channels)
+    start, step = placement.channel_offset, placement.channel_step
+    return whole[:, start: start + step * (placement.channels - 1) + 1: step]

@@ -19,7 +19,7 @@ from torch import fx
 
 from .. import ops
 from ..cuda_graphs import capture
-from ..graph import is_canonical, is_fallback_compute, spec
+from ..graph import cat_input_slot, is_canonical, is_fallback_compute, spec
 from ..plan import Plan
 from ..plan.memory import materialize
 from ..timing import time_in_cuda_graph
@@ -244,5 +244,5 @@ def _segments(node: fx.Node) -> list[fx.Node]:
 
 
 def _slot_view(cat_value: torch.Tensor, cat: fx.Node, i: int) -> torch.Tensor:
-    offset = sum(a.meta["shape"][1] for a in cat.args[:i])
-    return cat_value.narrow(1, offset, cat.args[i].meta["shape"][1])
+    _, offset, step = cat_input_slot(cat, i)
+    return cat_value[:, offset: offset + step * (cat.args[i].meta["shape"][1] - 1) + 1: step]
