@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from .capture import as_input_tuple, capture
 from .dot import write_dot
 from .passes import PassContext, run_passes
 from .plan import make_plan
-from .report import build_report, count_compute_ops
+from .report import build_report, count_compute_ops, fallback_warning
 from .runtime.module import GIEModule
 from .runtime.program import build_program
 from .tune import Tuner
@@ -100,6 +101,9 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
     backend = _resolve_backend(backend, as_input_tuple(example_inputs)[0].device)  # fail before capture
     model, inputs, device, gm, layers_in, results, plan = _prepare(module, example_inputs, precision,
                                                                     backend, options)
+    warning = fallback_warning(gm)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     lowering, fallback = _lowering(backend, plan, device, options)
     program = build_program(gm, plan, lowering, backend, device, fallback)
     tuner = None

@@ -43,6 +43,25 @@ def _layer(step: Step, plan: Plan) -> dict[str, Any]:
     return entry
 
 
+def fallback_ops(gm: fx.GraphModule) -> list[dict[str, str]]:
+    """Each node PyTorch runs for us: its name, op and why no rewrite covered it."""
+    return [{"name": n.name, "op": target_name(n, gm),
+             "reason": n.meta.get("fallback_reason", "no torch_gie lowering")}
+            for n in gm.graph.nodes if is_fallback_compute(n)]
+
+
+def fallback_warning(gm: fx.GraphModule) -> str | None:
+    """One line per fallback op kind (count and reason), or None when everything is lowered."""
+    by_op: dict[str, list[dict]] = {}
+    for f in fallback_ops(gm):
+        by_op.setdefault(f["op"], []).append(f)
+    if not by_op:
+        return None
+    lines = [f"  {op} x{len(fs)}: {fs[0]['reason']}" for op, fs in sorted(by_op.items())]
+    return (f"torch_gie: {sum(map(len, by_op.values()))} op(s) run as PyTorch fallbacks (between kernels, "
+            "inside the CUDA graph):\n" + "\n".join(lines))
+
+
 def build_report(*, model: str, layers_in: int, results: list[PassResult], gm: fx.GraphModule,
                  plan: Plan, steps: list[Step], precision: str, backend: str, device: str) -> dict[str, Any]:
     by_name = {r.name: r for r in results}
@@ -57,8 +76,7 @@ def build_report(*, model: str, layers_in: int, results: list[PassResult], gm: f
         "concats_eliminated": concat.counts.get("eliminated", 0),
         "concat_copies": concat.counts.get("copies", 0),
         "fusions": [f for r in results for f in r.fusions],
-        "fallback_ops": [{"name": n.name, "op": target_name(n, gm)}
-                         for n in gm.graph.nodes if is_fallback_compute(n)],
+        "fallback_ops": fallback_ops(gm),
         "layers": [_layer(s, plan) for s in steps if s.launches > 0],
         "arena_bytes": plan.arena_bytes,
         "naive_activation_bytes": plan.naive_bytes,

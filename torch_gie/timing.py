@@ -44,3 +44,16 @@ def time_in_cuda_graph(fn: Callable[[], Any], *, reps: int = 10, iters: int = 10
         end.synchronize()
         times.append(start.elapsed_time(end) / reps)
     return sorted(times)[len(times) // 2]
+
+
+# Device-memory bandwidth measured on this workplace's GPUs (a large device-to-device copy,
+# bytes read plus written): the denominator of every memory floor torch_gie reports.
+MEASURED_BANDWIDTH = {"H100": 3.0e12, "H200": 4.3e12}
+DEFAULT_BANDWIDTH = 3.0e12
+
+
+def memory_bandwidth(device_name: str | None = None) -> float:
+    """Bytes per second for memory floors on ``device_name`` (the current GPU by default)."""
+    if device_name is None:
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((bw for key, bw in MEASURED_BANDWIDTH.items() if key in device_name), DEFAULT_BANDWIDTH)

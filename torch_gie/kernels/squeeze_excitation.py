@@ -39,7 +39,7 @@ def _excite_kernel(
     ACT1: tl.constexpr, ACT1_ALPHA: tl.constexpr, ACT1_BETA: tl.constexpr,
     ACT2: tl.constexpr, ACT2_ALPHA: tl.constexpr, ACT2_BETA: tl.constexpr,
     FP32_DOT: tl.constexpr,  # fp32 weights, exact (ieee) products; else fp16 operands
-    ONE_SPLIT: tl.constexpr,  # S == 1: the partials are the sums (one load, a pipelinable K loop)
+    S_CHUNKS: tl.constexpr,  # cdiv(S, BLOCK_S): partial-sum loads per channel block
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -56,7 +56,7 @@ def _excite_kernel(
         for k0 in range(0, C, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < C
-            m = _channel_means(part_ptr, img_base, img_ok, k, k_ok, S, C, inv_hw, ONE_SPLIT, BLOCK_N,
+            m = _channel_means(part_ptr, img_base, img_ok, k, k_ok, S, C, inv_hw, S_CHUNKS, BLOCK_N,
                                BLOCK_S, BLOCK_K)
             w1 = tl.load(w1t_ptr + k[:, None] * CR + r[None, :], mask=k_ok[:, None] & r_ok[None, :],
                          other=0.0)
@@ -76,21 +76,21 @@ def _excite_kernel(
 
 
 @triton.jit
-def _channel_means(part_ptr, img_base, img_ok, k, k_ok, S, C, inv_hw, ONE_SPLIT: tl.constexpr,
+def _channel_means(part_ptr, img_base, img_ok, k, k_ok, S, C, inv_hw, S_CHUNKS: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Means [BLOCK_N, BLOCK_K] of channels k: the S partial sums of each, BLOCK_S at a time."""
+    """Means [BLOCK_N, BLOCK_K] of channels k from their S partial sums, read BLOCK_S at a time in
+    S_CHUNKS loads. The loads are unrolled: independent, they are all in flight at once instead
+    of one memory latency each."""
     mask = img_ok[:, None] & k_ok[None, :]
     base = part_ptr + img_base[:, None] + k[None, :]
-    if ONE_SPLIT:
-        m = tl.load(base, mask=mask, other=0.0)
-    elif BLOCK_S == 1:
+    if BLOCK_S == 1:
         m = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for s in range(0, S):
+        for s in tl.static_range(S_CHUNKS):
             m += tl.load(base + s * C, mask=mask, other=0.0)
     else:
         m3 = tl.zeros([BLOCK_N, BLOCK_S, BLOCK_K], tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
+        for i in tl.static_range(S_CHUNKS):
+            s = i * BLOCK_S + tl.arange(0, BLOCK_S)
             m3 += tl.load(base[:, None, :] + (s * C)[None, :, None],
                           mask=mask[:, None, :] & (s < S)[None, :, None], other=0.0)
         m = tl.sum(m3, axis=1)
@@ -262,7 +262,8 @@ class SqueezeExcitation:
             dummy if self.act2_slope is None else self.act2_slope, gate2,
             n, sp.split, c, self.hidden, 1.0 / (h * w), *gate2.stride(),
             HAS_B1=self.b1 is not None, HAS_B2=self.b2 is not None, **self._acts,
-            FP32_DOT=self.dtype == torch.float32, ONE_SPLIT=sp.split == 1, BLOCK_S=block_s,
+            FP32_DOT=self.dtype == torch.float32, S_CHUNKS=triton.cdiv(sp.split, block_s),
+            BLOCK_S=block_s,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"],
             BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
         )

@@ -52,6 +52,8 @@ def launches_kernel(node: fx.Node) -> bool:
     """Does this node start device work (a kernel, a copy, a PyTorch op)?"""
     if is_canonical(node, ops.cat):
         return bool(node.meta.get("cat_copies"))
+    if is_canonical(node, ops.reshape):
+        return True  # a view, or a copy when no view exists: ordered like a kernel to be safe
     if is_canonical(node):
         return node.target not in ops.VIEW_OPS
     return is_fallback_compute(node)
@@ -68,18 +70,49 @@ def _pad_input_channels(node: fx.Node) -> bool:
         all(is_canonical(u, ops.conv2d) and spec(u).groups == 1 for u in node.users)
 
 
+_TOKEN_MAJOR = (ops.linear,)  # ops whose results are feature-last tensors (contiguous rows)
+
+
+def channels_last_values(order: list[fx.Node]) -> dict[fx.Node, bool]:
+    """For each 4D value, whether its buffer should be NHWC (channels_last on a logical NCHW
+    shape: images) or contiguous (tensors whose last dim is the feature dim, as in Swin's
+    (N, H, W, C) blocks, where LayerNorm and Linear read contiguous rows). Elementwise ops keep
+    the layout of their first input, seen through views (a (0, 2, 3, 1) permute of an NHWC buffer
+    is contiguous)."""
+    layout: dict[fx.Node, bool] = {}
+    for node in order:
+        first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        src = layout.get(first, True)
+        if node.op == "placeholder":
+            layout[node] = True
+        elif not is_canonical(node):
+            layout[node] = False  # what PyTorch code returns is contiguous
+        elif node.target is ops.permute:
+            dims = tuple(spec(node).dims)
+            layout[node] = (not src) if dims in ((0, 2, 3, 1), (0, 3, 1, 2)) else False
+        elif node.target in ops.VIEW_OPS or node.target in (ops.affine, ops.activation, ops.add, ops.mul):
+            layout[node] = src
+        elif node.target in _TOKEN_MAJOR or (node.target is ops.layer_norm and spec(node).dim == -1):
+            layout[node] = False
+        else:
+            layout[node] = True
+    return layout
+
+
 def _writer(node: fx.Node) -> fx.Node:
     return node.meta.get("segment_of", node)
 
 
 def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) -> Plan:
-    """Place every value; with ``streams``, also spread independent branches over CUDA streams
-    (only for graphs without fallbacks, whose reads and writes we cannot see)."""
+    """Place every value; with ``streams``, also spread independent branches over CUDA streams.
+    Fallback (PyTorch) nodes all go to the first stream, and the runtime joins every stream
+    before running one (it may read anything its inputs alias; what it allocates is its own)."""
     order = [n for n in gm.graph.nodes if n.op != "output"]
     pos = {n: i for i, n in enumerate(order)}
     buffers: dict[fx.Node, Buffer] = {}
     placements: dict[fx.Node, Placement] = {}
     value_dtypes: dict[fx.Node, torch.dtype] = {}
+    nhwc = channels_last_values(order)
     for node in order:
         if not is_planned(node):
             continue
@@ -89,7 +122,7 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) 
             pinned = root.op == "placeholder"
             if pinned and _pad_input_channels(root):
                 shape = (shape[0], INPUT_CHANNEL_PAD) + shape[2:]
-            buffers[root] = Buffer(len(buffers), shape, dtype, channels_last=len(shape) == 4,
+            buffers[root] = Buffer(len(buffers), shape, dtype, channels_last=len(shape) == 4 and nhwc[root],
                                    first=pos[_writer(node)], last=pos[_writer(node)], pinned=pinned)
         buf = buffers[root]
         buf.first = min(buf.first, pos[_writer(node)])
@@ -106,8 +139,9 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) 
     extend_lifetimes(buffers.values(), order + [gm.graph.output_node()],
                      _buffer_reads(gm, order, placements))
     stream_plan = StreamPlan()
-    if streams and not any(is_fallback_compute(n) for n in order):
-        stream_plan = assign_streams(order, {n for n in order if launches_kernel(n)})
+    if streams:
+        fallbacks = {n for n in order if is_fallback_compute(n)}
+        stream_plan = assign_streams(order, {n for n in order if launches_kernel(n)}, pinned=fallbacks)
     if stream_plan.streams > 1:
         bounds = region_bounds(order)
         for buf in buffers.values():  # no reuse inside a region whose branches may overlap

@@ -37,12 +37,19 @@ def launch_dependencies(order: list[fx.Node], launches: set[fx.Node]) -> dict[fx
     return {n: nearest[n] for n in order if n in launches}
 
 
-def assign_streams(order: list[fx.Node], launches: set[fx.Node], max_streams: int = MAX_STREAMS) -> StreamPlan:
-    deps = launch_dependencies(order, launches)
+def assign_streams(order: list[fx.Node], launches: set[fx.Node], max_streams: int = MAX_STREAMS,
+                   pinned: set[fx.Node] = frozenset()) -> StreamPlan:
+    """``pinned`` nodes (PyTorch fallbacks) always go to stream 0."""
+    deps = launch_dependencies(order, launches | set(pinned))
     plan = StreamPlan()
     tail: dict[int, fx.Node] = {}  # last node issued on each stream
     for node in order:
-        if node not in launches:
+        if node not in launches and node not in pinned:
+            continue
+        if node in pinned:
+            plan.stream[node] = 0
+            plan.waits[node] = [p for p in deps[node] if plan.stream[p] != 0]
+            tail[0] = node
             continue
         # Continue a stream whose last node we depend on, so chains stay on one stream.
         stream = next((plan.stream[p] for p in sorted(deps[node], key=order.index)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import operator
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,10 +20,11 @@ from torch import fx
 
 from .. import ops
 from ..cuda_graphs import capture
+from ..errors import CompileError
 from ..graph import cat_input_slot, is_canonical, is_fallback_compute, spec
 from ..plan import Plan
 from ..plan.memory import materialize
-from ..timing import time_in_cuda_graph
+from ..timing import memory_bandwidth, time_in_cuda_graph
 from .steps import ConvertStep, CopyStep, FallbackStep, Kernel, KernelStep, Step, ViewStep
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,11 @@ class Program:
         events: dict[fx.Node, torch.cuda.Event] = {}
         for step in self.steps:
             index = plan.stream.get(step.node, 0)
+            if isinstance(step, (FallbackStep, ConvertStep)):
+                # PyTorch code may read anything its inputs alias: everything issued so far first.
+                index = 0
+                for s in streams[1:]:
+                    main.wait_stream(s)
             stream = streams[index]
             with torch.cuda.stream(stream):
                 for dep in plan.waits.get(step.node, ()):
@@ -107,7 +114,8 @@ class Program:
                 step(self.env)
             except Exception as exc:
                 if not isinstance(step, KernelStep) or fallback_lowering is None or step.backend == "reference":
-                    raise
+                    raise CompileError(f"layer {step.name} ({step.op}) failed while building: "
+                                       f"{type(exc).__name__}: {exc}") from exc
                 warnings.warn(f"torch_gie: no kernel for layer {step.name} ({step.op}): "
                               f"{type(exc).__name__}: {exc}; running it with PyTorch instead", stacklevel=2)
                 step.kernel, step.backend = fallback_lowering(step.node), "reference"
@@ -122,13 +130,25 @@ class Program:
         figure holds the kernels and their in-graph launch cost as the full graph replays them,
         without the Python and launch overhead of eager calls (which swamps batch-1 kernels).
         The sum over steps can differ from the whole graph's time: there, independent branches
-        overlap on streams and neighbouring kernels' tails and heads overlap."""
+        overlap on streams and neighbouring kernels' tails and heads overlap.
+
+        Kernel steps also report ``bytes`` (inputs, outputs and weights once), ``floor_ms`` (those
+        bytes at the GPU's measured bandwidth, ``timing.memory_bandwidth``), ``floor_fraction``
+        (floor over measured time: 1.0 is the memory floor), ``flops`` and ``tflops``."""
         rows = []
+        bandwidth = memory_bandwidth()
         for step in self.steps:
             kernel = getattr(getattr(step, "kernel", None), "describe", None)
             ms = self._time_step(step, iters, reps) if step.launches else 0.0
-            rows.append({"name": step.name, "op": step.op, "ms": ms, "launches": step.launches,
-                         "kernel": kernel() if kernel else step.op})
+            row = {"name": step.name, "op": step.op, "ms": ms, "launches": step.launches,
+                   "kernel": kernel() if kernel else step.op}
+            if isinstance(step, KernelStep):
+                nbytes, flops = step_cost(step, self.env)
+                floor_ms = nbytes / bandwidth * 1e3
+                row.update(bytes=nbytes, flops=flops, floor_ms=floor_ms,
+                           floor_fraction=floor_ms / ms if ms > 0 else 0.0,
+                           tflops=flops / ms / 1e9 if ms > 0 else 0.0)
+            rows.append(row)
         return rows
 
     def _time_step(self, step: Step, iters: int, reps: int) -> float:
@@ -138,6 +158,30 @@ class Program:
             return time_in_cuda_graph(lambda: step(self.env), reps=reps, iters=iters)
         finally:
             self.env[:] = saved
+
+
+def step_cost(step: KernelStep, env: list) -> tuple[int, int]:
+    """(bytes, flops) a kernel step must at least move and compute: each input and output view
+    once, its weights once; 2 * MACs for convs and Linear layers (0 otherwise)."""
+    def nbytes(t) -> int:
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+    seen, total = set(), 0
+    for t in [env[i] for i in step.in_ids] + list(step.outs):
+        key = (t.data_ptr(), tuple(t.shape), t.stride()) if isinstance(t, torch.Tensor) else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += nbytes(t)
+    layer = getattr(step.kernel, "layer", None)
+    for name, value in vars(layer or object()).items():
+        if not name.startswith("_") and isinstance(value, torch.Tensor):
+            total += nbytes(value)  # packed weights, biases, scales
+    node, flops = step.node, 0
+    out_numel = math.prod(node.meta["shape"]) if "shape" in node.meta else 0
+    if node.target is ops.conv2d:
+        flops = 2 * out_numel * spec(node).weight[0].numel()
+    elif node.target is ops.linear:
+        flops = 2 * out_numel * spec(node).weight.shape[1]
+    return total, flops
 
 
 def _progress(items: list, what: str):
