@@ -112,19 +112,21 @@ def _pow2_at_least_16(v: int) -> int:
 
 def se_configs(c: int, cr: int) -> list[dict]:
     """Stage-2 tilings, best guess first. Default: 16 images per program (tl.dot's least M),
-    hidden units in blocks of up to 64, C in blocks of up to 128 for the first matmul, and
-    output-channel blocks of 64 (C = 1152 gives 18 programs per image block)."""
+    hidden units in blocks of up to 64, C in blocks of up to 128 for the first matmul, output
+    channel blocks of 64 (C = 1152 gives 18 programs per image block), and 8 warps: the grid is
+    small, so each program needs many loads in flight (and the registers for the unrolled
+    partial-sum loads of a split H*W: 4 warps spill there)."""
     block_r = min(64, _pow2_at_least_16(cr))
     block_k = min(128, _pow2_at_least_16(c))
     block_c = min(64, _pow2_at_least_16(c))
-    default = {"BLOCK_N": 16, "BLOCK_K": block_k, "BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": 4}
+    default = {"BLOCK_N": 16, "BLOCK_K": block_k, "BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": 8}
     variants = [
         {"BLOCK_C": min(128, _pow2_at_least_16(c))},
         {"BLOCK_C": min(32, block_c)},
-        {"BLOCK_K": min(64, block_k)},
-        {"num_warps": 8},
+        {"BLOCK_K": min(32, block_k)},  # more split partials per load
+        {"num_warps": 4},
+        {"BLOCK_K": min(64, block_k), "BLOCK_C": min(32, block_c)},
         {"BLOCK_N": 32},
-        {"BLOCK_C": min(128, _pow2_at_least_16(c)), "num_warps": 8},
         {"BLOCK_R": min(32, block_r), "BLOCK_K": min(256, _pow2_at_least_16(c))},
     ]
     configs = [default]
