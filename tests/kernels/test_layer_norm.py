@@ -85,6 +85,19 @@ def test_channels_of_4d(device, dtype, c, hw, weight, bias):
     assert_rest_poisoned(buf, c)
 
 
+@pytest.mark.parametrize("shape,dim", [((6, 10), 1), ((3, 10, 7), 1), ((2, 3, 10, 4), 2)])
+def test_other_dims(device, shape, dim):
+    # dim 1 of (N, C) is its last dim; (N, C, L) and other ranks normalize their dim the same way.
+    torch.manual_seed(8)
+    x = torch.randn(shape, device=device) + 2
+    c = shape[dim]
+    w, b = params(c, device, True, True)
+    out = torch.full_like(x, float("nan"))
+    LayerNorm(w, b, 1e-5, dim, torch.float32)(x, out)
+    ref = F.layer_norm(x.movedim(dim, -1), (c,), w, b, 1e-5).movedim(-1, dim)
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_channels_of_nchw(device):
     # Plain NCHW (channels strided by H*W) works too, only slower.
     torch.manual_seed(4)
@@ -132,7 +145,7 @@ def test_tile_rule():
 def test_errors(device):
     w = torch.ones(8, device=device)
     with pytest.raises(ValueError, match="dim must be"):
-        LayerNorm(w, None, 1e-5, 2)
+        LayerNorm(w, None, 1e-5, "last")
     with pytest.raises(ValueError, match="one length"):
         LayerNorm(w, torch.zeros(7, device=device))
     with pytest.raises(ValueError, match="dtype"):
@@ -141,8 +154,8 @@ def test_errors(device):
         LayerNorm(w, None, 0.0)
     layer = LayerNorm(w, None, 1e-5, 1, torch.float32)
     x = torch.randn(2, 8, 3, 3, device=device)
-    with pytest.raises(ValueError, match="takes 4D"):
-        layer(x[0], x[0])
+    with pytest.raises(ValueError, match="with a dim 1 to normalize"):
+        layer(x[0, 0, 0], x[0, 0, 0])
     with pytest.raises(ValueError, match="8 channels"):
         layer(x[:, :4], x[:, :4])
     with pytest.raises(ValueError, match="out must have"):
@@ -150,7 +163,7 @@ def test_errors(device):
     with pytest.raises(ValueError, match="x must be torch.float32"):
         layer(x.half(), x)
     with pytest.raises(ValueError, match="x must be 2D to 4D"):
-        LayerNorm(None, None, dtype=torch.float32)(x[0, 0, 0], x[0, 0, 0])
+        LayerNorm(None, None, dtype=torch.float32)(x[None], x[None])
 
 
 @pytest.mark.gpu

@@ -103,28 +103,27 @@ def layer_norm_tiles(c: int) -> tuple[bool, int, int, int]:
 
 
 def _row_view(t: torch.Tensor, dim: int) -> tuple[tuple[int, int, int], tuple[int, int, int, int]]:
-    """((R0, R1, R2) row sizes, (s0, s1, s2, s_channel) strides) of t normalized over ``dim``
-    (the last dim, or dim 1 of 4D)."""
-    if dim == 1 and t.dim() == 4:
-        n, _, h, w = t.shape
-        sn, sc, sh, sw = t.stride()
-        return (n, h, w), (sn, sh, sw, sc)
-    lead, lead_strides = list(t.shape[:-1]), list(t.stride()[:-1])
-    while len(lead) < 3:  # missing row dims have size 1
+    """((R0, R1, R2) row sizes, (s0, s1, s2, s_channel) strides) of t normalized over ``dim``:
+    the rows are t's other dims, in order (size-1 dims in front when there are fewer than 3)."""
+    dim %= t.dim()
+    lead = [t.shape[i] for i in range(t.dim()) if i != dim]
+    lead_strides = [t.stride(i) for i in range(t.dim()) if i != dim]
+    while len(lead) < 3:
         lead.insert(0, 1)
         lead_strides.insert(0, 0)
-    return tuple(lead), (*lead_strides, t.stride(-1))
+    return tuple(lead), (*lead_strides, t.stride(dim))
 
 
 class LayerNorm:
-    """LayerNorm over ``dim`` (-1: the last dim of a rank 2-4 view; 1: the channels of a 4D
-    (N, C, H, W) view) with optional ``weight``/``bias`` [C] (kept fp32), ``eps``.
-    ``layer(x, out)``: x and out of one shape in the layer's ``dtype``, any strides."""
+    """LayerNorm over ``dim`` (-1: the last dim of a rank 2-4 view, e.g. tokens; 1: the channels
+    of (N, C, H, W); any other dim of a rank 2-4 view works the same) with optional
+    ``weight``/``bias`` [C] (kept fp32), ``eps``. ``layer(x, out)``: x and out of one shape in the
+    layer's ``dtype``, any strides."""
 
     def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5,
                  dim: int = -1, dtype: torch.dtype = torch.float16, channels: int | None = None) -> None:
-        if dim not in (-1, 1):
-            raise ValueError(f"dim must be -1 (last) or 1 (channels of 4D), got {dim}")
+        if not isinstance(dim, int):
+            raise ValueError(f"dim must be an int (-1: last, 1: channels), got {dim!r}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
         if not eps > 0:
@@ -140,10 +139,9 @@ class LayerNorm:
         self.eps, self.dim, self.dtype = float(eps), dim, dtype
 
     def _check(self, x: torch.Tensor, out: torch.Tensor) -> int:
-        if self.dim == 1 and x.dim() != 4:
-            raise ValueError(f"LayerNorm over dim 1 takes 4D (N, C, H, W), got {tuple(x.shape)}")
-        if x.dim() not in (2, 3, 4):
-            raise ValueError(f"x must be 2D to 4D (..., C), got {tuple(x.shape)}")
+        if x.dim() not in (2, 3, 4) or not -x.dim() <= self.dim < x.dim():
+            raise ValueError(f"x must be 2D to 4D with a dim {self.dim} to normalize, "
+                             f"got {tuple(x.shape)}")
         if out.shape != x.shape:
             raise ValueError(f"out must have x's shape {tuple(x.shape)}, got {tuple(out.shape)}")
         for name, t in (("x", x), ("out", out)):
