@@ -4,7 +4,8 @@ and cache the choice keyed by GPU, Triton version and the layer's exact signatur
 Kernels only expose ``configs`` and a settable ``config``; the tuner lives here, apart from them.
 Like TensorRT's timing cache, choices are looked up in the user's cache (``$TORCH_GIE_CACHE`` or
 ``~/.cache/torch_gie/tuning.json``) and in the timings shipped with torch_gie
-(``tuning_db.json``, measured on the GPUs named in its keys) on every build; only ``tune=True``
+(``tuning_db.json``, measured on the GPUs named in its keys; a GPU without entries of its own uses
+those of another GPU of its architecture, e.g. H100 timings on an H200) on every build; only ``tune=True``
 times layers that neither knows, ``tune="refresh"`` every layer. Candidates are timed the way the
 compiled forward runs them: replayed in a CUDA graph (``timing.time_in_cuda_graph``).
 """
@@ -36,6 +37,16 @@ def _load(path: str) -> dict:
         return {}
 
 
+# GPUs of one architecture rank kernel configs alike (same SMs, shared memory, tensor cores);
+# their timings stand in for each other when the exact GPU has none.
+_ARCHITECTURES = {"H100": "sm_90", "H200": "sm_90", "GH200": "sm_90", "H800": "sm_90",
+                  "A100": "sm_80", "A800": "sm_80", "A30": "sm_80"}
+
+
+def architecture(gpu_name: str) -> str | None:
+    return next((arch for key, arch in _ARCHITECTURES.items() if key in gpu_name), None)
+
+
 def cache_path() -> str:
     return os.environ.get("TORCH_GIE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "torch_gie",
                                                           "tuning.json"))
@@ -62,8 +73,14 @@ class Tuner:
                  refresh: bool = False):
         import triton
         self.path = path or cache_path()
-        self.prefix = f"{torch.cuda.get_device_name()}|triton {triton.__version__}|"
+        gpu = torch.cuda.get_device_name()
+        self.prefix = f"{gpu}|triton {triton.__version__}|"
         self.shipped = _load(SHIPPED_DB)
+        # Prefixes of other GPUs of this architecture in the shipped cache, tried after our own.
+        arch = architecture(gpu)
+        others = {k.split("|", 1)[0] for k in self.shipped} - {gpu}
+        self.fallback_prefixes = [f"{name}|triton {triton.__version__}|" for name in sorted(others)
+                                  if arch is not None and architecture(name) == arch]
         self.cache: dict[str, dict] = _load(self.path)
         self.time_new = time_new or refresh
         self.refresh = refresh  # time every layer, replacing what the caches hold
@@ -75,8 +92,10 @@ class Tuner:
         configs = getattr(layer, "configs", None)
         if not configs or len(configs) < 2:
             return
-        key = self.prefix + signature(step, env)
-        known = None if self.refresh else self.cache.get(key) or self.shipped.get(key)
+        sig = signature(step, env)
+        key = self.prefix + sig
+        known = None if self.refresh else self.cache.get(key) or self.shipped.get(key) or \
+            next((self.shipped[p + sig] for p in self.fallback_prefixes if p + sig in self.shipped), None)
         if known is not None:
             try:
                 layer.config = known
