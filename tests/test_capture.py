@@ -262,6 +262,18 @@ def test_layer_norm_of_a_channels_last_permute():
     assert [n.target for n in canonical(gm)] == [ops.permute, ops.layer_norm]
 
 
+@pytest.mark.xfail(strict=True, reason="capture._normalize_function reads F.conv2d's arguments with "
+                   "normalize_function, which is ambiguous for torch.conv2d (padding: int list or str): every "
+                   "functional conv falls back ('unsupported arguments (RuntimeError: ... ambiguous ...)')")
+@pytest.mark.parametrize("call", [
+    lambda s, x: F.conv2d(x, s.w, s.b, 2, 1),
+    lambda s, x: F.conv2d(x, s.w, stride=2, padding=1),
+], ids=["positional", "keywords"])
+def test_functional_conv_with_module_weights(call):
+    node = only(fn(call, w=torch.randn(4, C, 3, 3), b=torch.randn(4)))
+    assert node.target is ops.conv2d and spec(node).stride == (2, 2) and tuple(spec(node).padding) == (1, 1)
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("kernel,dilation,padding", [(4, 1, (1, 2, 1, 2)), (3, 2, (2, 2)), (2, 3, (1, 2, 1, 2))])
 def test_conv_same_padding_puts_the_odd_pixel_bottom_right(kernel, dilation, padding):

@@ -336,6 +336,67 @@ def test_hand_written_silu_and_mish_run_as_kernels():
 
 
 # ---------------------------------------------------------------------------------------------
+# EfficientNet-PyTorch (lukemelas): Conv2d subclasses with a static TF "SAME" ZeroPad2d and a
+# functional conv, Swish by hand, and an SE whose gate multiplies from the left.
+
+class Conv2dStaticSamePadding(nn.Conv2d):
+    def __init__(self, cin, cout, k, stride=1, groups=1, bias=False, image_size=8):
+        super().__init__(cin, cout, k, stride, groups=groups, bias=bias)
+        oh = -(-image_size // stride)
+        pad = max((oh - 1) * stride + k - image_size, 0)
+        self.static_padding = nn.ZeroPad2d((pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+class Swish(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class LukeMBConv(nn.Module):
+    def __init__(self, c=8, expand=4, k=5, stride=2, image_size=8):
+        super().__init__()
+        e = c * expand
+        self._expand_conv = Conv2dStaticSamePadding(c, e, 1, image_size=image_size)
+        self._bn0 = nn.BatchNorm2d(e)
+        self._depthwise_conv = Conv2dStaticSamePadding(e, e, k, stride, groups=e, image_size=image_size)
+        self._bn1 = nn.BatchNorm2d(e)
+        self._se_reduce = Conv2dStaticSamePadding(e, 2, 1, bias=True, image_size=1)
+        self._se_expand = Conv2dStaticSamePadding(2, e, 1, bias=True, image_size=1)
+        self._project_conv = Conv2dStaticSamePadding(e, c, 1, image_size=image_size // stride)
+        self._bn2 = nn.BatchNorm2d(c)
+        self._swish = Swish()
+
+    def forward(self, inputs):
+        x = self._swish(self._bn0(self._expand_conv(inputs)))
+        x = self._swish(self._bn1(self._depthwise_conv(x)))
+        s = F.adaptive_avg_pool2d(x, 1)
+        s = self._se_expand(self._swish(self._se_reduce(s)))
+        x = torch.sigmoid(s) * x
+        return self._bn2(self._project_conv(x))
+
+
+def test_efficientnet_pytorch_block_matches_eager():
+    compile_and_check(LukeMBConv(), torch.randn(2, 8, 8, 8))
+
+
+@pytest.mark.xfail(strict=True, reason="capture cannot read F.conv2d's arguments: normalize_function on torch.conv2d "
+                   "is ambiguous (padding int list or str schemas), so every functional conv falls back with "
+                   "'unsupported arguments (RuntimeError: ... ambiguous ...)' and its pads stay")
+def test_efficientnet_pytorch_functional_convs_are_lowered():
+    report = compile_and_check(LukeMBConv(), torch.randn(2, 8, 8, 8))
+    assert not report["fallback_ops"]
+    # the 5x5/2 depthwise conv's static pad (1, 2, 1, 2) folds; the 1x1 convs' pads are empty
+    assert not any(layer["op"] == "pad" for layer in report["layers"])
+    # the gate written sigmoid(s) * x still folds into the projection (full-size operand first)
+    assert report["layers"][-1]["op"] == "conv2d"
+    assert report["layers"][-1]["input_shapes"] == [[2, 32, 4, 4], [2, 32, 1, 1]]
+
+
+# ---------------------------------------------------------------------------------------------
 # GhostNet's module: a primary conv, a cheap depthwise conv of it, cat, then keep the first
 # `oup` channels with out[:, :oup, :, :].
 
