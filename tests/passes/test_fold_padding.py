@@ -144,3 +144,16 @@ def test_tf_same_network_on_triton():
                                                                       "conv2d"]
     with torch.no_grad():
         assert rel_err(compiled(x), model(x)) < 1e-4
+
+
+@pytest.mark.parametrize("pool", [nn.AvgPool2d(3, 2, ceil_mode=True, count_include_pad=False),
+                                  nn.MaxPool2d(3, 2, ceil_mode=True)], ids=["avg-ceil-exclude-pad", "max-ceil"])
+def test_folded_pool_pads_on_triton(pool):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ZeroPad2d((2, 1, 0, 2)), pool).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(-5.0)  # negative activations: the pad's zeros are the border maxima
+    x = torch.rand(1, 3, 8, 9)
+    compiled = torch_gie.compile(model, x, precision="fp32", backend="triton")
+    assert [layer["op"] for layer in compiled.report()["layers"]] == ["conv2d", "pool2d"]
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) < 1e-4
