@@ -526,3 +526,25 @@ def test_mobilefacenet_prelu_on_triton():
                 m.weight.copy_(torch.linspace(-0.5, 0.5, m.weight.numel()))
     report = compile_and_check(model, torch.randn(1, 3, 16, 16), backend="triton", tol=1e-4)
     assert not report["fallback_ops"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Side inputs of rank 0 or 1 (a softmax temperature, a per-column weight vector).
+
+class WithSideInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x) * t
+
+
+@pytest.mark.parametrize("side", [(), (1,), (6,)], ids=["0-d", "1-element", "per-column"])
+@pytest.mark.xfail(strict=True, reason="plan: graph inputs of rank 0 or 1 crash compile with IndexError (make_plan "
+                   "reads shape[0] of a 0-d value; Placement.is_whole reads buffer.shape[1] of a 1-D buffer)")
+def test_rank_0_and_1_inputs_compile(side):
+    model, x, t = WithSideInput().eval(), torch.randn(2, 3, 5, 6), torch.rand(side) + 0.5
+    compiled = torch_gie.compile(model, (x, t), precision="fp32", backend="reference")
+    with torch.no_grad():
+        assert rel_err(compiled(x, t), model(x, t)) < 1e-5
