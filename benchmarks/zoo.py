@@ -3,8 +3,9 @@ would try it. Per model: compiles or not (with the error), fallbacks by op, rela
 eager fp32 (TF32 off) in fp32 and fp16, and optionally latency beside eager fp16 channels_last and
 torch.compile in its "default" and "reduce-overhead" modes.
 
-Models are torchvision's random initialization (nothing is downloaded) with BatchNorm statistics
-calibrated on random images (``testing.calibrate_batchnorm_``), so activations neither vanish nor
+Models are torchvision's random initialization (nothing is downloaded; parameters initialized to
+all zeros, such as transformer heads, are redrawn so outputs are not trivially zero) with BatchNorm
+statistics calibrated on random images (``testing.calibrate_batchnorm_``), so activations neither vanish nor
 overflow fp16. fp16 passes when its error is at most max(1e-2, 2x eager fp16's own error); fp32
 when it is at most 1e-3.
 
@@ -34,7 +35,7 @@ import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch_gie  # noqa: E402
-from torch_gie.testing import calibrate_batchnorm_, rel_err  # noqa: E402
+from torch_gie.testing import calibrate_batchnorm_, redraw_zero_parameters_, rel_err  # noqa: E402
 from torch_gie.timing import time_calls  # noqa: E402
 
 HUGE = ("vit_h_14", "regnet_y_128gf")
@@ -56,6 +57,7 @@ def build(name: str, device: str) -> torch.nn.Module:
     kwargs = {"init_weights": True} if name in ("googlenet", "inception_v3") else {}
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, **kwargs).to(device).eval()
+    redraw_zero_parameters_(model)  # zero-initialized heads (ViT, Swin) would make every output 0
     size = input_size(name)
     return calibrate_batchnorm_(model, torch.empty(8, 3, size, size, device=device))
 

@@ -568,6 +568,38 @@ def _normalize(gm: fx.GraphModule, node: fx.Node) -> Canonical:
     return canon
 
 
+Expansion = list[tuple[Callable, list, Any, tuple[int, ...]]]  # (op, inputs, spec, shape); int input: an earlier step
+
+
+def _expand_attention(gm: fx.GraphModule, node: fx.Node) -> Expansion | None:
+    """``nn.MultiheadAttention(x, x, x, need_weights=False)`` (batch first, no masks) as three
+    canonical ops: the fused q/k/v projection (a GEMM), the attention core (a library call to
+    ``F.scaled_dot_product_attention``) and the output projection (a GEMM, which can take the
+    residual add in its epilogue). Its result is item 0 of the module's (output, None) tuple."""
+    if node.op != "call_module":
+        return None
+    mod = gm.get_submodule(node.target)
+    if type(mod) is not nn.MultiheadAttention:
+        return None
+    x = node.args[0] if node.args else None
+    shape = _shape(x)
+    usable = (len(node.args) == 3 and node.args[1] is x and node.args[2] is x and shape is not None
+              and len(shape) == 3 and mod.batch_first and mod._qkv_same_embed_dim and mod.bias_k is None
+              and not mod.add_zero_attn and node.kwargs == {"need_weights": False}
+              and all(u.op == "call_function" and u.target is operator.getitem
+                      and (u.args[1] == 0 or not u.users) for u in node.users))
+    if not usable:
+        node.meta["fallback_reason"] = ("MultiheadAttention other than batch-first self-attention without "
+                                        "masks or returned weights")
+        return None
+    n, seq, d = shape
+    in_bias = None if mod.in_proj_bias is None else mod.in_proj_bias.detach()
+    out_bias = None if mod.out_proj.bias is None else mod.out_proj.bias.detach()
+    return [(ops.linear, [x], ops.LinearSpec(mod.in_proj_weight.detach(), in_bias), (n, seq, 3 * d)),
+            (ops.attention, [0], ops.AttentionSpec(mod.num_heads), (n, seq, d)),
+            (ops.linear, [1], ops.LinearSpec(mod.out_proj.weight.detach(), out_bias), (n, seq, d))]
+
+
 def _try_normalize(gm: fx.GraphModule, node: fx.Node) -> Canonical | None:
     if node.op not in ("call_module", "call_function", "call_method"):
         return None
@@ -636,7 +668,23 @@ def capture(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Gra
 
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    expanded: set[fx.Node] = set()  # modules whose tuple result's item 0 is env[node]
     for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in expanded:
+            env[node] = env[node.args[0]] if node.args[1] == 0 else None
+            continue
+        steps = _expand_attention(gm, node)
+        if steps is not None:
+            created: list[fx.Node] = []
+            for k, (fn, inputs, spec, shape) in enumerate(steps):
+                args = tuple(created[i] if isinstance(i, int) else env[i] for i in inputs)
+                new = graph.create_node("call_function", fn, args, {}, name=f"{node.name}_{fn.__name__}{k}")
+                new.meta.update(spec=spec, shape=shape, dtype=node.args[0].meta["dtype"], tensor_valued=True,
+                                source=node.name)
+                created.append(new)
+            env[node] = created[-1]
+            expanded.add(node)
+            continue
         canon = _try_normalize(gm, node)
         if canon is None:
             new = graph.node_copy(node, lambda n: env[n])

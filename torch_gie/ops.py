@@ -197,6 +197,14 @@ class SqueezeExcitationSpec:
 
 
 @dataclass
+class AttentionSpec:
+    """Multi-head self-attention core on a fused (N, L, 3 * D) projection: q, k, v are its three
+    thirds, split into ``heads`` heads; the result is (N, L, D) before the output projection."""
+
+    heads: int
+
+
+@dataclass
 class PadSpec:
     pads: tuple[int, ...]  # F.pad order: (left, right, top, bottom, ...)
     value: float = 0.0
@@ -328,6 +336,16 @@ def squeeze_excitation(spec: SqueezeExcitationSpec, x: torch.Tensor) -> torch.Te
     return g[:, :, None, None]
 
 
+def attention_heads(spec: AttentionSpec, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(q, k, v) views of a fused projection, each (N, heads, L, head_dim)."""
+    return tuple(t.unflatten(-1, (spec.heads, -1)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+
+
+def attention(spec: AttentionSpec, qkv: torch.Tensor) -> torch.Tensor:
+    o = F.scaled_dot_product_attention(*attention_heads(spec, qkv))
+    return o.transpose(1, 2).flatten(2)
+
+
 def pad(spec: PadSpec, x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, spec.pads, value=spec.value)
 
@@ -381,7 +399,7 @@ def _apply_epilogue(y: torch.Tensor, ep: Epilogue, residual: torch.Tensor | None
 
 
 CANONICAL_OPS = (conv2d, linear, affine, activation, add, mul, pool2d, adaptive_pool2d, layer_norm,
-                 squeeze_excitation, pad, cat, channel_shuffle, flatten, channel_slice, permute, reshape,
+                 squeeze_excitation, attention, pad, cat, channel_shuffle, flatten, channel_slice, permute, reshape,
                  identity)
 # Ops that compute nothing: their output is a view of their input (``reshape`` copies only when
 # no view exists, as torch.reshape does).
@@ -389,7 +407,7 @@ VIEW_OPS = (flatten, channel_slice, permute, reshape, identity)
 
 __all__ = [
     "Epilogue", "ConvSpec", "LinearSpec", "AffineSpec", "ActivationSpec", "AddSpec", "MulSpec", "PoolSpec",
-    "AdaptivePoolSpec", "LayerNormSpec", "SqueezeExcitationSpec", "PadSpec", "CatSpec", "ChannelShuffleSpec",
+    "AdaptivePoolSpec", "LayerNormSpec", "SqueezeExcitationSpec", "AttentionSpec", "PadSpec", "CatSpec", "ChannelShuffleSpec",
     "FlattenSpec", "SliceSpec", "PermuteSpec", "ReshapeSpec", "IdentitySpec", "CANONICAL_OPS", "VIEW_OPS",
     "channel_dim", "padding4", "symmetric", "replace",
 ]

@@ -37,9 +37,17 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
             if m.weight is not None:
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.75)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-        for p in m.parameters(recurse=False):
-            if p.dim() > 0 and p.abs().max() == 0:
-                p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.02)
+    return redraw_zero_parameters_(model, seed)
+
+
+@torch.no_grad()
+def redraw_zero_parameters_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Parameters initialized to all zeros (classifier heads, some biases) redrawn small and random,
+    so that a model's output depends on its input."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.dim() > 0 and p.abs().max() == 0:
+            p.copy_(torch.randn(p.shape, generator=g).to(p) * 0.02)
     return model
 
 

@@ -136,6 +136,27 @@ def _squeeze_excitation(node, dtype, device, options) -> BoundKernel:
     return BoundKernel(layer, lambda k, i, o: k(i[0], o[0]), "SqueezeExcitation")
 
 
+class LibraryCall:
+    """Work done by a PyTorch library kernel inside the compiled graph (not a fallback: the op is
+    canonical and planned; e.g. flash attention through ``F.scaled_dot_product_attention``)."""
+
+    def __init__(self, launches: int, fn):
+        self.launches, self._fn = launches, fn
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        self._fn(x, out)
+
+
+def _attention(node, dtype, device, options) -> BoundKernel:
+    s = spec(node)
+
+    def attend(qkv, out):
+        o = torch.nn.functional.scaled_dot_product_attention(*ops.attention_heads(s, qkv))
+        out.unflatten(-1, (s.heads, -1)).copy_(o.transpose(1, 2))
+    return BoundKernel(LibraryCall(2, attend), lambda k, i, o: k(i[0], o[0]),
+                       "scaled_dot_product_attention (library call)")
+
+
 class TorchCopy:
     """A data movement PyTorch does in one or two copy kernels (pads and channel shuffles that no
     producer could write in place)."""
@@ -171,7 +192,7 @@ _LOWERINGS = {
     ops.conv2d: _conv, ops.linear: _linear, ops.affine: _affine, ops.activation: _activation,
     ops.add: _binary(Add), ops.mul: _binary(Mul), ops.pool2d: _pool, ops.adaptive_pool2d: _adaptive_pool,
     ops.layer_norm: _layer_norm, ops.squeeze_excitation: _squeeze_excitation, ops.pad: _pad,
-    ops.channel_shuffle: _channel_shuffle,
+    ops.channel_shuffle: _channel_shuffle, ops.attention: _attention,
 }
 
 

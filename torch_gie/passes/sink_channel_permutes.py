@@ -31,6 +31,8 @@ def _composes_to_identity(first: tuple[int, ...], second: tuple[int, ...]) -> bo
 
 def _channel_op(user: fx.Node):
     """(op, spec) computing ``user`` on the un-permuted tensor, or None when it does not commute."""
+    if not is_canonical(user):
+        return None
     s = spec(user)
     if is_canonical(user, ops.layer_norm) and s.dim == -1:
         return ops.layer_norm, ops.replace(s, dim=1)
