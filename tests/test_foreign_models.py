@@ -529,6 +529,40 @@ def test_mobilefacenet_prelu_on_triton():
 
 
 # ---------------------------------------------------------------------------------------------
+# GCNet's global context block (mmcv ContextBlock, avg pooling): a (N, C, 1, 1) channel term from
+# 1x1 convs and LayerNorm([C/r, 1, 1]) broadcast-added to the feature map.
+
+class ContextBlock(nn.Module):
+    def __init__(self, c=8, r=4):
+        super().__init__()
+        self.channel_add_conv = nn.Sequential(nn.Conv2d(c, c // r, 1), nn.LayerNorm([c // r, 1, 1]),
+                                              nn.ReLU(inplace=True), nn.Conv2d(c // r, c, 1))
+
+    def forward(self, x):
+        context = F.adaptive_avg_pool2d(x, 1)
+        return x + self.channel_add_conv(context)
+
+
+def test_gcnet_context_block_matches_eager():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ContextBlock())
+    report = compile_and_check(model, torch.randn(2, 3, 8, 8))
+    assert fallback_op_names(report) == ["LayerNorm"]  # normalized over (C, 1, 1), not the last dim only
+
+
+@pytest.mark.xfail(strict=True, reason="fuse_conv_epilogue absorbs a broadcasting add as the conv's residual (here "
+                   "conv on (N, C, 1, 1) + x (N, C, H, W)); the Triton conv rejects the shapes and the layer falls "
+                   "back to PyTorch with a 'no kernel for layer' warning")
+def test_gcnet_context_block_runs_every_conv_on_triton():
+    model = randomize_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ContextBlock())).eval()
+    x = torch.randn(1, 3, 6, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch_gie.compile(model, x, precision="fp32", backend="triton")
+    assert not [w for w in caught if "no kernel for layer" in str(w.message)]
+    assert all(layer["backend"] == "triton" for layer in compiled.report()["layers"] if layer["op"] == "conv2d")
+
+
+# ---------------------------------------------------------------------------------------------
 # Side inputs of rank 0 or 1 (a softmax temperature, a per-column weight vector).
 
 class WithSideInput(nn.Module):
