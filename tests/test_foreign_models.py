@@ -383,9 +383,6 @@ def test_efficientnet_pytorch_block_matches_eager():
     compile_and_check(LukeMBConv(), torch.randn(2, 8, 8, 8))
 
 
-@pytest.mark.xfail(strict=True, reason="capture cannot read F.conv2d's arguments: normalize_function on torch.conv2d "
-                   "is ambiguous (padding int list or str schemas), so every functional conv falls back with "
-                   "'unsupported arguments (RuntimeError: ... ambiguous ...)' and its pads stay")
 def test_efficientnet_pytorch_functional_convs_are_lowered():
     report = compile_and_check(LukeMBConv(), torch.randn(2, 8, 8, 8))
     assert not report["fallback_ops"]
@@ -497,14 +494,10 @@ class AudioNet(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-@pytest.mark.xfail(strict=True, reason="capture maps BatchNorm1d (and PReLU) on an (N, C, L) tensor to per-channel "
-                   "ops along the LAST dim (ops.channel_dim(3) == -1): a shape error when L != C")
 def test_batchnorm1d_on_sequence_features_compiles():
     compile_and_check(AudioNet(), torch.randn(2, 4, 7))
 
 
-@pytest.mark.xfail(strict=True, reason="capture maps BatchNorm1d and PReLU on an (N, C, L) tensor to per-channel "
-                   "ops along the LAST dim: silently wrong when L == C")
 def test_batchnorm1d_on_square_sequence_features_matches_eager():
     compile_and_check(AudioNet(), torch.randn(2, 4, 16))
 
@@ -549,9 +542,6 @@ def test_gcnet_context_block_matches_eager():
     assert fallback_op_names(report) == ["LayerNorm"]  # normalized over (C, 1, 1), not the last dim only
 
 
-@pytest.mark.xfail(strict=True, reason="fuse_conv_epilogue absorbs a broadcasting add as the conv's residual (here "
-                   "conv on (N, C, 1, 1) + x (N, C, H, W)); the Triton conv rejects the shapes and the layer falls "
-                   "back to PyTorch with a 'no kernel for layer' warning")
 def test_gcnet_context_block_runs_every_conv_on_triton():
     model = randomize_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ContextBlock())).eval()
     x = torch.randn(1, 3, 6, 6)
@@ -575,8 +565,6 @@ class WithSideInput(nn.Module):
 
 
 @pytest.mark.parametrize("side", [(), (1,), (6,)], ids=["0-d", "1-element", "per-column"])
-@pytest.mark.xfail(strict=True, reason="plan: graph inputs of rank 0 or 1 crash compile with IndexError (make_plan "
-                   "reads shape[0] of a 0-d value; Placement.is_whole reads buffer.shape[1] of a 1-D buffer)")
 def test_rank_0_and_1_inputs_compile(side):
     model, x, t = WithSideInput().eval(), torch.randn(2, 3, 5, 6), torch.rand(side) + 0.5
     compiled = torch_gie.compile(model, (x, t), precision="fp32", backend="reference")

@@ -204,13 +204,21 @@ def _pad(x, pads, mode="constant", value=None) -> Canonical:
     return ops.pad, [x], ops.PadSpec(pads + (0,) * (4 - len(pads)), float(value or 0.0))
 
 
+def _require_channel_dim_1(x, what: str) -> None:
+    """Per-channel ops of PyTorch run along dim 1; torch_gie's per-channel constants run along dim
+    1 for (N, C) and (N, C, H, W) but along the last dim of 3D tensors (tokens)."""
+    shape = _shape(x)
+    if shape is None or len(shape) not in (2, 4):
+        raise _NotCanonical(f"{what} on a rank-{len(shape or ())} tensor (lowered for (N, C) and (N, C, H, W))")
+
+
 def _prelu(x, weight: torch.Tensor) -> Canonical:
     weight = weight.detach().float().reshape(-1)
     if weight.numel() == 1:
         return ops.activation, [x], ops.ActivationSpec(Act("leaky_relu", weight.item()))
-    shape = _shape(x)
-    if shape is None or len(shape) < 2 or shape[ops.channel_dim(len(shape))] != weight.numel():
-        raise _NotCanonical("PReLU whose slopes do not run along the channel dim")
+    _require_channel_dim_1(x, "PReLU with per-channel slopes")
+    if _shape(x)[1] != weight.numel():
+        raise _NotCanonical("PReLU whose slopes do not match the channels")
     return ops.activation, [x], ops.ActivationSpec(Act("prelu"), weight)
 
 
@@ -226,6 +234,7 @@ def _normalize_module(gm: fx.GraphModule, node: fx.Node) -> Canonical:
     if kind is nn.Linear:
         return ops.linear, [x], ops.LinearSpec(mod.weight.detach(), None if mod.bias is None else mod.bias.detach())
     if kind in (nn.BatchNorm2d, nn.BatchNorm1d) and mod.track_running_stats:
+        _require_channel_dim_1(x, "BatchNorm")
         return _batch_norm(x, mod.running_mean, mod.running_var,
                            None if mod.weight is None else mod.weight.detach(),
                            None if mod.bias is None else mod.bias.detach(), mod.eps)
@@ -477,18 +486,23 @@ def _normalize_function(gm: fx.GraphModule, node: fx.Node) -> Canonical:
         return ops.identity, [node.args[0]], ops.IdentitySpec("stochastic_depth")
     if t in _ACT_FUNCTIONS:
         return ops.activation, [node.args[0]], ops.ActivationSpec(_ACT_FUNCTIONS[t](*node.args, **node.kwargs))
+    if t in (F.conv2d, torch.conv2d):
+        # Read positionally: the schema has two overloads (padding as ints or as a string).
+        return _conv(_arg(node, 0, "input"), _attr(gm, _arg(node, 1, "weight")), _attr(gm, _arg(node, 2, "bias")),
+                     _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0), _arg(node, 5, "dilation", 1),
+                     _arg(node, 6, "groups", 1))
+    if t not in _KWARG_FUNCTIONS:
+        raise _NotCanonical(f"no lowering for {getattr(t, '__module__', '')}.{getattr(t, '__name__', t)}")
     kw = _kwargs(node)
     x = kw.get("input")
     if t in _DROPOUT_FUNCTIONS and not kw.get("training", True):
         return ops.identity, [x], ops.IdentitySpec(t.__name__)
     if t is F.prelu:
         return _prelu(x, _attr(gm, kw["weight"]))
-    if t is F.conv2d:
-        return _conv(x, _attr(gm, kw["weight"]), _attr(gm, kw.get("bias")), kw.get("stride", 1),
-                     kw.get("padding", 0), kw.get("dilation", 1), kw.get("groups", 1))
     if t is F.linear:
         return ops.linear, [x], ops.LinearSpec(_attr(gm, kw["weight"]), _attr(gm, kw.get("bias")))
     if t is F.batch_norm and not kw.get("training", False):
+        _require_channel_dim_1(x, "batch_norm")
         return _batch_norm(x, _attr(gm, kw["running_mean"]), _attr(gm, kw["running_var"]),
                            _attr(gm, kw.get("weight")), _attr(gm, kw.get("bias")), kw.get("eps", 1e-5))
     if t is F.layer_norm:
@@ -511,6 +525,13 @@ def _normalize_function(gm: fx.GraphModule, node: fx.Node) -> Canonical:
     raise _NotCanonical(f"no lowering for {getattr(t, '__module__', '')}.{getattr(t, '__name__', t)}")
 
 
+# Functions whose arguments are read through their schema (keywords or positions alike).
+_KWARG_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.prelu, F.linear,
+                    F.batch_norm, F.layer_norm, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+                    F.adaptive_max_pool2d, F.pad, torch.channel_shuffle} | (
+    {F.channel_shuffle} if hasattr(F, "channel_shuffle") else set())
+
+
 def _narrow(x, dim, start, length) -> Canonical:
     shape = _shape(x)
     if shape is None or not all(isinstance(v, int) for v in (dim, start, length)) or _dim(dim, len(shape)) != 1:
@@ -530,8 +551,11 @@ def _normalize_method(gm: fx.GraphModule, node: fx.Node) -> Canonical:
         if len(args) != 2 or set(node.kwargs) - {"alpha"}:
             raise _NotCanonical(f"Tensor.{name} with extra arguments")
         return _arith(gm, node, _ARITH_METHODS[name], *args, **node.kwargs)
-    if name == "flatten" and all(isinstance(a, int) for a in args[1:]):
-        return ops.flatten, [x], ops.FlattenSpec(*args[1:], **node.kwargs)
+    if name == "flatten":
+        start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
+        if not isinstance(start, int) or not isinstance(end, int):
+            raise _NotCanonical("flatten by computed dims")
+        return ops.flatten, [x], ops.FlattenSpec(start, end)
     if name == "permute":
         return _permute(x, _dims_arg(args[1:] or (node.kwargs["dims"],)))
     if name in ("transpose", "swapaxes"):
@@ -614,6 +638,23 @@ def _try_normalize(gm: fx.GraphModule, node: fx.Node) -> Canonical | None:
 
 # ---------------------------------------------------------------------------------------------
 
+_IN_PLACE_FUNCTIONS = {torch.relu_, F.relu_, operator.iadd, operator.imul, operator.isub, operator.itruediv}
+
+
+def _mutates_first_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An in-place op (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``x.add_(y)``,
+    ``x += y``): eager code that reads its input afterwards sees the result."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op == "call_function":
+        return node.target in _IN_PLACE_FUNCTIONS or node.kwargs.get("inplace") is True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    return False
+
+
 def _holds_tensor(meta) -> bool:
     if isinstance(meta, TensorMetadata):
         return True
@@ -686,6 +727,11 @@ def capture(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Gra
             expanded.add(node)
             continue
         canon = _try_normalize(gm, node)
+        if _mutates_first_input(gm, node):
+            # Later readers of the mutated tensor must see the result (functionalize the op).
+            pending_alias = node.args[0]
+        else:
+            pending_alias = None
         if canon is None:
             new = graph.node_copy(node, lambda n: env[n])
             if "fallback_reason" in node.meta:
@@ -699,6 +745,8 @@ def capture(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Gra
                 new.meta[key] = node.meta[key]
         new.meta["source"] = node.name
         env[node] = new
+        if isinstance(pending_alias, fx.Node) and pending_alias in env:
+            env[pending_alias] = new
     out = fx.GraphModule(gm, graph)
     out.graph.eliminate_dead_code()
     out.recompile()

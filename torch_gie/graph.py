@@ -40,10 +40,19 @@ def is_fallback_compute(node: fx.Node) -> bool:
     if node.op == "call_module":
         return True
     if node.op == "call_function":
+        if node.target is operator.getitem:  # free unless it indexes by a tensor (a gather)
+            return any(isinstance(a, fx.Node) and "shape" in a.meta for a in _flat(node.args[1:]))
         return node.target not in ops.CANONICAL_OPS and node.target not in _FREE_FUNCTIONS
     if node.op == "call_method":
         return node.target not in _FREE_METHODS
     return False
+
+
+def _flat(args) -> list:
+    out = []
+    for a in args:
+        out += _flat(a) if isinstance(a, (tuple, list)) else [a]
+    return out
 
 
 def is_compute(node: fx.Node) -> bool:

@@ -407,7 +407,8 @@ VIEW_OPS = (flatten, channel_slice, permute, reshape, identity)
 
 __all__ = [
     "Epilogue", "ConvSpec", "LinearSpec", "AffineSpec", "ActivationSpec", "AddSpec", "MulSpec", "PoolSpec",
-    "AdaptivePoolSpec", "LayerNormSpec", "SqueezeExcitationSpec", "AttentionSpec", "PadSpec", "CatSpec", "ChannelShuffleSpec",
+    "AdaptivePoolSpec", "LayerNormSpec", "SqueezeExcitationSpec", "AttentionSpec", "PadSpec", "CatSpec",
+    "ChannelShuffleSpec",
     "FlattenSpec", "SliceSpec", "PermuteSpec", "ReshapeSpec", "IdentitySpec", "CANONICAL_OPS", "VIEW_OPS",
     "channel_dim", "padding4", "symmetric", "replace",
 ]

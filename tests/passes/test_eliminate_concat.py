@@ -20,9 +20,9 @@ def test_nested_cats_compose_views_without_copies():
     gm, result = check_pass(eliminate_concat, Inceptionish(), torch.randn(2, 3, 5, 5))
     assert result.counts["eliminated"] == 2 and result.counts.get("copies", 0) == 0
     nodes = {n.name: n for n in gm.graph.nodes}
-    outer, off = nodes["cat"].meta["slot"]
-    assert outer.name == "cat_1" and off == 4
-    assert nodes["c"].meta["slot"] == (nodes["cat"], 5)
+    outer, off, step = nodes["cat"].meta["slot"]
+    assert outer.name == "cat_1" and off == 4 and step == 1
+    assert nodes["c"].meta["slot"] == (nodes["cat"], 5, 1)
 
 
 def test_graph_input_and_repeated_input_are_copied():

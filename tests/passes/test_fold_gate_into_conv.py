@@ -122,9 +122,6 @@ def test_gated_conv_with_a_residual_keeps_both_inputs():
     assert x_in.op == residual.op == "placeholder" and gate.target is ops.squeeze_excitation
 
 
-@pytest.mark.xfail(strict=True, reason="is_channel_gate accepts an (N, C) operand, but x (N, C, H, W) * g (N, C) "
-                   "broadcasts g over the trailing (H, W) dims (valid only when H == N, W == C), not per "
-                   "(image, channel): the folded conv scales the wrong elements")
 def test_n_by_c_operand_broadcast_over_space_is_not_a_channel_gate():
     class Spatial(nn.Module):
         def __init__(self):

@@ -162,9 +162,6 @@ def test_se_whose_layers_carry_a_residual_is_left_alone():
     assert result.counts == {}
 
 
-@pytest.mark.xfail(strict=True, reason="fuse_squeeze_excitation._match absorbs the Linear form's final reshape "
-                   "whatever its 4D shape: a gate viewed (N, 1, 1, C) for a channels-last multiply is replaced "
-                   "by the (N, C, 1, 1) SE output and the multiply then broadcasts wrongly (shape error)")
 def test_linear_se_gate_viewed_channels_last_is_not_absorbed():
     class ChannelsLastGate(nn.Module):
         def __init__(self):

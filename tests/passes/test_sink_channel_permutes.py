@@ -143,10 +143,6 @@ def test_channels_last_layer_scale_block_is_still_correct():
         assert rel_err(run_graph(gm, x), model(x)) < 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="sink_channel_permutes does not sink a permute through a per-channel "
-                   "multiply on the channels-last tensor (gamma [C] * y, captured as a broadcast mul with a "
-                   "get_attr operand), so the facebookresearch/timm ConvNeXt block keeps 2 permutes, a mul and "
-                   "an add instead of folding gamma into pwconv2 and fusing the residual")
 def test_channels_last_layer_scale_folds_like_torchvision():
     model, x = randomize_(FacebookBlock()).eval(), torch.randn(2, C, 6, 6)
     gm = captured(model, x)
@@ -154,8 +150,6 @@ def test_channels_last_layer_scale_folds_like_torchvision():
     assert count(gm, ops.permute) == 0 and count(gm, ops.mul) == 0 and count(gm, ops.add) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="_channel_op sinks any activation, including a PReLU whose slopes run "
-                   "along dim 1 of the permuted (N, H, W, C) tensor (H): after sinking they run along C")
 def test_prelu_on_the_permuted_tensor_is_not_moved_to_channels():
     class PreluLast(nn.Module):
         def __init__(self):

@@ -2,7 +2,7 @@
 applied as each conv loads its input (a prologue on the implicit GEMM's A operand), so the
 squeeze-and-excitation multiply costs no pass over the feature map:
 
-``conv(x * gate)  =>  conv(x, gate=gate)``  with gate (N, C, 1, 1) or (N, C).
+``conv(x * gate)  =>  conv(x, gate=gate)``  with gate (N, C, 1, 1).
 
 Every consumer must be a non-depthwise conv reading the product as its data input (the
 depthwise kernel multiplies directly and has no such prologue); otherwise the multiply stays a
@@ -15,12 +15,13 @@ from .base import PassContext, PassResult
 
 
 def is_channel_gate(mul: fx.Node) -> bool:
-    """``x * g`` with x (N, C, H, W) and g (N, C, 1, 1) or (N, C), no activation after."""
+    """``x * g`` with x (N, C, H, W) and g (N, C, 1, 1), no activation after (an (N, C) operand
+    would broadcast over H and W, not over channels)."""
     if not is_canonical(mul, ops.mul) or spec(mul).activation is not None:
         return False
     x, g = mul.args
     xs, gs = x.meta["shape"], g.meta["shape"]
-    return len(xs) == 4 and tuple(gs) in ((xs[0], xs[1], 1, 1), (xs[0], xs[1])) and g.op != "get_attr"
+    return len(xs) == 4 and tuple(gs) == (xs[0], xs[1], 1, 1) and g.op != "get_attr"
 
 
 def can_take_gate(conv: fx.Node, mul: fx.Node) -> bool:

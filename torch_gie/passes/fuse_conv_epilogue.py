@@ -26,6 +26,10 @@ def residual_operand(node: fx.Node, add_node: fx.Node) -> fx.Node | None:
     other = b if a is node else a
     if other is node or spec(add_node).activation is not None:
         return None
+    # A broadcast add (a per-channel or pooled operand) is no residual: the epilogue reads one
+    # value per output element.
+    if not (node.meta["shape"] == other.meta.get("shape") == add_node.meta["shape"]):
+        return None
     return other
 
 

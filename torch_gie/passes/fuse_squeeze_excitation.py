@@ -54,8 +54,9 @@ def _match(pool: fx.Node):
         nodes.append(nxt)
         nxt = sole_user(nxt) if len(nxt.users) == 1 else None
     last = layers[-1]
+    n, c = pool.args[0].meta["shape"][:2]
     if len(last.meta["shape"]) == 2 and nxt is not None and is_canonical(nxt, ops.reshape) \
-            and len(nxt.meta["shape"]) == 4:
+            and tuple(nxt.meta["shape"]) == (n, c, 1, 1):
         last = nxt  # the Linear form's view back to (N, C, 1, 1)
     return layers[0], layers[1], last
 

@@ -8,9 +8,13 @@ In torch_gie's NHWC buffers both forms read the same memory; the rewrite lets th
 rewrites apply (a per-channel scale after the block folds into the conv, the residual add
 fuses into its epilogue) and runs the Linear layers as 1x1 convs.
 Rules, with P = (0, 2, 3, 1): ``f(permute(x, P)) => permute(f'(x), P)`` for
-layer_norm(last) -> layer_norm(dim 1), linear -> 1x1 conv, an elementwise activation, and
+layer_norm(last) -> layer_norm(dim 1), linear -> 1x1 conv, an elementwise activation, a
+multiply or add by a last-dim constant (a layer scale) -> per-channel affine, and
 ``permute(permute(x, P), P^-1) => x``.
 """
+import operator
+
+import torch
 from torch import fx
 
 from .. import ops
@@ -40,9 +44,28 @@ def _channel_op(user: fx.Node):
         weight = s.weight[:, :, None, None]
         return ops.conv2d, ops.ConvSpec(weight, s.bias, (1, 1), (0, 0), (1, 1), 1, s.epilogue,
                                         act_slope=s.act_slope)
-    if is_canonical(user, ops.activation):
+    if is_canonical(user, ops.activation) and s.slope is None:  # a PReLU's slopes run along H here
         return ops.activation, s
+    if (is_canonical(user, ops.mul) or is_canonical(user, ops.add)) and s.activation is None:
+        vec = _last_dim_constant(user)
+        if vec is not None:  # a layer scale or bias on the last dim: a per-channel affine after sinking
+            ones, zeros = torch.ones_like(vec), torch.zeros_like(vec)
+            scale, shift = (vec, zeros) if is_canonical(user, ops.mul) else (ones, vec)
+            return ops.affine, ops.AffineSpec(scale, shift)
     return None
+
+
+def _last_dim_constant(user: fx.Node) -> torch.Tensor | None:
+    """The [C] vector of ``permuted op constant`` when the constant varies only along the last dim."""
+    const = user.args[1]
+    if not (isinstance(const, fx.Node) and const.op == "get_attr"):
+        return None
+    t = operator.attrgetter(const.target)(const.graph.owning_module)
+    c = user.meta["shape"][-1]
+    if not isinstance(t, torch.Tensor) or t.dim() > 4 or t.numel() not in (1, c) or \
+            (t.numel() == c and t.shape[-1] != c):
+        return None
+    return t.detach().float().reshape(-1).expand(c).clone()
 
 
 def sink_channel_permutes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -62,7 +85,7 @@ def sink_channel_permutes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                     result.count("cancelled")
                     changed = True
                     continue
-                op = _channel_op(user)
+                op = _channel_op(user) if user.args[0] is perm else None
                 if op is None:
                     continue
                 fn, new_spec = op

@@ -126,7 +126,8 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) 
                                    first=pos[_writer(node)], last=pos[_writer(node)], pinned=pinned)
         buf = buffers[root]
         buf.first = min(buf.first, pos[_writer(node)])
-        channels = node.meta["shape"][1] if len(node.meta["shape"]) > 1 else node.meta["shape"][0]
+        shape = node.meta["shape"]
+        channels = shape[1] if len(shape) > 1 else (shape[0] if shape else 1)
         placements[node] = Placement(buf, offset, channels, step)
         value_dtypes[node] = dtype
 

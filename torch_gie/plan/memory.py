@@ -62,6 +62,8 @@ class Placement:
 
     @property
     def is_whole(self) -> bool:
+        if len(self.buffer.shape) < 2:
+            return True  # scalars and vectors have no channel dim to slice
         return self.channel_offset == 0 and self.channel_step == 1 and self.channels == self.buffer.shape[1]
 
 

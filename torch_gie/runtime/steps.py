@@ -2,8 +2,9 @@
 
 Values live in ``env``, a list indexed by node number. Planned values (``plan.placements``) are
 static views into the arena, set once at build time; fallback and view results are stored in
-``env`` as they are computed. Every conversion between the network precision and what PyTorch code expects is a step of its
-own (``ConvertStep``), decided at build time, one per value and boundary.
+``env`` as they are computed. Every conversion between the network precision and what PyTorch
+code expects is a step of its own (``ConvertStep``), decided at build time, one per value and
+boundary.
 """
 from __future__ import annotations
 
