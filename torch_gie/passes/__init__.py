@@ -16,6 +16,7 @@ from .base import PassContext, PassResult
 from .eliminate_concat import eliminate_concat
 from .eliminate_dead_code import eliminate_dead_code
 from .fold_batchnorm import fold_batchnorm
+from .fuse_activation_patterns import fuse_activation_patterns
 from .fold_gate_into_conv import fold_gate_into_conv
 from .fold_padding import fold_padding
 from .fuse_channel_shuffle import fuse_channel_shuffle
@@ -33,6 +34,7 @@ PIPELINE = [
     fold_padding,                  # zero pads into the conv/pool after them
     sink_channel_permutes,         # before folding: ConvNeXt's Linears become 1x1 convs a scale can fold into
     fold_batchnorm,                # before epilogue fusion: the BN sits between conv and its activation
+    fuse_activation_patterns,      # before epilogue fusion: x * sigmoid(x) is then a SiLU a conv absorbs
     fuse_conv_epilogue,            # after folding: conv -> act -> add -> act chains are now adjacent
     fuse_elementwise_activation,   # leftovers: unfoldable BN + act, add + act, mul + act
     fuse_squeeze_excitation,       # after epilogue fusion: the SE's layers carry their activations
