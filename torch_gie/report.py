@@ -103,6 +103,14 @@ def format_report(report: dict[str, Any]) -> str:
         + (" (" + ", ".join(sorted({f['op'] for f in report['fallback_ops']})) + ")"
            if report["fallback_ops"] else ""),
     ]
+    by_op: dict[str, list[dict]] = {}
+    for f in report["fallback_ops"]:
+        by_op.setdefault(f["op"], []).append(f)
+    for op, fs in sorted(by_op.items()):
+        lines.append(f"    fallback {op} x{len(fs)}: {fs[0].get('reason', '')}")
+    library = [layer for layer in report["layers"] if "library call" in layer.get("kernel", "")]
+    if library:
+        lines.append(f"  library calls         : {len(library)} ({library[0]['kernel']})")
     for p in report["passes"]:
         counts = ", ".join(f"{k}={v}" for k, v in p.items() if k not in ("name", "ms"))
         lines.append(f"    pass {p['name']:<28} {p['ms']:7.1f} ms  {counts}")
