@@ -125,14 +125,19 @@ def _passes(row: dict, precisions: list[str]) -> bool:
     return bool(ok)
 
 
+SPEED_VARIANTS = ("eager_fp16", "compile_default", "compile_reduce_overhead", "gie_fp16")
+
+
 @torch.no_grad()
-def time_model(name: str, batch: int, tune, iters: int) -> list[dict]:
-    """p50 latency of eager fp16 channels_last, torch.compile (both modes) and torch_gie fp16."""
+def time_model(name: str, batch: int, tune, iters: int, variants=SPEED_VARIANTS, warm_only=False) -> list[dict]:
+    """p50 latency of eager fp16 channels_last, torch.compile (both modes) and torch_gie fp16.
+    ``warm_only``: build every variant (filling Triton's and Inductor's on-disk caches, and with
+    ``tune`` timing kernel configs) but time nothing: the parallel warm-up of ``--warm-jobs``."""
     model = build(name, "cuda")
     size = input_size(name)
     x = torch.randn(batch, 3, size, size, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     rows = []
-    for variant in ("eager_fp16", "compile_default", "compile_reduce_overhead", "gie_fp16"):
+    for variant in variants:
         row = {"model": name, "batch": batch, "variant": variant}
         try:
             m = _copy(model)
@@ -156,7 +161,8 @@ def time_model(name: str, batch: int, tune, iters: int) -> list[dict]:
             fn()
             torch.cuda.synchronize()
             row["build_s"] = round(time.perf_counter() - t0, 1)
-            row.update(time_calls(fn, iters=iters, warmup=10))
+            if not warm_only:
+                row.update(time_calls(fn, iters=iters, warmup=10))
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             traceback.print_exc()
@@ -221,6 +227,20 @@ def _run_shards(args, models: list[str], stem: str) -> list[dict]:
     return rows
 
 
+def _warm(args) -> None:
+    """Build every (model, batch) of the timing phase in ``args.warm_jobs`` processes at once."""
+    items = [f"{m}:{b}" for m in args.speed_models.split(",") for b in args.batches.split(",")]
+    procs = []
+    for k in range(args.warm_jobs):
+        part = items[k::args.warm_jobs]
+        if part:
+            env = {**os.environ, "TORCH_GIE_CACHE": f"/tmp/torch_gie_warm_{k}.json"}
+            cmd = [sys.executable, __file__, "--warm-only", "--speed-models", ",".join(part), "--tune", args.tune]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if args.quiet else None))
+    for p in procs:
+        p.wait()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="all", help="comma-separated names, or 'all'")
@@ -234,6 +254,11 @@ def main() -> None:
     p.add_argument("--tune", default="false", choices=("false", "true", "refresh"))
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--jobs", type=int, default=1, help="processes for the correctness phase")
+    p.add_argument("--warm-jobs", type=int, default=0,
+                   help="before timing, build (and with --tune, tune) every speed variant in this many processes "
+                        "so the serial timing phase finds compiled kernels in the on-disk caches; their config "
+                        "timings (skewed by sharing the GPU) go to throwaway caches, so use --tune refresh then")
+    p.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--rows-out", help=argparse.SUPPRESS)  # a shard's output (JSON lines)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -242,6 +267,12 @@ def main() -> None:
     models = all_models(not args.include_huge) if args.models == "all" else args.models.split(",")
     precisions = args.precisions.split(",")
 
+    tune = {"false": False, "true": True, "refresh": "refresh"}[args.tune]
+    if args.warm_only:  # a warm-up shard
+        for item in args.speed_models.split(","):
+            name, batch = item.split(":")
+            time_model(name, int(batch), tune, 0, warm_only=True)
+        return
     if args.rows_out:  # a shard: check its models, one JSON line each
         for name in models:
             row = check_model(name, device, precisions, args.check_batch)
@@ -265,8 +296,9 @@ def main() -> None:
     if not args.no_check:
         result["check"] = _run_shards(args, models, stem)
         save()
+    if args.speed and args.warm_jobs:
+        _warm(args)
     if args.speed:
-        tune = {"false": False, "true": True, "refresh": "refresh"}[args.tune]
         for name in args.speed_models.split(","):
             for batch in map(int, args.batches.split(",")):
                 result["speed"] += time_model(name, batch, tune, args.iters)
