@@ -136,9 +136,10 @@ def _squeeze_excitation(node, dtype, device, options) -> BoundKernel:
     return BoundKernel(layer, lambda k, i, o: k(i[0], o[0]), "SqueezeExcitation")
 
 
-class LibraryCall:
-    """Work done by a PyTorch library kernel inside the compiled graph (not a fallback: the op is
-    canonical and planned; e.g. flash attention through ``F.scaled_dot_product_attention``)."""
+class TorchWork:
+    """Work a PyTorch kernel does inside the compiled graph on planned buffers: a library call
+    (flash attention through ``F.scaled_dot_product_attention``) or a data movement (a pad or a
+    channel shuffle no producer could write in place). Not a fallback: the op is canonical."""
 
     def __init__(self, launches: int, fn):
         self.launches, self._fn = launches, fn
@@ -153,19 +154,8 @@ def _attention(node, dtype, device, options) -> BoundKernel:
     def attend(qkv, out):
         o = torch.nn.functional.scaled_dot_product_attention(*ops.attention_heads(s, qkv))
         out.unflatten(-1, (s.heads, -1)).copy_(o.transpose(1, 2))
-    return BoundKernel(LibraryCall(2, attend), lambda k, i, o: k(i[0], o[0]),
+    return BoundKernel(TorchWork(2, attend), lambda k, i, o: k(i[0], o[0]),
                        "scaled_dot_product_attention (library call)")
-
-
-class TorchCopy:
-    """A data movement PyTorch does in one or two copy kernels (pads and channel shuffles that no
-    producer could write in place)."""
-
-    def __init__(self, launches: int, fn):
-        self.launches, self._fn = launches, fn
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        self._fn(x, out)
 
 
 def _pad(node, dtype, device, options) -> BoundKernel:
@@ -176,7 +166,7 @@ def _pad(node, dtype, device, options) -> BoundKernel:
     def pad(x, out):
         out.fill_(s.value)
         out[:, :, top:top + h, left:left + w].copy_(x)
-    return BoundKernel(TorchCopy(2, pad), lambda k, i, o: k(i[0], o[0]), "pad (torch)")
+    return BoundKernel(TorchWork(2, pad), lambda k, i, o: k(i[0], o[0]), "pad (torch)")
 
 
 def _channel_shuffle(node, dtype, device, options) -> BoundKernel:
@@ -185,7 +175,7 @@ def _channel_shuffle(node, dtype, device, options) -> BoundKernel:
 
     def shuffle(x, out):
         out.unflatten(1, (c // g, g)).copy_(x.unflatten(1, (g, c // g)).transpose(1, 2))
-    return BoundKernel(TorchCopy(1, shuffle), lambda k, i, o: k(i[0], o[0]), "channel_shuffle (torch)")
+    return BoundKernel(TorchWork(1, shuffle), lambda k, i, o: k(i[0], o[0]), "channel_shuffle (torch)")
 
 
 _LOWERINGS = {
