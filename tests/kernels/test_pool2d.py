@@ -9,13 +9,10 @@ from torch_gie.kernels.pool2d import (
     AdaptiveAvgPool2d,
     AdaptiveMaxPool2d,
     AdaptivePool2d,
-    GlobalPool2d,
     Pool2d,
-    SpatialSplit,
     adaptive_avg_pool2d,
     adaptive_pool2d,
     pool2d,
-    spatial_split,
 )
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
@@ -177,63 +174,6 @@ def test_adaptive_pool2d(device, dtype, kind, in_hw, out_hw, c):
     assert_rest_poisoned(buf, c)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("kind", ["avg", "max"])
-@pytest.mark.parametrize("n,c,hw", [(2, 5, (40, 41)), (3, 130, (9, 7)), (1, 3, (64, 64))])
-def test_global_pool_2d_out(device, dtype, kind, n, c, hw):
-    # x.mean((2, 3)) / x.amax((2, 3)): a (N, C) result, here a channel slice of a wider buffer.
-    torch.manual_seed(7)
-    _, x = channel_slice(n, c, *hw, dtype, device)
-    buf, out = helpers.channel_slice((n, c), dtype, device, fill=float("nan"))
-    GlobalPool2d(kind)(x, out)
-    ref = x.float().mean((2, 3)) if kind == "avg" else x.float().amax((2, 3))
-    check(out, ref, kind, dtype)
-    assert_rest_poisoned(buf, c)
-    out4 = torch.full((n, c, 1, 1), float("nan"), dtype=dtype, device=device)
-    layer = AdaptivePool2d(kind, 1)
-    layer(x, out4)
-    check(out4, ref[:, :, None, None], kind, dtype)
-    assert layer.launches == (1 if spatial_split(n, c, hw[0] * hw[1], x.device).split == 1 else 2)
-
-
-@pytest.mark.parametrize("kind", ["avg", "max"])
-def test_global_pool_strided_pixels(device, kind):
-    # Plain NCHW input, and a spatial crop whose rows are not consecutive in memory.
-    torch.manual_seed(8)
-    x = torch.randn(2, 6, 30, 31, device=device)
-    for view in (x, x.contiguous(memory_format=torch.channels_last)[:, :, 1:, 2:]):
-        out = torch.full((2, 6), float("nan"), device=device)
-        GlobalPool2d(kind)(view, out)
-        ref = view.mean((2, 3)) if kind == "avg" else view.amax((2, 3))
-        check(out, ref, kind, torch.float32)
-
-
-def test_spatial_split_rule():
-    cpu = torch.device("cpu")  # the rule assumes an H100's 132 SMs without a GPU
-    sp = spatial_split(32, 96, 112 * 112, cpu)
-    assert sp.split > 1 and sp.chunk % sp.block_hw == 0 and sp.split * sp.chunk >= 112 * 112
-    assert 32 * sp.split >= 4 * 132  # enough programs for the SMs
-    assert spatial_split(32, 1280, 7 * 7, cpu).split == 1  # classifier head: one launch
-    sp = spatial_split(1, 1152, 7 * 7, cpu)
-    assert sp.split == 1  # too few pixels to be worth a second launch
-    assert spatial_split(1, 16, 512 * 512, cpu).split == SpatialSplit.MAX_SPLIT
-
-
-def test_global_pool_workspace_kept(device):
-    # Calls after the first must not allocate: they are captured into CUDA graphs.
-    layer = GlobalPool2d("avg")
-    x = torch.randn(1, 4, 48, 48, device=device)
-    out = torch.empty(1, 4, device=device)
-    layer(x, out)
-    ws = layer._partials
-    assert ws is not None
-    layer(x, out)
-    layer(x[:, :, :40], out)
-    assert layer._partials is ws
-    assert layer.launches == 2  # split: partials, then their reduction
-    assert rel_err(out, x[:, :, :40].mean((2, 3))) < 1e-5
-
-
 def test_adaptive_convenience_and_none(device):
     x = torch.randn(1, 4, 6, 5, device=device)
     assert rel_err(adaptive_avg_pool2d(x, 1), F.adaptive_avg_pool2d(x, 1)) < 1e-5
@@ -277,10 +217,6 @@ def test_pool2d_errors(device):
         adaptive_avg_pool2d(x[0], 1)
     with pytest.raises(ValueError, match="kind"):
         AdaptivePool2d("min", 1)
-    with pytest.raises(ValueError, match=r"\(N, C\) or \(N, C, 1, 1\)"):
-        GlobalPool2d("avg")(x, torch.empty(1, 3, 2, 2, device=device))
-    with pytest.raises(ValueError, match="keep x's"):
-        GlobalPool2d("max")(x, torch.empty(1, 4, device=device))
 
 
 def test_output_size_matches_pytorch():
@@ -302,34 +238,3 @@ def test_resnet_maxpool_gpu():
     Pool2d("max", 3, 2, 1)(x, out)
     check(out, F.max_pool2d(x.float(), 3, 2, 1), "max", torch.float16)
     assert_rest_poisoned(buf, 64)
-
-
-@pytest.mark.gpu
-def test_resnet_global_pool_gpu():
-    torch.manual_seed(4)
-    x = torch.randn(128, 2048, 7, 7, device="cuda").half()
-    x = x.contiguous(memory_format=torch.channels_last)
-    out = torch.full((128, 2048, 1, 1), float("nan"), dtype=torch.float16, device="cuda")
-    AdaptiveAvgPool2d(1)(x, out)
-    assert rel_err(out, F.adaptive_avg_pool2d(x.float(), 1)) < 1e-2
-
-
-# Global pools at batch 32 (and 1): efficientnet_b0 / mobilenet_v3_large squeeze-and-excitation
-# inputs (large H*W: split over programs) and classifier heads.
-GLOBAL_SHAPES = [(32, 96, 112, 112), (32, 144, 56, 56), (32, 672, 14, 14), (32, 1280, 7, 7),
-                 (32, 960, 7, 7), (1, 96, 112, 112), (1, 1280, 7, 7)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["avg", "max"])
-@pytest.mark.parametrize("shape", GLOBAL_SHAPES)
-def test_global_pool_real_shapes_gpu(kind, shape):
-    torch.manual_seed(9)
-    x = torch.randn(shape, device="cuda").half().contiguous(memory_format=torch.channels_last)
-    out = torch.full(shape[:2], float("nan"), dtype=torch.float16, device="cuda")
-    layer = GlobalPool2d(kind)
-    for _ in range(2):  # the second call reuses the workspace
-        layer(x, out)
-        ref = x.float().mean((2, 3)) if kind == "avg" else x.float().amax((2, 3))
-        check(out, ref, kind, torch.float16)
-        out.fill_(float("nan"))

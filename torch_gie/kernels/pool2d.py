@@ -7,26 +7,23 @@ ignores taps in the padding (as -inf), average divides by PyTorch's count; with 
 pooling reduces ``[floor(oh*H/OH), ceil((oh+1)*H/OH))``. Programs tile (output pixels x channels),
 channels contiguous.
 
-Global pooling (1x1 output: classifier heads, squeeze-and-excitation) is a reduction over H*W,
-split over programs so that few images still fill the GPU: ``S`` programs per (image, channel
-block) write fp32 partial sums/maxima ``[N, S, C]`` to a workspace the layer keeps, and a tiny
-kernel reduces them (no atomics: results are reproducible). ``S`` comes from the problem size
-(``spatial_split``); with ``S == 1`` the first kernel writes the result directly.
+A 1x1 adaptive output (classifier heads, squeeze-and-excitation) is a global pool: see
+``global_pool``.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cache
 
 import torch
 import triton
 import triton.language as tl
 
+from torch_gie.kernels.global_pool import GlobalPool2d, check_pool_io
+
 IntPair = int | tuple[int, int]
 Padding = int | Sequence[int]  # int, (h, w), or (top, bottom, left, right)
 
-_DTYPES = (torch.float16, torch.float32)
 _MAX, _AVG, _ADAPTIVE_AVG, _ADAPTIVE_MAX = 0, 1, 2, 3  # windowed kernel modes
 
 
@@ -124,123 +121,6 @@ def _avg_count(h0, w0, H, W, KH: tl.constexpr, KW: tl.constexpr, PB: tl.constexp
     return ((h1 - h0) * (w1 - w0)).to(tl.float32)
 
 
-@triton.jit
-def _spatial_reduce_kernel(
-    # pointers: x (N, C, H, W); dest (N, S, C): the partials, or the output when S == 1
-    x_ptr, dest_ptr,
-    # sizes; CHUNK pixels per split, a multiple of BLOCK_HW
-    C, H, W, S, CHUNK, scale,
-    # strides
-    sxn, sxc, sxh, sxw,
-    sdn, sds, sdc,
-    # meta-parameters; DENSE_HW: pixel hw lives at hw * sxw (no h/w split needed)
-    IS_MAX: tl.constexpr, DENSE_HW: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # Program (image n, split s, channel block) reduces pixels [s*CHUNK, (s+1)*CHUNK) of H*W.
-    n = tl.program_id(0) // S
-    s = tl.program_id(0) % S
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    x_img = x_ptr + n.to(tl.int64) * sxn + c[None, :] * sxc
-    if IS_MAX:
-        acc = tl.full([BLOCK_HW, BLOCK_C], float("-inf"), tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_HW, BLOCK_C], tl.float32)
-    hw_end = tl.minimum(s * CHUNK + CHUNK, H * W)
-    for hw0 in range(s * CHUNK, hw_end, BLOCK_HW):
-        hw = hw0 + tl.arange(0, BLOCK_HW)
-        if DENSE_HW:
-            offs = hw * sxw
-        else:
-            offs = (hw // W) * sxh + (hw % W) * sxw
-        mask = (hw < hw_end)[:, None] & c_ok[None, :]
-        if IS_MAX:
-            v = tl.load(x_img + offs[:, None], mask=mask, other=float("-inf"))
-            acc = tl.maximum(acc, v.to(tl.float32))
-        else:
-            acc += tl.load(x_img + offs[:, None], mask=mask, other=0.0).to(tl.float32)
-    if IS_MAX:
-        red = tl.max(acc, axis=0)
-    else:
-        red = tl.sum(acc, axis=0) * scale
-    dest = dest_ptr + n.to(tl.int64) * sdn + s * sds + c * sdc
-    tl.store(dest, red.to(dest_ptr.dtype.element_ty), mask=c_ok)
-
-
-@triton.jit
-def _partials_reduce_kernel(
-    part_ptr, out_ptr,  # partials [N, S, C] fp32 contiguous; out (N, C) view
-    S, C, scale,  # sizes; scale multiplies a sum (1 / (H*W) for a mean)
-    son, soc,  # out strides
-    IS_MAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    n = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    s = tl.arange(0, BLOCK_S)
-    mask = (s < S)[:, None] & (c < C)[None, :]
-    ptrs = part_ptr + n.to(tl.int64) * S * C + s[:, None] * C + c[None, :]
-    if IS_MAX:
-        red = tl.max(tl.load(ptrs, mask=mask, other=float("-inf")), axis=0)
-    else:
-        red = tl.sum(tl.load(ptrs, mask=mask, other=0.0), axis=0) * scale
-    tl.store(out_ptr + n.to(tl.int64) * son + c * soc, red.to(out_ptr.dtype.element_ty), mask=c < C)
-
-
-@cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # an H100's count: CPU (interpreter) runs then split as the GPU would
-
-
-@dataclass(frozen=True)
-class SpatialSplit:
-    """How a global reduction over H*W is spread: ``split`` programs per (image, channel block),
-    each reducing ``chunk`` consecutive pixels in ``block_hw x block_c`` tiles."""
-
-    split: int
-    chunk: int
-    block_hw: int
-    block_c: int
-
-    # Splitting aims at this many programs per SM (memory-bound: occupancy hides latency) ...
-    PROGRAMS_PER_SM = 8
-    # ... but never below this many pixels per program (a second launch is not worth less), and
-    # into at most MAX_SPLIT parts (the reduce kernel's tile).
-    MIN_CHUNK = 128
-    MAX_SPLIT = 64
-
-
-def spatial_split(n: int, c: int, hw: int, device: torch.device) -> SpatialSplit:
-    """The split of a global pool of ``n`` images of ``c`` channels and ``hw`` pixels: channel
-    blocks of up to 128 (a whole pixel's channels in one contiguous run for C <= 128), tiles of
-    4096 elements, and as many splits as needed for PROGRAMS_PER_SM programs per SM, keeping at
-    least MIN_CHUNK pixels per program."""
-    block_c = min(128, triton.next_power_of_2(c))
-    block_hw = min(4096 // block_c, triton.next_power_of_2(hw))
-    programs = n * triton.cdiv(c, block_c)
-    want = triton.cdiv(SpatialSplit.PROGRAMS_PER_SM * _sm_count(device), max(programs, 1))
-    split = max(1, min(want, hw // SpatialSplit.MIN_CHUNK, SpatialSplit.MAX_SPLIT))
-    chunk = triton.cdiv(triton.cdiv(hw, split), block_hw) * block_hw
-    return SpatialSplit(triton.cdiv(hw, chunk), chunk, block_hw, block_c)
-
-
-def spatial_reduce(x: torch.Tensor, dest: torch.Tensor, sp: SpatialSplit, kind: str,
-                   scale: float = 1.0) -> None:
-    """Stage 1 of a global pool: ``dest[n, s, c]`` = sum (times ``scale``) or max of x[n, c] over
-    pixels [s*chunk, (s+1)*chunk). ``dest`` is an (N, sp.split, C) view (the fp32 partials, or the
-    output itself when split is 1)."""
-    n, c, h, w = x.shape
-    if n * c == 0:
-        return
-    grid = (n * sp.split, triton.cdiv(c, sp.block_c))
-    _spatial_reduce_kernel[grid](
-        x, dest, c, h, w, sp.split, sp.chunk, scale, *x.stride(), *dest.stride(),
-        IS_MAX=kind == "max", DENSE_HW=h == 1 or x.stride(2) == w * x.stride(3),
-        BLOCK_HW=sp.block_hw, BLOCK_C=sp.block_c, num_warps=4,
-    )
-
-
 def _pad4(padding: Padding) -> tuple[int, int, int, int]:
     pads = (padding,) * 4 if isinstance(padding, int) else tuple(padding)
     if len(pads) == 2:
@@ -256,21 +136,6 @@ def _pair(v: IntPair, name: str, minimum: int) -> tuple[int, int]:
     if len(pair) != 2 or not all(isinstance(i, int) and i >= minimum for i in pair):
         raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {v!r}")
     return pair
-
-
-def _check_io(x: torch.Tensor, out: torch.Tensor, out_ranks: tuple[int, ...] = (4,)) -> None:
-    if x.dim() != 4 or out.dim() not in out_ranks:
-        want = " or ".join(f"{r}D" for r in out_ranks)
-        raise ValueError(f"x must be 4D (N, C, H, W) and out {want}, got shapes {tuple(x.shape)} "
-                         f"and {tuple(out.shape)}")
-    if out.shape[:2] != x.shape[:2]:
-        raise ValueError(f"out must keep x's (N, C) = {tuple(x.shape[:2])}, "
-                         f"got {tuple(out.shape[:2])}")
-    if x.dtype not in _DTYPES or out.dtype != x.dtype:
-        raise ValueError(f"x and out must share a dtype in {_DTYPES}, "
-                         f"got {x.dtype} and {out.dtype}")
-    if x.device != out.device:
-        raise ValueError(f"x and out must be on one device, got {x.device} and {out.device}")
 
 
 def _launch_windowed(x: torch.Tensor, out: torch.Tensor, **meta) -> None:
@@ -348,7 +213,7 @@ class Pool2d:
         return tuple(pooled_size(*dim, self.ceil_mode, self.pad_is_zeros) for dim in dims)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        _check_io(x, out)
+        check_pool_io(x, out)
         expected = self.output_size(*x.shape[2:])
         if tuple(out.shape[2:]) != expected or min(expected) < 1:
             raise ValueError(f"{self.kind} pool {self.kernel_size}, stride {self.stride}, padding "
@@ -360,53 +225,6 @@ class Pool2d:
                          KH=kh, KW=kw, SH=sh, SW=sw, PT=pt, PB=pb, PL=pl, PR=pr, DH=dh, DW=dw,
                          COUNT_INCLUDE_PAD=self.count_include_pad or self.pad_is_zeros,
                          DIVISOR=self.divisor_override or 0, PAD_IS_ZEROS=self.pad_is_zeros)
-
-
-class GlobalPool2d:
-    """Mean or max over H*W of an (N, C, H, W) view into an (N, C) or (N, C, 1, 1) view.
-
-    The fp32 partials of a split reduction live in a workspace allocated on the first call that
-    needs one and kept (calls are captured in CUDA graphs after a warm-up call)."""
-
-    def __init__(self, kind: str) -> None:
-        if kind not in ("max", "avg"):
-            raise ValueError(f"kind must be 'max' or 'avg', got {kind!r}")
-        self.kind = kind
-        self._partials: torch.Tensor | None = None
-        self._launches = 1
-
-    @property
-    def launches(self) -> int:
-        """Kernels the last call launched: 2 when H*W was split over programs."""
-        return self._launches
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        _check_io(x, out, (2, 4))
-        if out.dim() == 4 and out.shape[2:] != (1, 1):
-            raise ValueError(f"a global pool's out is (N, C) or (N, C, 1, 1), got {tuple(out.shape)}")
-        n, c, h, w = x.shape
-        if h * w == 0:
-            raise ValueError(f"global pooling needs a nonempty input, got {(h, w)}")
-        out2 = out[:, :, 0, 0] if out.dim() == 4 else out
-        scale = 1.0 / (h * w)
-        sp = spatial_split(n, c, h * w, x.device)
-        self._launches = 1 if sp.split == 1 else 2
-        if sp.split == 1:
-            spatial_reduce(x, out2[:, None, :], sp, self.kind, scale)
-            return
-        partials = self.workspace(n * sp.split * c, x.device).view(n, sp.split, c)
-        spatial_reduce(x, partials, sp, self.kind)
-        block_c = min(64, triton.next_power_of_2(c))
-        _partials_reduce_kernel[(n, triton.cdiv(c, block_c))](
-            partials, out2, sp.split, c, scale, *out2.stride(), IS_MAX=self.kind == "max",
-            BLOCK_S=triton.next_power_of_2(sp.split), BLOCK_C=block_c, num_warps=4)
-
-    def workspace(self, numel: int, device: torch.device) -> torch.Tensor:
-        """``numel`` fp32 elements of the layer's kept workspace (grown only on a larger shape)."""
-        ws = self._partials
-        if ws is None or ws.numel() < numel or ws.device != device:
-            ws = self._partials = torch.empty(numel, dtype=torch.float32, device=device)
-        return ws[:numel]
 
 
 @cache
@@ -432,7 +250,7 @@ class AdaptivePool2d:
         return self._global.launches if self._is_global else 1
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        _check_io(x, out, (2, 4))
+        check_pool_io(x, out, (2, 4))
         n, c, h, w = x.shape
         oh, ow = out.shape[2:] if out.dim() == 4 else (1, 1)
         if self.output_size is not None:
