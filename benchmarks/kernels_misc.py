@@ -27,8 +27,8 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from torch_gie.activations import apply_activation  # noqa: E402
 from torch_gie.kernels.elementwise import ChannelScale  # noqa: E402
+from torch_gie.kernels.global_pool import GlobalPool2d  # noqa: E402
 from torch_gie.kernels.layer_norm import LayerNorm  # noqa: E402
-from torch_gie.kernels.pool2d import GlobalPool2d  # noqa: E402
 from torch_gie.kernels.squeeze_excitation import SqueezeExcitation  # noqa: E402
 from torch_gie.testing import rel_err  # noqa: E402
 from torch_gie.timing import time_in_cuda_graph  # noqa: E402
@@ -117,7 +117,7 @@ def se_case(label: str, n: int, chw, cr: int, acts) -> Case:
     s = x.float().mean((2, 3), keepdim=True)
     ref = apply_activation(F.conv2d(apply_activation(F.conv2d(s, w1, b1), acts[0]), w2, b2), acts[1])
     return Case("se_excitation", label, n, lambda: layer(x, gate), torch_se, gate, ref,
-                _nbytes(x, gate, layer.w1t, layer.w2t), layer)
+                _nbytes(x, gate, layer.w1, layer.w2t), layer)
 
 
 def channel_scale_case(label: str, n: int, chw) -> Case:
