@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from helpers import CONV_TOL, check_layer_fp16, check_written, conv_reference, poisoned, rel_err
 
 from torch_gie.activations import ACTIVATION_NAMES, Act, apply_activation
-from torch_gie.kernels.conv2d import Conv2d, conv2d
+from torch_gie.kernels.conv2d import Conv2d, conv2d, input_args
 from torch_gie.kernels.conv2d_configs import NUM_SMS, conv2d_configs, default_conv2d_config
+from torch_gie.kernels.conv_epilogue import epilogue_args, segment_args
 from torch_gie.kernels.depthwise_conv2d import DepthwiseConv2d, depthwise_conv2d_configs
+from torch_gie.kernels.layer_args import aligned_base, vector_width
 
 SMALL = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
 SMALL_FLAT = {**SMALL, "FLAT_K": True}  # the (tap, channel block) loop as one runtime loop
@@ -463,6 +465,99 @@ def test_bad_call_arguments(device):
     for args, match in cases:
         with pytest.raises(ValueError, match=match):
             layer(*args)
+
+
+# Channel counts that are not multiples of 16 (MnasNet's 24/72/120, MobileNetV3's 184): pixel
+# strides and channel counts reach the kernels in units of X_VEC / OUT_VEC elements, and views at
+# an unaligned channel offset through an aligned base plus a lead (layer_args.aligned_base).
+# name: (n, c_in, c_out, h, w, k, stride, padding)
+ODD_CHANNELS = {
+    "pw_48_24": (2, 48, 24, 3, 5, 1, 1, 0),
+    "pw_72_120": (1, 72, 120, 3, 3, 1, 1, 0),
+    "3x3_184_24": (1, 184, 24, 3, 3, 3, 1, 1),
+    "3x3_s2_24_72": (1, 24, 72, 5, 4, 3, 2, 1),
+}
+# (x, output) channel offsets in buffers 8 channels wider, fp16: 16-byte aligned (vectors of 8),
+# leads of 4 and 2 elements, odd offsets (no vectors at all).
+OFFSETS = [(0, 0), (8, 16), (4, 2), (3, 5)]
+
+
+def run_offsets(n, c_in, c_out, h, w, k, stride, padding, x_off, out_off, *, config, device,
+                dtype=torch.float16, residual=False):
+    """relu(conv(x)) (+ residual, post relu) with x, the output and the residual as channel
+    slices at the given offsets of channels_last buffers 8 channels wider; checks the values
+    and the poison on both sides of the output."""
+    xb = torch.randn(n, c_in + 8, h, w, device=device).to(dtype, memory_format=torch.channels_last)
+    x = xb[:, x_off:x_off + c_in]
+    wt = (torch.randn(c_out, c_in, k, k, device=device) / (c_in * k * k) ** 0.5).to(dtype)
+    b = torch.randn(c_out, device=device)
+    oh, ow = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    res = None
+    if residual:  # at yet another offset
+        rb = torch.randn(n, c_out + 8, oh, ow, device=device).to(dtype, memory_format=torch.channels_last)
+        res = rb[:, 8 - out_off // 2:8 - out_off // 2 + c_out]
+    post = "relu" if residual else None
+    ref = reference(x, wt, b, stride, padding, 1, 1, "relu", res, post)
+    big = poisoned((n, c_out + 8 + out_off, oh, ow), dtype, device)
+    out = big[:, out_off:out_off + c_out]
+    Conv2d(wt, b, stride=stride, padding=padding, activation="relu", post_activation=post,
+           dtype=dtype, config=config)(x, [out], res)
+    check(out, ref, dtype)
+    assert big[:, :out_off].isnan().all() and big[:, out_off + c_out:].isnan().all()
+
+
+@pytest.mark.parametrize("config", [SMALL, SMALL_FLAT, SMALL_SPLIT], ids=["unrolled", "flat", "split_k"])
+@pytest.mark.parametrize("x_off,out_off", OFFSETS)
+@pytest.mark.parametrize("name", list(ODD_CHANNELS))
+def test_odd_channel_counts_at_any_offset(name, x_off, out_off, config, device):
+    run_offsets(*ODD_CHANNELS[name], x_off, out_off, config=config, device=device)
+
+
+@pytest.mark.parametrize("config", [SMALL, SMALL_SPLIT], ids=["direct", "split_k"])
+@pytest.mark.parametrize("x_off,out_off", OFFSETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_odd_channel_residual_at_any_offset(x_off, out_off, dtype, config, device):
+    run_offsets(2, 48, 24, 3, 5, 1, 1, 0, x_off, out_off, config=config, device=device,
+                dtype=dtype, residual=True)
+
+
+def test_odd_channel_segments(device):
+    """Three output segments at unaligned offsets of one buffer: the segment starts (24, 40)
+    and offsets set the output vector width, the channel count (72) the input's."""
+    x = torch.randn(2, 72, 3, 4, device=device).to(torch.float16, memory_format=torch.channels_last)
+    wt = (torch.randn(56, 72, 1, 1, device=device) / 8).half()
+    b = torch.randn(56, device=device)
+    big = poisoned((2, 70, 3, 4), torch.float16, device)
+    outs = [big[:, 4:28], big[:, 32:48], big[:, 52:68]]
+    Conv2d(wt, b, dtype=torch.float16, config=SMALL_FLAT)(x, outs)
+    check(torch.cat(outs, dim=1), reference(x, wt, b, 1, 0, 1, 1), torch.float16)
+    assert big[:, [0, 1, 2, 3, 28, 29, 30, 31, 48, 49, 50, 51, 68, 69]].isnan().all()
+
+
+def test_vector_width_and_aligned_base():
+    assert vector_width(2, [72 * 56 * 56, 72 * 56, 72, 24]) == 8  # fp16: 16 bytes
+    assert vector_width(4, [72, 24]) == 4 and vector_width(2, [72, 4]) == 4
+    assert vector_width(2, [184, 2]) == 2 and vector_width(2, [72, 3]) == 1
+    assert vector_width(2, [2**31 + 8, 8]) == 1  # value // VEC * VEC must stay int32
+    buf = torch.empty(1, 80, 3, 3, dtype=torch.float16).to(memory_format=torch.channels_last)
+    assert buf.data_ptr() % 16 == 0  # allocations are aligned
+    for off, lead, vec in [(0, 0, 8), (8, 0, 8), (4, 4, 4), (10, 2, 2), (3, 3, 1)]:
+        view = buf[:, off:off + 72]
+        base, got = aligned_base(view)
+        assert got == lead and base.data_ptr() + lead * 2 == view.data_ptr() and base.data_ptr() % 16 == 0
+        _, _, scalars, x_vec = input_args(view, None, (72,))
+        assert x_vec == vec and scalars[:5] == [lead // vec, 720 // vec, 1, 240 // vec, 80 // vec]
+    # Storage itself unaligned: nothing to step back to, the pointer stays (lead 0, vector 1).
+    odd = torch.frombuffer(bytearray(64), dtype=torch.float16, offset=2)
+    assert odd.data_ptr() % 16 == 2 and aligned_base(odd)[0] is odd and aligned_base(odd)[1] == 0
+    # Outputs: the segment layout and the kernel's channel counts bound the vector too.
+    num_seg, seg = segment_args([buf[:, 8:32], buf[:, 32:56]], 48)
+    out, res, scalars, vec = epilogue_args(buf[:, 8:32], None, [0, 0, 0, 0], num_seg, seg, (48,))
+    assert vec == 8 and out.data_ptr() == buf[:, 8:].data_ptr() and res is None
+    assert scalars[:12] == [0, 0, 0, 0, 0, 3, 6, 6, 0, 3, 0, 0]  # lead, res strides, c1..3, o0..3
+    assert scalars[12:16] == [720 // 8, 1, 240 // 8, 80 // 8]
+    num_seg, seg = segment_args([buf[:, 8:32], buf[:, 32:56]], 48)
+    assert epilogue_args(buf[:, 8:32], None, [0, 0, 0, 0], num_seg, seg, (48, 12))[3] == 4
 
 
 # ResNet-50 / ResNeXt layers (C_in, C_out, k, stride, pad, H, groups) at batch 8, fp16.

@@ -203,6 +203,28 @@ def test_configs():
             assert cfg["BLOCK_C"] & (cfg["BLOCK_C"] - 1) == 0
 
 
+# Channel counts that are not multiples of 16 at channel offsets of 16-byte aligned (8), 8- and
+# 4-byte aligned (4, 2) and odd (3) fp16 elements: x, the output and the residual reach the
+# kernel through aligned bases plus leads, strides in units of the common vector width.
+@pytest.mark.parametrize("x_off,out_off", [(0, 0), (8, 16), (4, 2), (3, 5)])
+@pytest.mark.parametrize("c", [24, 72, 120, 184])
+def test_odd_channel_counts_at_any_offset(c, x_off, out_off, device):
+    n, h, w = 2, 5, 4
+    x = torch.randn(n, c + 8, h, w, device=device).to(torch.float16, memory_format=torch.channels_last)
+    x = x[:, x_off:x_off + c]
+    wt = (torch.randn(c, 1, 3, 3, device=device) / 3).half()
+    b = torch.randn(c, device=device)
+    res = torch.randn(n, c + 8, h, w, device=device).to(torch.float16, memory_format=torch.channels_last)
+    res = res[:, 8 - out_off // 2:8 - out_off // 2 + c]
+    big = poisoned((n, c + 8 + out_off, h, w), torch.float16, device)
+    out = big[:, out_off:out_off + c]
+    config = {"BLOCK_M": 16, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1}
+    DepthwiseConv2d(wt, b, padding=1, groups=c, activation="relu6", post_activation="silu",
+                    dtype=torch.float16, config=config)(x, [out], res)
+    check(out, reference(x, wt, b, 1, 1, 1, "relu6", res, "silu"), torch.float16)
+    assert big[:, :out_off].isnan().all() and big[:, out_off + c:].isnan().all()
+
+
 @pytest.mark.parametrize("c", [24, 72])
 def test_first_candidates_compute_the_conv(c, device):
     """What the tuner times (the first 8 candidates) on a 5x5 stride-2 and a 3x3 layer."""

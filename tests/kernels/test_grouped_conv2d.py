@@ -1,14 +1,15 @@
 """Grouped convolution (1 < groups < C_in) through super-groups: GROUPS_PER_TILE consecutive
-groups as one block-diagonal GEMM. Against F.conv2d on every K-loop mode, split-K, residual
-epilogue, output segments and channel-slice inputs; the weight packing against torch.block_diag;
-the candidate configs; and (GPU) every candidate at ResNeXt-50's and RegNetY-400MF's real shapes.
+groups as one block-diagonal GEMM, the last one partial when GROUPS_PER_TILE does not divide the
+groups. Against F.conv2d on every K-loop mode, split-K, residual epilogue, output segments and
+channel-slice inputs; the weight packing against torch.block_diag; the candidate configs; and
+(GPU) every candidate at ResNeXt-50's and RegNetY-400MF's real shapes.
 
 Outputs are NaN-poisoned first. CPU shapes are tiny: the kernels run in the Triton interpreter.
 """
 import pytest
 import torch
 from helpers import check_layer_fp16, poisoned
-from test_conv2d import SMALL, SMALL_FLAT, SMALL_GATHER, check, reference, run
+from test_conv2d import SMALL, SMALL_FLAT, SMALL_GATHER, check, reference, run, run_gated
 
 from torch_gie.kernels.conv2d import Conv2d
 from torch_gie.kernels.conv2d_configs import (
@@ -24,6 +25,9 @@ MODES = {"unrolled": SMALL, "flat": SMALL_FLAT, "gather": SMALL_GATHER, "split":
 # (groups, C_in_g, C_out_g, GROUPS_PER_TILE): 16- and 32-wide super-groups; 24 wide (ragged K
 # tail, N tile overhang); C_out_g != C_in_g; odd widths; every group in one tile.
 CASES = [(8, 4, 4, 4), (8, 4, 4, 8), (6, 8, 8, 3), (4, 4, 8, 2), (4, 6, 2, 4), (6, 3, 5, 2)]
+# Partial last super-groups: RegNet's 13 groups of 8 as 4 + 4 + 4 + 1 (and 7 + 6 ... in small),
+# 5 groups by 2, odd widths, a super-group wider than a tile.
+PARTIAL = [(13, 8, 8, 4), (5, 4, 4, 2), (3, 8, 8, 2), (7, 3, 5, 4), (5, 8, 8, 4)]
 
 
 def with_gpt(config, gpt):
@@ -35,6 +39,46 @@ def with_gpt(config, gpt):
 def test_super_groups_3x3(groups, c_in_g, c_out_g, gpt, mode, device):
     run(2, groups * c_in_g, groups * c_out_g, 5, 4, 3, 1, 1, 1, groups, device=device,
         act="relu", config=with_gpt(MODES[mode], gpt))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("groups,c_in_g,c_out_g,gpt", PARTIAL)
+def test_partial_super_groups_3x3(groups, c_in_g, c_out_g, gpt, mode, device):
+    run(2, groups * c_in_g, groups * c_out_g, 4, 3, 3, 1, 1, 1, groups, device=device,
+        act="relu", config=with_gpt(MODES[mode], gpt))
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_partial_super_groups_fp16_slices_residual_and_segments(dtype, split, device):
+    """13 groups of 8 as four 32-wide super-groups (the last holding one group): fp16 channel
+    slices at unaligned offsets, a residual, and output segments cut inside the partial one."""
+    groups, c_g, gpt, n = 13, 8, 4, 2
+    c = groups * c_g
+    cfg = with_gpt({**SMALL_FLAT, "SPLIT_K": split} if split > 1 else SMALL_FLAT, gpt)
+    x = torch.randn(n, c + 6, 5, 4, device=device).to(dtype, memory_format=torch.channels_last)[:, 2:2 + c]
+    wt = (torch.randn(c, c_g, 3, 3, device=device) / 8).to(dtype)
+    b = torch.randn(c, device=device)
+    res = torch.randn(n, c + 4, 5, 4, device=device).to(dtype, memory_format=torch.channels_last)[:, 4:]
+    big = poisoned((n, c + 6, 5, 4), dtype, device)
+    out = big[:, 3:3 + c]
+    layer = Conv2d(wt, b, padding=1, groups=groups, activation="relu", post_activation="relu",
+                   dtype=dtype, config=cfg)
+    layer(x, [out], res)
+    check(out, reference(x, wt, b, 1, 1, 1, groups, "relu", res, "relu"), dtype)
+    assert big[:, :3].isnan().all() and big[:, 3 + c:].isnan().all()
+    big = poisoned((n, c + 6, 5, 4), dtype, device)
+    outs = [big[:, 0:50], big[:, 52:100], big[:, 101:107]]  # 96..103 is the partial super-group
+    Conv2d(wt, b, padding=1, groups=groups, dtype=dtype, config=cfg)(x, outs)
+    check(torch.cat(outs, 1), reference(x, wt, b, 1, 1, 1, groups), dtype)
+    assert big[:, [50, 51, 100, 107, 108, 109]].isnan().all()
+
+
+def test_partial_super_groups_with_gate(device):
+    """The gate prologue on a partial super-group: the missing groups' channels stay zero."""
+    for mode in ("flat", "gather"):
+        run_gated(2, 40, 40, 4, 5, 3, 1, 1, groups=5, config=with_gpt(MODES[mode], 2),
+                  device=device, dtype=torch.float16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -81,14 +125,29 @@ def test_pack_super_groups_is_block_diagonal():
                 dense = torch.block_diag(*[b[:, :, kh, kw] for b in blocks])  # [gpt·C_out_g, gpt·C_in_g]
                 rows = packed[s * gpt * c_out_g:(s + 1) * gpt * c_out_g, kh, kw]
                 assert torch.equal(rows, dense)
-    with pytest.raises(ValueError, match="divide groups"):
-        pack_super_groups(pack_conv_weight(wt, torch.float32), groups, 4)
+    with pytest.raises(ValueError, match="between 1 and groups"):
+        pack_super_groups(pack_conv_weight(wt, torch.float32), groups, 7)
+
+
+def test_pack_partial_super_groups():
+    """5 groups by 2: super-groups of groups (0, 1), (2, 3), (4); the last one's weights sit in
+    its first diagonal block, the rest of its row zero."""
+    groups, c_in_g, c_out_g, gpt = 5, 3, 2, 2
+    wt = torch.randn(groups * c_out_g, c_in_g, 1, 1)
+    packed = pack_super_groups(pack_conv_weight(wt, torch.float32), groups, gpt)
+    assert packed.shape == (groups * c_out_g, 1, 1, gpt * c_in_g) and packed.is_contiguous()
+    dense = torch.block_diag(*[wt[g * c_out_g:(g + 1) * c_out_g, :, 0, 0] for g in range(groups)])
+    for s in range(3):
+        rows = slice(s * gpt * c_out_g, min((s + 1) * gpt, groups) * c_out_g)
+        cols = slice(s * gpt * c_in_g, (s + 1) * gpt * c_in_g)
+        expect = torch.nn.functional.pad(dense[rows, cols], (0, gpt * c_in_g - dense[rows, cols].shape[1]))
+        assert torch.equal(packed[rows, 0, 0], expect)
 
 
 def test_config_checks_and_weight_cache():
     layer = Conv2d(torch.randn(32, 4, 3, 3), padding=1, groups=8, dtype=torch.float32, config=SMALL)
-    with pytest.raises(ValueError, match="GROUPS_PER_TILE=3 must divide groups=8"):
-        layer.config = with_gpt(SMALL, 3)
+    with pytest.raises(ValueError, match="GROUPS_PER_TILE=9 must be at most groups=8"):
+        layer.config = with_gpt(SMALL, 9)
     with pytest.raises(ValueError, match="GROUPS_PER_TILE"):
         layer.config = with_gpt(SMALL, 0)
     layer.config = with_gpt(SMALL, 4)

@@ -16,9 +16,14 @@ Split-K (for long-K layers whose few output tiles leave SMs idle, e.g. at batch 
 programs per tile sum contiguous shares of the K loop into an fp32 workspace, and a second
 kernel adds the shares in a fixed order and runs that same epilogue. Narrow groups (ResNeXt's
 32 groups of 4..32 channels) run as super-groups of GROUPS_PER_TILE groups with a block-diagonal
-weight (``conv2d_weights.py``): the kernel just sees fewer, wider groups.
+weight (``conv2d_weights.py``): the kernel just sees fewer, wider groups. GROUPS_PER_TILE need
+not divide the groups (RegNet's 13 or 55): the last super-group is partial (PAD_GROUPS), its
+missing input channels masked and its missing output channels dropped.
 An optional gate (a squeeze-and-excitation multiply folded into the conv) scales every A element
 x[n, c, ih, iw] by gate[n, c] as the tile loads (HAS_GATE): conv(x * gate) in one pass over x.
+Channel counts, pixel strides and pointer leads come in units of X_VEC / OUT_VEC elements
+(``vector_width``): the compiler then knows channel rows are 16-byte aligned and moves them as
+vectors even for channel counts that are not multiples of 16 (24, 72, 104).
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from torch_gie.kernels.conv2d_configs import (
 from torch_gie.kernels.conv2d_weights import pack_conv_weight, pack_super_groups, pad_channels
 from torch_gie.kernels.conv_epilogue import (
     conv_epilogue,
+    epilogue_args,
     output_pixels,
     reduce_split_k,
     segment_args,
@@ -45,6 +51,7 @@ from torch_gie.kernels.conv_epilogue import (
 from torch_gie.kernels.layer_args import (
     IntPair,
     Padding,
+    aligned_base,
     as_padding,
     as_pair,
     bind_activations,
@@ -54,6 +61,7 @@ from torch_gie.kernels.layer_args import (
     conv_output_size,
     four_sided,
     problem_pixels,
+    vector_width,
 )
 
 # Names tl.dot accepts for fp32 operands on NVIDIA in Triton 3.x (keyword ``input_precision``).
@@ -104,11 +112,11 @@ def _gated(a, gate_rows, c, s_gc, mask, HAS_GATE: tl.constexpr, MASKED: tl.const
 
 
 @triton.jit
-def _accumulate(acc, a_rows, inside, b_cols, c, C_in_g, s_xc, gate_rows, s_gc,
+def _accumulate(acc, a_rows, inside, b_cols, c, c_end, s_xc, gate_rows, s_gc,
                 HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc += A[rows, channels c] @ B[channels c, cols] for one tap; a_rows/b_cols point at the
     tap's channel 0 for each output pixel / output channel, gate_rows at each pixel's image's
-    gate for channel 0 (HAS_GATE)."""
+    gate for channel 0 (HAS_GATE). Unless EVEN_K, channels from c_end on count as zeros."""
     a_ptrs = a_rows[:, None] + (c * s_xc)[None, :]
     b_ptrs = b_cols[None, :] + c[:, None]
     if EVEN_K:
@@ -116,9 +124,9 @@ def _accumulate(acc, a_rows, inside, b_cols, c, C_in_g, s_xc, gate_rows, s_gc,
         a = _gated(a, gate_rows, c, s_gc, inside[:, None], HAS_GATE, False)
         b = tl.load(b_ptrs)
     else:
-        a = tl.load(a_ptrs, mask=inside[:, None] & (c < C_in_g)[None, :], other=0.0)
-        a = _gated(a, gate_rows, c, s_gc, (c < C_in_g)[None, :], HAS_GATE, True)
-        b = tl.load(b_ptrs, mask=(c < C_in_g)[:, None], other=0.0)
+        a = tl.load(a_ptrs, mask=inside[:, None] & (c < c_end)[None, :], other=0.0)
+        a = _gated(a, gate_rows, c, s_gc, (c < c_end)[None, :], HAS_GATE, True)
+        b = tl.load(b_ptrs, mask=(c < c_end)[:, None], other=0.0)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
@@ -126,14 +134,18 @@ def _accumulate(acc, a_rows, inside, b_cols, c, C_in_g, s_xc, gate_rows, s_gc,
 def _conv2d_kernel(
     # pointers: input, packed weight [C_out, KH, KW, C_in_g], fp32 bias, residual, outs[0],
     # fp32 split-K workspace [SPLIT_K, M, C_out] (SPLIT_K > 1 only), fp32 PReLU slope [C_out],
-    # input gate [N, C_in] (HAS_GATE only)
+    # input gate [N, C_in] (HAS_GATE only); x, gate, residual and outs[0] start at an aligned
+    # address a lead of a few elements before the view (aligned_base)
     x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, ws_ptr, slope_ptr, gate_ptr,
-    # sizes; channel counts are per group
-    H, W, C_in_g, OH, OW, C_out_g, M,
-    # strides in logical NCHW order: input, residual, gate (image, channel)
-    s_xn, s_xc, s_xh, s_xw, s_rn, s_rc, s_rh, s_rw, s_gn, s_gc,
-    # output segments 1..3: first channel, element offset from out_ptr; then strides of 0..3
-    seg_c1, seg_c2, seg_c3, seg_o1, seg_o2, seg_o3,
+    # sizes; channel counts per (super-)group and in all, in units of X_VEC (input channels) and
+    # OUT_VEC (output channels)
+    H, W, C_in_g, C_in, OH, OW, C_out_g, C_out, M,
+    # input, gate: lead and strides in logical NCHW order (image, channel for the gate); all
+    # but the channel strides in units of X_VEC
+    x_lead, s_xn, s_xc, s_xh, s_xw, g_lead, s_gn, s_gc,
+    # residual: lead, strides; output segments 1..3: first channel; segments 0..3: offset from
+    # out_ptr, then strides. All but the channel strides in units of OUT_VEC (epilogue_args).
+    r_lead, s_rn, s_rc, s_rh, s_rw, seg_c1, seg_c2, seg_c3, seg_o0, seg_o1, seg_o2, seg_o3,
     s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
     # geometry: specializing on it fixes the tap loop bounds and drops needless border checks;
     # PAD_H/PAD_W are the top/left padding, BORDER_H/W whether that axis pads at all
@@ -149,7 +161,13 @@ def _conv2d_kernel(
     EVEN_K: tl.constexpr, FLAT_K: tl.constexpr, GATHER_K: tl.constexpr, FOLD_KW: tl.constexpr,
     PIX: tl.constexpr, C_IN_G: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
+    # alignment (elements per vector access) of the input and output operands; whether the
+    # last super-group is partial (GROUPS_PER_TILE does not divide the groups)
+    X_VEC: tl.constexpr, OUT_VEC: tl.constexpr, PAD_GROUPS: tl.constexpr,
 ):
+    C_in_g, C_in = C_in_g * X_VEC, C_in * X_VEC
+    C_out_g, C_out = C_out_g * OUT_VEC, C_out * OUT_VEC
+    s_xn, s_xh, s_xw, s_gn = s_xn * X_VEC, s_xh * X_VEC, s_xw * X_VEC, s_gn * X_VEC
     # Grouped launch order (as in Triton's matmul tutorial): GROUP_M row tiles share their
     # input rows in L2 while all column tiles go through them. Axis 2 is the K split.
     pid, g = tl.program_id(0), tl.program_id(1)
@@ -163,16 +181,23 @@ def _conv2d_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = offs_m < M, offs_n < C_out_g
+    # The (super-)group's real output and input channels: fewer in a partial last super-group,
+    # whose missing groups' input channels read as zeros and output columns are not stored.
+    n_end, c_end = C_out_g, C_in_g
+    if PAD_GROUPS:
+        n_end = min(C_out_g, C_out - g * C_out_g)
+        c_end = min(C_in_g, C_in - g * C_in_g)
+    mask_m, mask_n = offs_m < M, offs_n < n_end
     # Rows/columns past the end wrap onto valid ones: their loads need no mask, and the results
-    # are discarded by the store mask.
+    # are discarded by the store mask. (Wrapping within the group keeps whole vectors of
+    # columns contiguous: n_end is a multiple of OUT_VEC.)
     m_ld, nb, oh, ow = output_pixels(offs_m, M, OH, OW)
-    co = g * C_out_g + offs_n % C_out_g
-    x_rows = x_ptr + nb * s_xn + (g * C_in_g) * s_xc
+    co = g * C_out_g + offs_n % n_end
+    x_rows = x_ptr + x_lead * X_VEC + nb * s_xn + (g * C_in_g) * s_xc
     # Each row's own image's gate: an M tile may straddle two images.
     gate_rows = nb  # unused without a gate
     if HAS_GATE:
-        gate_rows = gate_ptr + nb * s_gn + (g * C_in_g) * s_gc
+        gate_rows = gate_ptr + g_lead * X_VEC + nb * s_gn + (g * C_in_g) * s_gc
     w_cols = w_ptr + co.to(tl.int64) * (KH * KW * C_in_g)
     offs_k = tl.arange(0, BLOCK_K)
 
@@ -212,10 +237,11 @@ def _conv2d_kernel(
             kw = tap - kh * KW
             ih = (oh * STRIDE_H - PAD_H)[:, None] + (kh * DIL_H)[None, :]
             iw = (ow * STRIDE_W - PAD_W)[:, None] + (kw * DIL_W)[None, :]
-            a_mask = (k < K_total)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            k_ok = (k < K_total) & (c < c_end)
+            a_mask = k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a = tl.load(x_rows[:, None] + ih * s_xh + iw * s_xw + (c * s_xc)[None, :], mask=a_mask, other=0.0)
-            a = _gated(a, gate_rows, c, s_gc, (k < K_total)[None, :], HAS_GATE, True)
-            b = tl.load(w_cols[None, :] + k[:, None], mask=(k < K_total)[:, None], other=0.0)
+            a = _gated(a, gate_rows, c, s_gc, k_ok[None, :], HAS_GATE, True)
+            b = tl.load(w_cols[None, :] + k[:, None], mask=k_ok[:, None], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     elif FLAT_K:
         # One runtime loop over (tap, channel block): when C_in_g spans few BLOCK_Ks, this is
@@ -230,7 +256,7 @@ def _conv2d_kernel(
             iw = ow * STRIDE_W - PAD_W + kw * DIL_W
             inside = _inside(ih, iw, H, W, BORDER_H, BORDER_W, BLOCK_M)
             acc = _accumulate(acc, x_rows + ih * s_xh + iw * s_xw, inside, w_cols + tap * C_in_g,
-                              (t - tap * num_kc) * BLOCK_K + offs_k, C_in_g, s_xc, gate_rows,
+                              (t - tap * num_kc) * BLOCK_K + offs_k, c_end, s_xc, gate_rows,
                               s_gc, HAS_GATE, EVEN_K, DOT_PRECISION)
     else:
         # Taps unrolled, channel blocks in a runtime loop: rows, border mask and tap offsets
@@ -245,22 +271,21 @@ def _conv2d_kernel(
                 a_rows = x_rows + ih * s_xh + iw * s_xw
                 b_cols = w_cols + (kh * KW + kw) * C_in_g
                 for c0 in range(c_lo, c_hi, BLOCK_K):
-                    acc = _accumulate(acc, a_rows, inside, b_cols, c0 + offs_k, C_in_g, s_xc,
+                    acc = _accumulate(acc, a_rows, inside, b_cols, c0 + offs_k, c_end, s_xc,
                                       gate_rows, s_gc, HAS_GATE, EVEN_K, DOT_PRECISION)
 
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K > 1:
         # A partial sum, stored raw: the epilogue must see the whole sum (_split_k_reduce_kernel).
-        C_out = C_out_g * tl.num_programs(1)
         rows = (tl.program_id(2) * M + offs_m).to(tl.int64) * C_out
         tl.store(ws_ptr + rows[:, None] + co[None, :], acc, mask=mask)
     else:
-        acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, s_rn, s_rc, s_rh,
-                            s_rw, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES, POST_ACT,
-                            POST_ACT_ALPHA, POST_ACT_BETA)
-        store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o1,
-                       seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h,
-                       s2w, s3n, s3c, s3h, s3w, NUM_SEG)
+        acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, r_lead, s_rn, s_rc,
+                            s_rh, s_rw, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES, POST_ACT,
+                            POST_ACT_ALPHA, POST_ACT_BETA, OUT_VEC)
+        store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o0,
+                       seg_o1, seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c,
+                       s2h, s2w, s3n, s3c, s3h, s3w, NUM_SEG, OUT_VEC)
 
 
 class Conv2d:
@@ -341,8 +366,8 @@ class Conv2d:
     def config(self, config: dict) -> None:
         config = check_config(config, self._config_keys, self._min_block)
         gpt = config.get("GROUPS_PER_TILE", 1)
-        if gpt > 1 and (not self._group_tiles or self.groups % gpt):
-            raise ValueError(f"config GROUPS_PER_TILE={gpt} must divide groups={self.groups}"
+        if gpt > 1 and (not self._group_tiles or gpt > self.groups):
+            raise ValueError(f"config GROUPS_PER_TILE={gpt} must be at most groups={self.groups}"
                              + ("" if self._group_tiles else f" and needs {Conv2d.__name__}"))
         if gpt > 1 and gpt not in self._super_group_weights:
             self._super_group_weights.clear()  # one at a time: the tuner tries several
@@ -409,9 +434,11 @@ class Conv2d:
         n, _, h, w = x.shape
         cfg, m = self._config, n * oh * ow
         split, gpt = cfg.get("SPLIT_K", 1), cfg.get("GROUPS_PER_TILE", 1)
-        # The kernel sees groups // gpt (super-)groups of gpt times the channels.
-        groups = self.groups // gpt
-        c_in_g, c_out_g = self.in_channels // groups, self.out_channels // groups
+        # The kernel sees cdiv(groups, gpt) (super-)groups of gpt times the channels, the last
+        # one partial when gpt does not divide the groups.
+        groups, pad_groups = triton.cdiv(self.groups, gpt), self.groups % gpt != 0
+        c_in_g = gpt * (self.in_channels // self.groups)
+        c_out_g = gpt * (self.out_channels // self.groups)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out_g, cfg["BLOCK_N"]), groups, split)
         # The precision only matters for fp32 operands; "tf32" is Triton's own default, so fp16
         # compiles exactly as if none were given.
@@ -426,6 +453,9 @@ class Conv2d:
         gather = cfg.get("GATHER_K", False) or cfg.get("FOLD_KW", False)
         epilogue = {"HAS_BIAS": self.bias is not None, "HAS_RES": residual is not None,
                     **self._act_constexprs, "NUM_SEG": num_seg}
+        out, residual, out_scalars, out_vec = epilogue_args(
+            out, residual, res_strides, num_seg, seg, (c_out_g, self.out_channels))
+        x, gate, in_scalars, x_vec = input_args(x, gate, (c_in_g, self.in_channels))
         bias, res, ws = self.bias, residual, None
         if split > 1:
             # The epilogue moves to the reduction: one partial kernel serves every epilogue.
@@ -436,18 +466,19 @@ class Conv2d:
         weight = self._fold_weight(pix) if fold else self._super_group_weights.get(gpt, self.weight)
         _conv2d_kernel[grid](
             x, weight, bias, res, out, ws, self.act_slope, gate,
-            h, w, c_in_g, oh, ow, c_out_g, m,
-            *x.stride(), *res_strides, *(gate.stride()[:2] if gate is not None else (0, 0)), *seg,
+            h, w, c_in_g // x_vec, self.in_channels // x_vec, oh, ow, c_out_g // out_vec,
+            self.out_channels // out_vec, m, *in_scalars, *out_scalars,
             **self._geometry(), **epilogue,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8,
-            EVEN_K=c_in_g % cfg["BLOCK_K"] == 0, FLAT_K=cfg.get("FLAT_K", False),
+            EVEN_K=c_in_g % cfg["BLOCK_K"] == 0 and not pad_groups, FLAT_K=cfg.get("FLAT_K", False),
             GATHER_K=gather and not fold, FOLD_KW=fold, PIX=pix if fold else 1,
             C_IN_G=c_in_g if fold else 1, SPLIT_K=split, DOT_PRECISION=precision,
-            HAS_GATE=gate is not None,
+            HAS_GATE=gate is not None, X_VEC=x_vec, OUT_VEC=out_vec, PAD_GROUPS=pad_groups,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if split > 1:
-            self._reduce_split_k(ws, residual, out, res_strides, seg, m, oh, ow, split, num_seg)
+            reduce_split_k(ws, self.bias, out, residual, self.act_slope, oh, ow, self.out_channels,
+                           m, out_scalars, out_vec, split, num_seg, self._act_constexprs)
 
     def _fold_weight(self, pix: int) -> torch.Tensor:
         """The packed weight with its channels padded to the input's pixel stride (zeros), made
@@ -459,12 +490,6 @@ class Conv2d:
             cache[pix] = pad_channels(self.weight, pix)
         return cache[pix]
 
-    def _reduce_split_k(self, ws, residual, out, res_strides, seg, m, oh, ow, split,
-                        num_seg) -> None:
-        c_out = self.out_channels
-        reduce_split_k(ws, self.bias, residual, out, self.act_slope, oh, ow, c_out, m, res_strides,
-                       seg, split, num_seg, self._act_constexprs)
-
     def _split_k_workspace(self, numel: int, device: torch.device) -> torch.Tensor:
         """The layer's fp32 split-K workspace, replaced only when too small (see the class
         docstring: never during CUDA graph capture once a warm-up call has sized it)."""
@@ -472,6 +497,23 @@ class Conv2d:
         if ws is None or ws.numel() < numel or ws.device != device:
             ws = self._workspace = torch.empty(numel, dtype=torch.float32, device=device)
         return ws
+
+
+def input_args(x: torch.Tensor, gate: torch.Tensor | None, channels: Sequence[int]
+               ) -> tuple[torch.Tensor, torch.Tensor | None, list[int], int]:
+    """(x, gate, scalars, VEC) as the conv kernels take them: x and the gate rebased to aligned
+    addresses (``aligned_base``) and the scalars x_lead, s_xn, s_xc, s_xh, s_xw, g_lead, s_gn,
+    s_gc, all but the channel strides in units of VEC. ``channels`` (the kernel's input channel
+    counts) must be multiples of VEC too; the caller divides them."""
+    s_xn, s_xc, s_xh, s_xw = x.stride()
+    x, x_lead = aligned_base(x)
+    g_lead, s_gn, s_gc = 0, 0, 0
+    if gate is not None:
+        s_gn, s_gc = gate.stride()[:2]
+        gate, g_lead = aligned_base(gate)
+    vec = vector_width(x.element_size(), [x_lead, s_xn, s_xh, s_xw, g_lead, s_gn, *channels])
+    return x, gate, [x_lead // vec, s_xn // vec, s_xc, s_xh // vec, s_xw // vec, g_lead // vec,
+                     s_gn // vec, s_gc], vec
 
 
 def allocate_output(x: torch.Tensor, layer: Conv2d) -> torch.Tensor:

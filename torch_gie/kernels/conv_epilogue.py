@@ -5,7 +5,9 @@ removed concat lands on the GPU), and the split-K reduction that applies both to
 
 Activations come as three constexprs each (code, alpha, beta: ``act_constexprs``), and PReLU's
 per-channel slope as ``slope_ptr`` (fp32 [C_out]), shared by the activation and the
-post-activation (at most one of them is prelu).
+post-activation (at most one of them is prelu). Pixel strides, offsets and channel counts arrive
+in units of the constexpr VEC (``epilogue_args``), so channel rows store as 16-byte vectors even
+when the channel count (24, 72, 184) is not a multiple of 16.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import triton
 import triton.language as tl
 
 from torch_gie.kernels.epilogue import activate_channels
+from torch_gie.kernels.layer_args import aligned_base, vector_width
 
 MAX_SEGMENTS = 4
 
@@ -49,6 +52,27 @@ def segment_args(outs: Sequence[torch.Tensor], c_out: int) -> tuple[int, list[in
     return n, starts[1:] + [c_out] * pad + offs[1:] + [0] * pad + strides + [0] * 4 * pad
 
 
+def epilogue_args(out: torch.Tensor, residual: torch.Tensor | None, res_strides: Sequence[int],
+                  num_seg: int, seg: Sequence[int], channels: Sequence[int]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, list[int], int]:
+    """(out, residual, scalars, VEC) as the kernels take them: outs[0] and the residual rebased
+    to aligned addresses (``aligned_base``), and the scalars r_lead, s_rn, s_rc, s_rh, s_rw,
+    seg_c1..3, seg_o0..3 (seg_o0: outs[0]'s lead), 16 segment strides, all but the channel
+    strides in units of VEC. ``channels`` (the kernel's channel counts: C_out, per group) must be
+    multiples of VEC too; the caller divides them. Channel strides stay as they are: Triton
+    specializes a stride of 1, which makes the channel rows contiguous in the first place."""
+    out, o_lead = aligned_base(out)
+    residual, r_lead = (None, 0) if residual is None else aligned_base(residual)
+    rn, rc, rh, rw = res_strides
+    starts, offs, strides = list(seg[:3]), [o_lead] + [o_lead + o for o in seg[3:6]], list(seg[6:])
+    pixel_strides = [v for i, v in enumerate(strides[:4 * num_seg]) if i % 4 != 1]
+    vec = vector_width(out.element_size(), [r_lead, rn, rh, rw, *starts, *offs, *pixel_strides,
+                                            *channels])
+    scalars = [r_lead // vec, rn // vec, rc, rh // vec, rw // vec, *(c // vec for c in starts),
+               *(o // vec for o in offs), *(v if i % 4 == 1 else v // vec for i, v in enumerate(strides))]
+    return out, residual, scalars, vec
+
+
 @triton.jit
 def output_pixels(offs_m, M, OH, OW):
     """(m_ld, nb, oh, ow) of output pixel rows offs_m = (nb·OH + oh)·OW + ow. Rows past M wrap
@@ -62,39 +86,50 @@ def output_pixels(offs_m, M, OH, OW):
 
 
 @triton.jit
-def conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, s_rn, s_rc, s_rh, s_rw,
-                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr,
+def conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, r_lead, s_rn, s_rc, s_rh,
+                  s_rw, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr,
                   ACT_BETA: tl.constexpr, HAS_RES: tl.constexpr, POST_ACT: tl.constexpr,
-                  POST_ACT_ALPHA: tl.constexpr, POST_ACT_BETA: tl.constexpr):
+                  POST_ACT_ALPHA: tl.constexpr, POST_ACT_BETA: tl.constexpr, VEC: tl.constexpr):
     """(acc + bias[co]) -> act -> + residual[nb, co, oh, ow] -> post_act, all in fp32.
     co: [BLOCK_N] global output channels; nb (int64), oh, ow: [BLOCK_M] pixel coordinates,
-    all in range (the caller wraps the tile's overhang), so nothing here needs a mask."""
+    all in range (the caller wraps the tile's overhang), so nothing here needs a mask. The
+    residual's lead and pixel strides are in units of VEC elements."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co).to(tl.float32)[None, :]
     acc = activate_channels(acc, co, slope_ptr, ACT, ACT_ALPHA, ACT_BETA)
     if HAS_RES:
         # Unmasked: the caller wraps out-of-range rows and columns onto valid ones.
-        r_off = (nb * s_rn + oh * s_rh + ow * s_rw)[:, None] + (co * s_rc)[None, :]
-        acc += tl.load(res_ptr + r_off).to(tl.float32)
+        rows = (r_lead + nb * s_rn + oh * s_rh + ow * s_rw) * VEC
+        acc += tl.load(res_ptr + rows[:, None] + (co * s_rc)[None, :]).to(tl.float32)
     return activate_channels(acc, co, slope_ptr, POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA)
 
 
 @triton.jit
-def store_segments(out_ptr, val, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3,
+def _segment_offsets(co, nb, oh, ow, seg_c, seg_o, sn, sc, sh, sw, VEC: tl.constexpr):
+    """Element offsets from out_ptr of [rows, columns co] in the segment starting at channel
+    seg_c (lead, pixel strides and seg_c in units of VEC)."""
+    rows = (seg_o + nb * sn + oh * sh + ow * sw) * VEC
+    return rows[:, None] + ((co - seg_c * VEC) * sc)[None, :]
+
+
+@triton.jit
+def store_segments(out_ptr, val, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o0,
                    seg_o1, seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w,
-                   s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w, NUM_SEG: tl.constexpr):
+                   s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w, NUM_SEG: tl.constexpr,
+                   VEC: tl.constexpr):
     """One masked store of val[BLOCK_M, BLOCK_N]; column co goes to the segment holding it.
-    Segments are consecutive channel ranges, so each later segment overrides from its start."""
-    off = (nb * s0n + oh * s0h + ow * s0w)[:, None] + (co * s0c)[None, :]
+    Segments are consecutive channel ranges, so each later segment overrides from its start.
+    Segment starts, offsets (seg_o0: outs[0]'s own lead) and pixel strides are in units of VEC."""
+    off = _segment_offsets(co, nb, oh, ow, 0, seg_o0, s0n, s0c, s0h, s0w, VEC)
     if NUM_SEG > 1:
-        off1 = seg_o1 + (nb * s1n + oh * s1h + ow * s1w)[:, None] + ((co - seg_c1) * s1c)[None, :]
-        off = tl.where((co >= seg_c1)[None, :], off1, off)
+        off1 = _segment_offsets(co, nb, oh, ow, seg_c1, seg_o1, s1n, s1c, s1h, s1w, VEC)
+        off = tl.where((co >= seg_c1 * VEC)[None, :], off1, off)
     if NUM_SEG > 2:
-        off2 = seg_o2 + (nb * s2n + oh * s2h + ow * s2w)[:, None] + ((co - seg_c2) * s2c)[None, :]
-        off = tl.where((co >= seg_c2)[None, :], off2, off)
+        off2 = _segment_offsets(co, nb, oh, ow, seg_c2, seg_o2, s2n, s2c, s2h, s2w, VEC)
+        off = tl.where((co >= seg_c2 * VEC)[None, :], off2, off)
     if NUM_SEG > 3:
-        off3 = seg_o3 + (nb * s3n + oh * s3h + ow * s3w)[:, None] + ((co - seg_c3) * s3c)[None, :]
-        off = tl.where((co >= seg_c3)[None, :], off3, off)
+        off3 = _segment_offsets(co, nb, oh, ow, seg_c3, seg_o3, s3n, s3c, s3h, s3w, VEC)
+        off = tl.where((co >= seg_c3 * VEC)[None, :], off3, off)
     tl.store(out_ptr + off, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -102,20 +137,21 @@ def store_segments(out_ptr, val, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3,
 def _split_k_reduce_kernel(
     # pointers: fp32 partial sums [SPLIT_K, M, C_out], fp32 bias, residual, outs[0], fp32 slope
     ws_ptr, bias_ptr, res_ptr, out_ptr, slope_ptr,
-    # sizes; C_out over all groups, s_ws = M·C_out elements from one split's partials to the next
-    OH, OW, C_out, M, s_ws,
-    # residual strides, output segments: as in _conv2d_kernel
-    s_rn, s_rc, s_rh, s_rw, seg_c1, seg_c2, seg_c3, seg_o1, seg_o2, seg_o3,
+    # sizes; C_out over all groups, in units of VEC
+    OH, OW, C_out, M,
+    # residual, output segments: as in _conv2d_kernel (epilogue_args)
+    r_lead, s_rn, s_rc, s_rh, s_rw, seg_c1, seg_c2, seg_c3, seg_o0, seg_o1, seg_o2, seg_o3,
     s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
     # epilogue
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr,
     HAS_RES: tl.constexpr, POST_ACT: tl.constexpr, POST_ACT_ALPHA: tl.constexpr,
-    POST_ACT_BETA: tl.constexpr, NUM_SEG: tl.constexpr,
+    POST_ACT_BETA: tl.constexpr, NUM_SEG: tl.constexpr, VEC: tl.constexpr,
     # tiling
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Sum the SPLIT_K partials of a [BLOCK_M pixels, BLOCK_N channels] tile in a fixed order
     (deterministic, no atomics), then the conv's epilogue and its one store."""
+    C_out = C_out * VEC
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < C_out)[None, :]
@@ -124,26 +160,28 @@ def _split_k_reduce_kernel(
     ptrs = ws_ptr + (m_ld.to(tl.int64) * C_out)[:, None] + co[None, :]
     acc = tl.load(ptrs)
     for _ in tl.static_range(1, SPLIT_K):
-        ptrs += s_ws
+        ptrs += M.to(tl.int64) * C_out  # the next split's partials
         acc += tl.load(ptrs)
-    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, s_rn, s_rc, s_rh, s_rw,
-                        HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES, POST_ACT, POST_ACT_ALPHA,
-                        POST_ACT_BETA)
-    store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o1, seg_o2,
-                   seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
-                   s3n, s3c, s3h, s3w, NUM_SEG)
+    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, r_lead, s_rn, s_rc, s_rh,
+                        s_rw, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES, POST_ACT, POST_ACT_ALPHA,
+                        POST_ACT_BETA, VEC)
+    store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o0, seg_o1,
+                   seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
+                   s3n, s3c, s3h, s3w, NUM_SEG, VEC)
 
 
-def reduce_split_k(ws, bias, residual, out, slope, oh, ow, c_out, m, res_strides, seg, split,
+def reduce_split_k(ws, bias, out, residual, slope, oh, ow, c_out, m, scalars, vec, split,
                    num_seg, activations: dict) -> None:
     """Launch the split-K reduction of ``split`` partial sums in ``ws`` into the output views;
-    ``activations`` holds the ACT*/POST_ACT* constexprs (``act_constexprs``), ``slope`` PReLU's."""
+    ``out``, ``residual``, ``scalars`` and ``vec`` as ``epilogue_args`` gives them (c_out a
+    multiple of vec), ``activations`` the ACT*/POST_ACT* constexprs (``act_constexprs``),
+    ``slope`` PReLU's."""
     # Small tiles: split-K shapes have few outputs (49 x 512 for ResNet-50 layer4 at batch 1),
     # and a reduction of about a MB is quicker spread over many SMs (64 programs there).
     block_m, block_n = 16, min(32, max(16, triton.next_power_of_2(c_out)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
     _split_k_reduce_kernel[grid](
-        ws, bias, residual, out, slope, oh, ow, c_out, m, m * c_out, *res_strides, *seg,
+        ws, bias, residual, out, slope, oh, ow, c_out // vec, m, *scalars,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, **activations, NUM_SEG=num_seg,
-        SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        VEC=vec, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )

@@ -5,7 +5,8 @@ groups == C_in and C_out = C_in·mult, so each output sums only KH·KW products:
                          · x[n, co // mult, oh·s_h - p_t + kh·d_h, ow·s_w - p_l + kw·d_w]
 As a GEMM that is K = KH·KW with N = 1 per group, far below tensor-core tiles, so this kernel
 multiplies directly on [BLOCK_M pixels, BLOCK_C channels] tiles (channels contiguous), taps
-along kw unrolled. Epilogue, output segments, (asymmetric) padding and the bound-layer interface
+along kw unrolled. Epilogue, output segments, (asymmetric) padding, the bound-layer interface
+and the vector alignment of channel rows (counts and pixel strides in units of X_VEC / OUT_VEC)
 are conv2d's.
 """
 from __future__ import annotations
@@ -15,8 +16,13 @@ import triton
 import triton.language as tl
 
 from torch_gie.activations import ActLike
-from torch_gie.kernels.conv2d import Conv2d, IntPair, Padding, allocate_output
-from torch_gie.kernels.conv_epilogue import conv_epilogue, output_pixels, store_segments
+from torch_gie.kernels.conv2d import Conv2d, IntPair, Padding, allocate_output, input_args
+from torch_gie.kernels.conv_epilogue import (
+    conv_epilogue,
+    epilogue_args,
+    output_pixels,
+    store_segments,
+)
 
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_C", "num_warps", "num_stages")
 
@@ -65,12 +71,12 @@ def pack_depthwise_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 def _depthwise_conv2d_kernel(
     # pointers: input, packed weight [KH, KW, C_out], fp32 bias, residual, outs[0], fp32 slope
     x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, slope_ptr,
-    # sizes
+    # sizes; C_out in units of OUT_VEC
     H, W, OH, OW, C_out, M,
-    # strides in logical NCHW order: input, residual
-    s_xn, s_xc, s_xh, s_xw, s_rn, s_rc, s_rh, s_rw,
-    # output segments, as in conv2d
-    seg_c1, seg_c2, seg_c3, seg_o1, seg_o2, seg_o3,
+    # input: lead and strides in logical NCHW order, all but the channel stride in units of X_VEC
+    x_lead, s_xn, s_xc, s_xh, s_xw,
+    # residual, output segments: as in conv2d (units of OUT_VEC)
+    r_lead, s_rn, s_rc, s_rh, s_rw, seg_c1, seg_c2, seg_c3, seg_o0, seg_o1, seg_o2, seg_o3,
     s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
     # geometry; MULT = C_out / C_in (output channels per input channel); PAD_H/PAD_W are the
     # top/left padding, BORDER_H/W whether that axis pads at all (as in conv2d)
@@ -81,16 +87,18 @@ def _depthwise_conv2d_kernel(
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr,
     HAS_RES: tl.constexpr, POST_ACT: tl.constexpr, POST_ACT_ALPHA: tl.constexpr,
     POST_ACT_BETA: tl.constexpr, NUM_SEG: tl.constexpr,
-    # tiling
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    # tiling; alignment (elements per vector access) of input and output channel rows
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, X_VEC: tl.constexpr, OUT_VEC: tl.constexpr,
 ):
+    C_out = C_out * OUT_VEC
+    s_xn, s_xh, s_xw = s_xn * X_VEC, s_xh * X_VEC, s_xw * X_VEC
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (offs_m < M)[:, None] & (offs_c < C_out)[None, :]
     # Overhanging rows/columns wrap onto valid ones so only the zero padding masks loads.
     m_ld, nb, oh, ow = output_pixels(offs_m, M, OH, OW)
     co = offs_c % C_out
-    x_rows = x_ptr + nb * s_xn
+    x_rows = x_ptr + x_lead * X_VEC + nb * s_xn
     x_cols = (co // MULT) * s_xc
 
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -111,12 +119,12 @@ def _depthwise_conv2d_kernel(
             wv = tl.load(w_ptr + (kh * KW + kw) * C_out + co)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
 
-    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, s_rn, s_rc, s_rh, s_rw,
-                        HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES, POST_ACT, POST_ACT_ALPHA,
-                        POST_ACT_BETA)
-    store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o1, seg_o2,
-                   seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
-                   s3n, s3c, s3h, s3w, NUM_SEG)
+    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, r_lead, s_rn, s_rc, s_rh,
+                        s_rw, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES, POST_ACT, POST_ACT_ALPHA,
+                        POST_ACT_BETA, OUT_VEC)
+    store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o0, seg_o1,
+                   seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
+                   s3n, s3c, s3h, s3w, NUM_SEG, OUT_VEC)
 
 
 class DepthwiseConv2d(Conv2d):
@@ -147,14 +155,16 @@ class DepthwiseConv2d(Conv2d):
         n, _, h, w = x.shape
         cfg, m = self._config, n * oh * ow
         grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(self.out_channels, cfg["BLOCK_C"]))
+        out, residual, out_scalars, out_vec = epilogue_args(
+            out, residual, res_strides, num_seg, seg, (self.out_channels,))
+        x, _, in_scalars, x_vec = input_args(x, None, (self.in_channels,))
         _depthwise_conv2d_kernel[grid](
             x, self.weight, self.bias, residual, out, self.act_slope,
-            h, w, oh, ow, self.out_channels, m,
-            *x.stride(), *res_strides, *seg,
+            h, w, oh, ow, self.out_channels // out_vec, m, *in_scalars[:5], *out_scalars,
             MULT=self.out_channels // self.in_channels, **self._geometry(),
             HAS_BIAS=self.bias is not None, HAS_RES=residual is not None, **self._act_constexprs,
             NUM_SEG=num_seg,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], X_VEC=x_vec, OUT_VEC=out_vec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 

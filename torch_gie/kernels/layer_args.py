@@ -2,6 +2,7 @@
 padding (symmetric or TensorFlow-style asymmetric), output sizes, and the fused activations with
 PReLU's per-channel slope; at call time the conv's input, outputs, residual and gate. Every
 kernel family accepts the same forms and fails the same way (ValueError: expected vs got).
+Also the vector alignment of channel-contiguous operands (``vector_width``, ``aligned_base``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ from torch_gie.activations import CHANNEL_PARAM_ACTIVATIONS, Act, ActLike, act_c
 IntPair = int | Sequence[int]
 # int, (h, w) symmetric, or (top, bottom, left, right): TensorFlow "SAME" / a folded ZeroPad2d.
 Padding = int | Sequence[int]
+# The widest global load/store one thread issues (128 bits). Triton knows an int argument's
+# alignment only when it is a multiple of 16 (or 1), so a pixel stride of 72 channels hides that
+# every channel row starts 16-byte aligned and loads fall back to 2 bytes at a time; kernels
+# therefore take such ints in units of a constexpr VEC (``vector_width``) and multiply back.
+VECTOR_BYTES = 16
+_INT32_MAX = 2**31 - 1
 
 
 def as_pair(v: IntPair, name: str) -> tuple[int, int]:
@@ -133,3 +140,27 @@ def check_gate(gate: torch.Tensor, x: torch.Tensor, channels: int, dtype: torch.
     if gate.dtype not in (dtype, torch.float32) or gate.device != x.device:
         raise ValueError(f"gate: expected {dtype} or torch.float32 on {x.device}, "
                          f"got {gate.dtype} on {gate.device}")
+
+
+def vector_width(element_size: int, values: Sequence[int]) -> int:
+    """The widest power of two VEC <= VECTOR_BYTES / element_size dividing every value: the
+    elements per vector access when strides, offsets and channel counts are passed as value //
+    VEC. 1 when a value needs 64 bits (value // VEC * VEC must not overflow int32 in the kernel)."""
+    if any(abs(v) > _INT32_MAX for v in values):
+        return 1
+    vec = max(1, VECTOR_BYTES // element_size)
+    while vec > 1 and any(v % vec for v in values):
+        vec //= 2
+    return vec
+
+
+def aligned_base(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(base, lead): a view of t's storage starting ``lead`` elements before t at a
+    VECTOR_BYTES-aligned address, so a kernel reading ``base + lead + ...`` gets a pointer Triton
+    knows is aligned (it only checks the argument's address) and an offset whose alignment it
+    can be told. A channel slice at channel 4 of an fp16 buffer has lead 4. (t, 0) when t is
+    aligned already or its storage starts too late to step back."""
+    lead, rem = divmod(t.data_ptr() % VECTOR_BYTES, t.element_size())
+    if lead == 0 or rem or lead > t.storage_offset():
+        return t, 0
+    return t.as_strided((1,), (1,), t.storage_offset() - lead), lead
