@@ -560,6 +560,29 @@ def test_vector_width_and_aligned_base():
     assert epilogue_args(buf[:, 8:32], None, [0, 0, 0, 0], num_seg, seg, (48, 12))[3] == 4
 
 
+def test_few_tile_long_k_layers_get_small_and_split_tiles_first():
+    """ResNet-50's layer4 3x3 at batch 32 (1568 pixels x 512 channels: 52 tiles of 128x128 for
+    132 SMs): 64x64 tiles lead unsplit (200 programs), then wider tiles split until they fill
+    the GPU and split 64x64 ones; the plain default stays among the tuner's first 8."""
+    m = 32 * 7 * 7
+    for dtype in (torch.float16, torch.float32):
+        cands = conv2d_configs(512, 512, dtype, 9, m)
+        first, plain = cands[:8], default_conv2d_config(512, 512, dtype, 9)
+        assert cands[0] == default_conv2d_config(512, 512, dtype, 9, m) != plain
+        assert (cands[0]["BLOCK_M"], cands[0]["BLOCK_N"], cands[0].get("SPLIT_K", 1)) == (64, 64, 1)
+        assert plain in first and len(cands) == len({tuple(sorted(c.items())) for c in cands})
+        assert len([c for c in first if c.get("SPLIT_K", 1) > 1]) >= 2
+        for c in first[:-1]:
+            tiles = -(-m // c["BLOCK_M"]) * -(-512 // c["BLOCK_N"])
+            assert 4 * tiles * c.get("SPLIT_K", 1) >= 3 * NUM_SMS, c
+            smem = (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * c["num_stages"] * dtype.itemsize
+            assert smem <= 200 * 1024, c
+    # 14x14 at batch 32: 98 tiles of 128x128; 128x64 and 64x128 fill the GPU unsplit.
+    cands = conv2d_configs(256, 256, torch.float16, 9, 32 * 14 * 14)[:4]
+    assert [(c["BLOCK_M"], c["BLOCK_N"], c.get("SPLIT_K", 1)) for c in cands] == \
+        [(64, 64, 1), (128, 64, 1), (64, 128, 1), (128, 128, 2)]
+
+
 # ResNet-50 / ResNeXt layers (C_in, C_out, k, stride, pad, H, groups) at batch 8, fp16.
 RESNET_LAYERS = [
     (3, 64, 7, 2, 3, 224, 1), (64, 64, 1, 1, 0, 56, 1), (64, 64, 3, 1, 1, 56, 1),

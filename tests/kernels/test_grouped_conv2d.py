@@ -169,8 +169,9 @@ REGNET_Y_400MF = [(48, 48, 3, 2, 1, 112, 6), (104, 104, 3, 2, 1, 56, 13), (104, 
 
 
 def test_candidates_for_real_layers():
-    """Every candidate's super-group divides the groups and stays within 128 channels; the
-    default packs narrow groups (ResNeXt's 4-channel ones) and leaves 32-channel ones alone."""
+    """Every candidate's super-group is a divisor of the groups or a power of two (partial) and
+    stays within 128 channels; the default packs narrow groups (ResNeXt's 4-channel ones) and
+    leaves 32-channel ones alone."""
     for c_in, c_out, k, s, _, h, g in RESNEXT50_32X4D + REGNET_Y_400MF:
         for batch in (1, 32):
             m = batch * (h // s) ** 2
@@ -180,12 +181,18 @@ def test_candidates_for_real_layers():
                 assert len(cands) == len({tuple(sorted(c.items())) for c in cands})
                 for c in cands:
                     gpt = c.get("GROUPS_PER_TILE", 1)
-                    assert g % gpt == 0 and (gpt == 1 or gpt * c_in // g <= SUPER_GROUP_MAX)
+                    assert g % gpt == 0 or gpt & (gpt - 1) == 0
+                    assert gpt == 1 or gpt * c_in // g <= SUPER_GROUP_MAX
                     assert all(c[key] >= 16 and c[key] & (c[key] - 1) == 0
                                for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     assert default_conv2d_config(4, 4, torch.float16, 9, 32 * 56 * 56, 32)["GROUPS_PER_TILE"] == 8
     assert "GROUPS_PER_TILE" not in default_conv2d_config(32, 32, torch.float16, 9, 32 * 49, 32)
-    assert group_tile_options(8, 8, 13) == [13, 1]  # prime group count: also the plain tiling
+    # RegNetY-400MF's prime-ish group counts get 32-, 16-, 64-wide super-groups (the last one
+    # partial) before the tile-misfitting divisors (13 groups: 104 channels in a 128 tile).
+    assert group_tile_options(8, 8, 13) == [4, 2, 8, 13]
+    assert group_tile_options(8, 8, 55) == [4, 2, 8, 16]
+    assert group_tile_options(8, 8, 6) == [3, 2, 6]  # a divisor wins a tie with a partial one
+    assert group_tile_options(4, 4, 32) == [8, 4, 16, 32]  # ResNeXt: as measured, 32 wide first
     assert group_tile_options(64, 64, 1) == [1]
 
 

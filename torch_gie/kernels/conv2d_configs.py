@@ -5,7 +5,8 @@ Config keys: BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, and optionally FL
 loop over (tap, channel block)), GATHER_K / FOLD_KW (few input channels: K gathered across taps,
 or kw folded into c on NHWC input), SPLIT_K (programs per output tile summing shares of K),
 GROUPS_PER_TILE (grouped convs: that many consecutive groups form one block-diagonal
-"super-group" GEMM, see ``conv2d_weights.py``; it must divide groups).
+"super-group" GEMM, see ``conv2d_weights.py``; at most groups, the last super-group partial
+when it does not divide them).
 """
 from __future__ import annotations
 
@@ -32,8 +33,13 @@ MIN_SPLIT_ITERS = 4  # K iterations each split keeps, so its loads still pipelin
 BIG_TILE_MIN_M = 1 << 17  # output pixels from which 256-wide tiles are worth a tuning slot
 # Super-groups: groups per tile are offered while the super-group is 16..128 channels wide, the
 # default being the one closest to SUPER_GROUP_WIDTH: wide enough for full 16x16 MMA steps and
-# few tiles, narrow enough that the block-diagonal zeros (GPT-fold MMA work) stay cheap.
+# few tiles, narrow enough that the block-diagonal zeros (GPT-fold MMA work) stay cheap. On an
+# H100, ResNeXt-50's 32-wide super-groups beat 16 and 64 by 10-25% and 128 by 2x.
 SUPER_GROUP_MIN, SUPER_GROUP_MAX, SUPER_GROUP_WIDTH = 16, 128, 32
+# Rank cost of tile columns (and K rows) that hold no real channel (padded groups of a partial
+# super-group, or a 104-wide super-group in a 128-wide tile): 25% padding weighs as much as half
+# a power of two away from SUPER_GROUP_WIDTH.
+SUPER_GROUP_PAD_COST = 2.0
 # Narrow pointwise convs (1x1, both channel counts up to this: MobileNet/MnasNet/EfficientNet's
 # 16..64-channel projections) are memory-bound: whole-channel tiles, tall pixel tiles.
 NARROW_POINTWISE = 64
@@ -54,18 +60,30 @@ def _with_gpt(cfg: dict, gpt: int) -> dict:
 
 
 def group_tile_options(c_out_g: int, c_in_g: int, groups: int) -> list[int]:
-    """GROUPS_PER_TILE values worth timing, best guess first: divisors of ``groups`` whose
-    super-group is SUPER_GROUP_MIN..MAX channels wide, closest to SUPER_GROUP_WIDTH first (ties:
-    the narrower). [1] for ungrouped convs. Fewer than three such options (a prime group count:
-    regnet_y_400mf's 13 and 55 groups of 8) add the widest divisor under the minimum, so a plain
+    """GROUPS_PER_TILE values worth timing, best guess first. A super-group of GPT groups is a
+    GPT·width-channel GEMM (width = max(C_in_g, C_out_g)) tiled by the next power of two; GPT
+    is a divisor of ``groups`` or a power of two (the last super-group then partial, so RegNet's
+    13 or 55 groups of 8 still get 16-, 32-, 64-wide tiles), for super-groups of
+    SUPER_GROUP_MIN..MAX channels. Per tile width the GPT padding the fewest columns is kept
+    (a divisor on ties); they rank by distance from SUPER_GROUP_WIDTH plus SUPER_GROUP_PAD_COST
+    times the padded fraction of all tile columns (ties: the narrower). [1] for ungrouped
+    convs. Fewer than three options add the widest divisor under the minimum, so a plain
     per-group tiling also gets timed."""
     if groups == 1:
         return [1]
     width = max(c_in_g, c_out_g)
-    divisors = [d for d in range(1, groups + 1) if groups % d == 0 and (d == 1 or d * width <= SUPER_GROUP_MAX)]
-    fit = sorted((d for d in divisors if d * width >= SUPER_GROUP_MIN),
-                 key=lambda d: (abs(math.log2(d * width / SUPER_GROUP_WIDTH)), d))
-    narrow = [d for d in divisors if d * width < SUPER_GROUP_MIN]
+    best: dict[int, tuple[float, bool, int]] = {}  # tile width -> (rank, padded, gpt)
+    for gpt in range(1, groups + 1):
+        span = gpt * width
+        padded = groups % gpt != 0
+        if not SUPER_GROUP_MIN <= span <= SUPER_GROUP_MAX or (padded and gpt & (gpt - 1)):
+            continue
+        tile = triton.next_power_of_2(span)
+        pad_fraction = 1 - groups * width / (triton.cdiv(groups, gpt) * tile)
+        rank = abs(math.log2(tile / SUPER_GROUP_WIDTH)) + SUPER_GROUP_PAD_COST * pad_fraction
+        best[tile] = min(best.get(tile, (math.inf, True, 0)), (rank, padded, gpt))
+    fit = [gpt for _, _, gpt in sorted(best.values(), key=lambda r: (r[0], r[2]))]
+    narrow = [d for d in range(1, groups + 1) if groups % d == 0 and d * width < SUPER_GROUP_MIN]
     return fit + narrow[-1:] if len(fit) < 3 or not fit else fit
 
 
@@ -84,7 +102,7 @@ def _unsplit_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int) -
 
 def _tiles(cfg: dict, m: int, c_out_g: int, groups: int) -> int:
     gpt = cfg.get("GROUPS_PER_TILE", 1)
-    return triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(gpt * c_out_g, cfg["BLOCK_N"]) * (groups // gpt)
+    return triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(gpt * c_out_g, cfg["BLOCK_N"]) * triton.cdiv(groups, gpt)
 
 
 def _pick_split(tiles: int, k_iters: int) -> int:
@@ -96,13 +114,16 @@ def _pick_split(tiles: int, k_iters: int) -> int:
     return split
 
 
-def _split_k_configs(base: dict, c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int,
-                     m: int | None, groups: int) -> list[dict]:
-    """Split-K tilings, best guess first, for a long-K conv whose output tiles under ``base``
-    do not fill the GPU; [] otherwise. Tiles shrink to 64x64 or less (BLOCK_M to the pixel
-    count), then K splits until about one program per SM. They keep ``base``'s K-loop form:
-    FLAT_K for multi-tap convs (its (tap, channel block) loop splits evenly; the unrolled form
-    would split only the few channel blocks of each tap)."""
+def _few_tile_configs(base: dict, c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int,
+                      m: int | None, groups: int) -> list[dict]:
+    """Tilings, best guess first, for a long-K conv whose output tiles under ``base`` do not
+    fill the GPU; [] otherwise. Tiles shrink to 64x64 or less (BLOCK_M to the pixel count),
+    then K splits until about one program per SM. When the small tiles alone fill the GPU
+    (ResNet-50's layer4 at batch 32: 200 64x64 tiles, where 128x128 leaves 80 of 132 SMs idle)
+    they lead unsplit, followed by the base's wider tiles split until they fill it too (fuller
+    MMA tiles for a reduction's cost). All keep ``base``'s K-loop form: FLAT_K for multi-tap
+    convs (its (tap, channel block) loop splits evenly; the unrolled form would split only the
+    few channel blocks of each tap)."""
     gpt = base.get("GROUPS_PER_TILE", 1)
     k_in = gpt * c_in_g  # channels per tap of the (super-)group's GEMM
     if m is None or taps * k_in < SPLIT_K_MIN_K or _tiles(base, m, c_out_g, groups) >= NUM_SMS:
@@ -110,22 +131,31 @@ def _split_k_configs(base: dict, c_out_g: int, c_in_g: int, dtype: torch.dtype, 
     bm, bn, bk = min(64, max(16, triton.next_power_of_2(m))), min(64, base["BLOCK_N"]), base["BLOCK_K"]
     k_iters = triton.cdiv(taps * k_in, bk) if base["GATHER_K"] else taps * triton.cdiv(k_in, bk)
     stages = 4 if dtype == torch.float16 else 3
-    plans = []  # (tiling, split), the widest tiles first
-    for tbm, tbn in ((bm, bn), (bm, bn // 2), (bm // 2, bn)):
-        if min(tbm, tbn) >= 16:
-            tiling = _with_gpt(_cfg(tbm, tbn, bk, 4, stages, base["FLAT_K"], base["GATHER_K"]), gpt)
-            plans.append((tiling, _pick_split(_tiles(tiling, m, c_out_g, groups), k_iters)))
+
+    def plan(tbm: int, tbn: int) -> tuple[dict, int]:
+        warps, st = (8, 3) if tbm * tbn >= 128 * 128 else (4, stages)
+        tiling = _with_gpt(_cfg(tbm, tbn, bk, warps, st, base["FLAT_K"], base["GATHER_K"]), gpt)
+        return tiling, _pick_split(_tiles(tiling, m, c_out_g, groups), k_iters)
+
+    plans = [plan(tbm, tbn) for tbm, tbn in ((bm, bn), (bm, bn // 2), (bm // 2, bn)) if min(tbm, tbn) >= 16]
     # The default: the widest tiles that reach 3/4 of a wave, else the most programs.
     programs = [_tiles(t, m, c_out_g, groups) * s for t, s in plans]
     full = [i for i, p in enumerate(programs) if 4 * p >= 3 * NUM_SMS]
     tiling, split = plans[full[0] if full else programs.index(max(programs))]
     if split == 1:
-        return []  # the small tiles alone fill the GPU: leave them to the unsplit list
-    cands = [_with_split(tiling, split), _with_split(tiling, split // 2)]
-    if 2 * split <= MAX_SPLIT_K and k_iters >= 4 * split:
-        cands.append(_with_split(tiling, 2 * split))
-    cands += [_with_split(t, s) for t, s in plans]
-    return [c for i, c in enumerate(cands) if "SPLIT_K" in c and c not in cands[:i]]
+        wbm, wbn = base["BLOCK_M"], base["BLOCK_N"]
+        wide = [plan(tbm, tbn) for tbm, tbn in ((wbm, wbn // 2), (wbm // 2, wbn), (wbm, wbn))
+                if min(tbm, tbn) >= 16 and (tbm, tbn) != (bm, bn)]
+        cands = [tiling] + [_with_split(t, s) for t, s in wide]
+        if k_iters >= 4 * MIN_SPLIT_ITERS:
+            cands.append(_with_split(tiling, 2))
+        cands += [t for t, s in plans if s == 1]
+    else:
+        cands = [_with_split(tiling, split), _with_split(tiling, split // 2)]
+        if 2 * split <= MAX_SPLIT_K and k_iters >= 4 * split:
+            cands.append(_with_split(tiling, 2 * split))
+        cands = [c for c in cands + [_with_split(t, s) for t, s in plans] if "SPLIT_K" in c]
+    return [c for i, c in enumerate(cands) if c != base and c not in cands[:i]]
 
 
 def _grouped_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int, groups: int,
@@ -143,20 +173,22 @@ def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.
     than the unrolled one (164 vs 247 for 3x3 64->64 at 128x64x64) and never spilled in our
     checks, and its loads pipeline across taps even when C_in_g is a single BLOCK_K.
     Given m (output pixels N·OH·OW), a long-K conv with too few output tiles to fill the GPU
-    gets a split-K tiling instead. Grouped convs tile super-groups (``group_tile_options``)."""
+    gets smaller tiles instead, split-K when even those leave SMs idle. Grouped convs tile
+    super-groups (``group_tile_options``)."""
     base = _grouped_default(c_out_g, c_in_g, dtype, taps, groups)
-    split = _split_k_configs(base, c_out_g, c_in_g, dtype, taps, m, groups)
-    return split[0] if split else base
+    few = _few_tile_configs(base, c_out_g, c_in_g, dtype, taps, m, groups)
+    return few[0] if few else base
 
 
 def conv2d_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16,
                    taps: int = 1, m: int | None = None, groups: int = 1) -> list[dict]:
     """Candidate tilings for the tuner: the default first, then larger and small-channel ones,
-    with both K-loop forms for multi-tap convs. Given m, split-K candidates (if any) lead, with
-    the unsplit default right after them (the tuner times only the first few). Grouped convs
-    then get the other groups-per-tile options, and the rest is tiled for the default one."""
+    with both K-loop forms for multi-tap convs. Given m, few-tile candidates (small and split-K
+    tiles, if any) lead, with the plain default right after them (the tuner times only the
+    first 8). Grouped convs then get the other groups-per-tile options, and the rest is tiled
+    for the default one."""
     base = _grouped_default(c_out_g, c_in_g, dtype, taps, groups)
-    cands = _split_k_configs(base, c_out_g, c_in_g, dtype, taps, m, groups) + [base]
+    cands = _few_tile_configs(base, c_out_g, c_in_g, dtype, taps, m, groups) + [base]
     gpt = base.get("GROUPS_PER_TILE", 1)
     if groups > 1:
         cands += _grouped_configs(c_out_g, c_in_g, dtype, taps, groups, gpt, cands)
