@@ -225,6 +225,19 @@ def test_odd_channel_counts_at_any_offset(c, x_off, out_off, device):
     assert big[:, :out_off].isnan().all() and big[:, out_off + c:].isnan().all()
 
 
+def test_odd_channel_counts_get_fitted_tiles():
+    """72 channels fill 128-lane tiles to 56%: 16-channel tiles (80 lanes) come second and
+    third; 184 gets 64-wide tiles (3 tiles, 192 lanes); 120 (94% of 128) and powers of two
+    keep their candidate lists."""
+    assert [(c["BLOCK_M"], c["BLOCK_C"]) for c in depthwise_conv2d_configs(72)[1:3]] == [(128, 16), (256, 16)]
+    assert [(c["BLOCK_M"], c["BLOCK_C"]) for c in depthwise_conv2d_configs(184)[1:3]] == [(32, 64), (64, 64)]
+    assert all(c["BLOCK_C"] == 128 for c in depthwise_conv2d_configs(120)[:5])
+    assert [c["BLOCK_C"] for c in depthwise_conv2d_configs(64)[:5]] == [64] * 5
+    for c in (72, 120, 184, 672):
+        cands = depthwise_conv2d_configs(c)
+        assert len(cands) == len({tuple(sorted(cfg.items())) for cfg in cands})
+
+
 @pytest.mark.parametrize("c", [24, 72])
 def test_first_candidates_compute_the_conv(c, device):
     """What the tuner times (the first 8 candidates) on a 5x5 stride-2 and a 3x3 layer."""

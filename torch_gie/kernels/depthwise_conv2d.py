@@ -39,19 +39,31 @@ def default_depthwise_config(c_out: int) -> dict:
     return _cfg(max(16, 4096 // bc), bc, 8)
 
 
+def _fitted_width(c_out: int) -> int:
+    """The widest channel tile (a power of two, 32..128) whose tiles cover c_out with at most
+    1/8 more lanes, else 16: 32 for 144 channels (5 tiles, 160 lanes), 64 for 184, 16 for 72."""
+    return next((bc for bc in (128, 64, 32) if 8 * triton.cdiv(c_out, bc) * bc <= 9 * c_out), 16)
+
+
 def depthwise_conv2d_configs(c_out: int) -> list[dict]:
     """Candidate tilings for the tuner, the default first. Depthwise convs are memory-bound (9
     or 25 FMAs per output element), so the first ones vary the bytes each program moves at full
     channel width (contiguous 32..256-byte channel rows: vector loads) and rows per thread;
     narrow layers (16..48 channels at 112x112) get tall pixel tiles, whose taps one row above
-    and below are more often in the same program's cache lines. Then fixed shapes."""
+    and below are more often in the same program's cache lines. A channel count that fills
+    full-width tiles poorly (72 in 128 lanes) gets its fitted width second and third. Then
+    fixed shapes."""
     bc = min(128, max(16, triton.next_power_of_2(c_out)))
     cands = [default_depthwise_config(c_out)]
+    fit = _fitted_width(c_out)
+    if fit != bc:
+        cands += [_cfg(2048 // fit, fit, 4), _cfg(4096 // fit, fit, 8)]
     for elems, warps in ((2048, 4), (8192, 8), (2048, 8), (4096, 4)):
         if _cfg(elems // bc, bc, warps) not in cands:
             cands.append(_cfg(elems // bc, bc, warps))
-    if bc >= 64:  # half-width channel tiles: twice the programs for late, small-image layers
-        cands.append(_cfg(4096 // (bc // 2), bc // 2, 8))
+    half = _cfg(4096 // (bc // 2), bc // 2, 8)
+    if bc >= 64 and half not in cands:  # twice the programs for late, small-image layers
+        cands.append(half)
     for bm, bc, warps in ((16, 128, 4), (32, 128, 8), (32, 64, 4), (64, 64, 8), (64, 32, 4),
                           (128, 32, 8), (128, 16, 4), (256, 16, 8), (64, 64, 4)):
         if bc > 2 * max(16, triton.next_power_of_2(c_out)):
