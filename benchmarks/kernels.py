@@ -7,8 +7,10 @@ Every candidate config (the first --max-configs, as the tuner would) is first ch
 an fp32 F.conv2d reference on a NaN-poisoned output, then timed as the compiled forward runs it
 (``time_in_cuda_graph``); cuDNN (F.conv2d with bias, fp16 channels_last) is timed the same way.
 The table gives the best config, its time, cuDNN's, the memory floor (input + output + weight
-bytes at 3.0 TB/s) and the achieved fraction of it, and TFLOP/s; JSON holds every config's
-time. Once --budget-s is spent, the remaining layers time only their default config.
+bytes at 3.0 TB/s) and the achieved fraction of it, TFLOP/s and how many configs were timed;
+JSON holds every config's time. --budget-s is shared out over the layers: each layer times
+configs in order until its share (plus what earlier layers left unused) is spent, at least its
+default, so the last layers are not cut to their default when the first ones compile slowly.
 
     python benchmarks/kernels.py --out $OUT/kernels.json
 """
@@ -98,12 +100,15 @@ def time_cudnn(case: dict) -> float:
     return 1e3 * time_in_cuda_graph(lambda: F.conv2d(x, w, b, case["stride"], case["pad"], 1, case["groups"]))
 
 
-def bench_layer(kind: str, spec: tuple, batch: int, max_configs: int, full: bool) -> dict:
+def bench_layer(kind: str, spec: tuple, batch: int, max_configs: int, deadline: float) -> dict:
+    """Every candidate (up to max_configs) in order while time.time() < deadline, at least one."""
     name, c_in, c_out, k, s, h, g = spec
     case = make_case(c_in, c_out, k, s, h, g, batch)
-    configs = case["layer"].configs[:max_configs if full else 1]
+    configs = case["layer"].configs[:max_configs]
     results = []
     for config in configs:
+        if results and time.time() >= deadline:
+            break
         try:
             results.append(check_and_time(case, config))
         except Exception as exc:  # a config may not compile or fit this GPU: report, go on
@@ -114,7 +119,7 @@ def bench_layer(kind: str, spec: tuple, batch: int, max_configs: int, full: bool
     floor = 1e6 * case["bytes"] / MEMORY_BW
     row = {"kind": kind, "layer": name, "batch": batch, "c_in": c_in, "c_out": c_out, "k": k, "stride": s,
            "h": h, "groups": g, "bytes": case["bytes"], "flops": case["flops"], "floor_us": floor,
-           "cudnn_us": cudnn, "configs": results, "all_configs_timed": full}
+           "cudnn_us": cudnn, "configs": results, "all_configs_timed": len(results) == len(configs)}
     if best is not None:
         row.update(best_us=best["us"], best_config=best["config"], default_us=results[0].get("us"),
                    floor_fraction=floor / best["us"], tflops=case["flops"] / best["us"] / 1e6)
@@ -123,7 +128,7 @@ def bench_layer(kind: str, spec: tuple, batch: int, max_configs: int, full: bool
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'layer':28} {'batch':>5} {'ours us':>9} {'dflt us':>9} {'cuDNN us':>9} {'floor us':>9} "
-            f"{'floor/ours':>10} {'TFLOP/s':>8}  best config")
+            f"{'floor/ours':>10} {'TFLOP/s':>8} {'cfgs':>4}  best config")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "best_us" not in r:
@@ -132,7 +137,8 @@ def format_table(rows: list[dict]) -> str:
         cfg = {k: v for k, v in r["best_config"].items() if v not in (False, None)}
         dflt = f"{r['default_us']:9.1f}" if r["default_us"] else f"{'-':>9}"
         lines.append(f"{r['layer']:28} {r['batch']:>5} {r['best_us']:9.1f} {dflt} {r['cudnn_us']:9.1f} "
-                     f"{r['floor_us']:9.1f} {r['floor_fraction']:10.2f} {r['tflops']:8.1f}  {cfg}")
+                     f"{r['floor_us']:9.1f} {r['floor_fraction']:10.2f} {r['tflops']:8.1f} "
+                     f"{len(r['configs']):>4}  {cfg}")
     return "\n".join(lines)
 
 
@@ -143,8 +149,8 @@ def main() -> None:
     p.add_argument("--batches", default="32,1")
     p.add_argument("--max-configs", type=int, default=8, help="candidates timed per layer (the tuner's 8)")
     p.add_argument("--budget-s", type=float, default=150.0,
-                   help="after this many seconds, layers time only their default config (Triton "
-                        "compiles dominate a first run; the total stays near 4 minutes on an H100)")
+                   help="seconds of config timing shared out over the layers (Triton compiles "
+                        "dominate a first run); each layer times at least its default")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
@@ -154,21 +160,22 @@ def main() -> None:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": __import__("triton").__version__, "max_configs": args.max_configs}
     rows, start = [], time.time()
-    for kind in args.kinds.split(","):
-        for batch in (int(b) for b in args.batches.split(",")):
-            for spec in LAYERS[kind]:
-                full = time.time() - start < args.budget_s
-                try:
-                    row = bench_layer(kind, spec, batch, args.max_configs, full)
-                except Exception:
-                    row = {"kind": kind, "layer": spec[0], "batch": batch, "cudnn_us": float("nan"),
-                           "error": traceback.format_exc()[-2000:]}
-                rows.append(row)
-                print(f"[{time.time() - start:6.1f}s] {kind} {spec[0]} b{batch}: "
-                      f"ours {row.get('best_us', float('nan')):.1f} us, cuDNN {row['cudnn_us']:.1f} us",
-                      flush=True)
-                with open(args.out, "w") as f:  # after every layer, so a cut-short run keeps its rows
-                    json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
+    todo = [(kind, batch, spec) for kind in args.kinds.split(",")
+            for batch in (int(b) for b in args.batches.split(",")) for spec in LAYERS[kind]]
+    for i, (kind, batch, spec) in enumerate(todo):
+        # This layer's share of the budget, and whatever earlier layers left unused.
+        deadline = start + args.budget_s * (i + 1) / len(todo)
+        try:
+            row = bench_layer(kind, spec, batch, args.max_configs, deadline)
+        except Exception:
+            row = {"kind": kind, "layer": spec[0], "batch": batch, "cudnn_us": float("nan"),
+                   "error": traceback.format_exc()[-2000:]}
+        rows.append(row)
+        print(f"[{time.time() - start:6.1f}s] {kind} {spec[0]} b{batch}: "
+              f"ours {row.get('best_us', float('nan')):.1f} us, cuDNN {row['cudnn_us']:.1f} us",
+              flush=True)
+        with open(args.out, "w") as f:  # after every layer, so a cut-short run keeps its rows
+            json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
     print(format_table(rows))
 
 
