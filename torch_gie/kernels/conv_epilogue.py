@@ -137,15 +137,16 @@ def store_segments(out_ptr, val, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, s
 def _split_k_reduce_kernel(
     # pointers: fp32 partial sums [SPLIT_K, M, C_out], fp32 bias, residual, outs[0], fp32 slope
     ws_ptr, bias_ptr, res_ptr, out_ptr, slope_ptr,
-    # sizes; C_out over all groups, in units of VEC
-    OH, OW, C_out, M,
+    # sizes; C_out over all groups, in units of VEC; s_ws = M·C_out elements from one split's
+    # partials to the next, in units of WS_VEC
+    OH, OW, C_out, M, s_ws,
     # residual, output segments: as in _conv2d_kernel (epilogue_args)
     r_lead, s_rn, s_rc, s_rh, s_rw, seg_c1, seg_c2, seg_c3, seg_o0, seg_o1, seg_o2, seg_o3,
     s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
     # epilogue
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr,
     HAS_RES: tl.constexpr, POST_ACT: tl.constexpr, POST_ACT_ALPHA: tl.constexpr,
-    POST_ACT_BETA: tl.constexpr, NUM_SEG: tl.constexpr, VEC: tl.constexpr,
+    POST_ACT_BETA: tl.constexpr, NUM_SEG: tl.constexpr, VEC: tl.constexpr, WS_VEC: tl.constexpr,
     # tiling
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -160,7 +161,7 @@ def _split_k_reduce_kernel(
     ptrs = ws_ptr + (m_ld.to(tl.int64) * C_out)[:, None] + co[None, :]
     acc = tl.load(ptrs)
     for _ in tl.static_range(1, SPLIT_K):
-        ptrs += M.to(tl.int64) * C_out  # the next split's partials
+        ptrs += s_ws * WS_VEC  # the next split's partials
         acc += tl.load(ptrs)
     acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, r_lead, s_rn, s_rc, s_rh,
                         s_rw, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES, POST_ACT, POST_ACT_ALPHA,
@@ -180,8 +181,9 @@ def reduce_split_k(ws, bias, out, residual, slope, oh, ow, c_out, m, scalars, ve
     # and a reduction of about a MB is quicker spread over many SMs (64 programs there).
     block_m, block_n = 16, min(32, max(16, triton.next_power_of_2(c_out)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
+    ws_vec = vector_width(ws.element_size(), [m * c_out])
     _split_k_reduce_kernel[grid](
-        ws, bias, residual, out, slope, oh, ow, c_out // vec, m, *scalars,
+        ws, bias, residual, out, slope, oh, ow, c_out // vec, m, m * c_out // ws_vec, *scalars,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, **activations, NUM_SEG=num_seg,
-        VEC=vec, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        VEC=vec, WS_VEC=ws_vec, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )
