@@ -1,5 +1,6 @@
 import torch
 import torchvision
+from torch import nn
 from helpers import ops, randomize_
 
 from torch_gie.capture import capture
@@ -57,3 +58,24 @@ def test_input_read_by_a_non_conv_is_not_padded():
     gm, plan = _plan(M(), torch.randn(1, 3, 8, 8))
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
     assert plan.placements[x].buffer.shape == (1, 3, 8, 8)
+
+
+def test_buffer_layouts_images_nhwc_feature_last_contiguous():
+    """Image values (conv outputs, merged-conv segments) are NHWC; a Linear's (N, H, W, C) result
+    and what is computed from it are contiguous rows."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1)  # siblings: merged into segments
+            self.fc = nn.Linear(5, 8)
+
+        def forward(self, x):
+            y = torch.cat([self.a(x), self.b(x)], 1)  # (N, 10, H, W)
+            t = torch.relu(self.fc(y))  # (N, 10, H, 8): a Linear over the last dim, feature-last
+            return y, t
+
+    gm, plan = _plan(M(), torch.randn(2, 3, 5, 5))
+    layouts = {n.name: p.buffer.channels_last for n, p in plan.placements.items()}
+    assert all(v for k, v in layouts.items() if k in ("a", "b", "cat", "x"))
+    linear = next(n for n in plan.placements if n.target is ops.linear)
+    assert not plan.placements[linear].buffer.channels_last

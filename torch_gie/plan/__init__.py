@@ -83,8 +83,8 @@ def channels_last_values(order: list[fx.Node]) -> dict[fx.Node, bool]:
     for node in order:
         first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         src = layout.get(first, True)
-        if node.op == "placeholder":
-            layout[node] = True
+        if node.op == "placeholder" or "segment_of" in node.meta:
+            layout[node] = True  # images; a merged conv's channel segments
         elif not is_canonical(node):
             layout[node] = False  # what PyTorch code returns is contiguous
         elif node.target is ops.permute:
