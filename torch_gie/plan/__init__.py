@@ -104,9 +104,8 @@ def _writer(node: fx.Node) -> fx.Node:
 
 
 def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) -> Plan:
-    """Place every value; with ``streams``, also spread independent branches over CUDA streams.
-    Fallback (PyTorch) nodes all go to the first stream, and the runtime joins every stream
-    before running one (it may read anything its inputs alias; what it allocates is its own)."""
+    """Place every value; with ``streams``, also spread independent branches over CUDA streams
+    (graphs without fallbacks only)."""
     order = [n for n in gm.graph.nodes if n.op != "output"]
     pos = {n: i for i, n in enumerate(order)}
     buffers: dict[fx.Node, Buffer] = {}
@@ -140,9 +139,11 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) 
     extend_lifetimes(buffers.values(), order + [gm.graph.output_node()],
                      _buffer_reads(gm, order, placements))
     stream_plan = StreamPlan()
-    if streams:
-        fallbacks = {n for n in order if is_fallback_compute(n)}
-        stream_plan = assign_streams(order, {n for n in order if launches_kernel(n)}, pinned=fallbacks)
+    # Graphs with fallbacks run on one stream: with fallbacks pinned to the first stream and every
+    # stream joined before them, swin_v2 still computed wrong results under CUDA-graph capture on
+    # the H200 (correct with streams=False); until that is understood, no concurrency there.
+    if streams and not any(is_fallback_compute(n) for n in order):
+        stream_plan = assign_streams(order, {n for n in order if launches_kernel(n)})
     if stream_plan.streams > 1:
         bounds = region_bounds(order)
         for buf in buffers.values():  # no reuse inside a region whose branches may overlap
