@@ -1,7 +1,7 @@
 import torch
 import torchvision
-from torch import nn
 from helpers import ops, randomize_
+from torch import nn
 
 from torch_gie.capture import capture
 from torch_gie.passes import run_passes

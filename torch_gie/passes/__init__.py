@@ -16,9 +16,9 @@ from .base import PassContext, PassResult
 from .eliminate_concat import eliminate_concat
 from .eliminate_dead_code import eliminate_dead_code
 from .fold_batchnorm import fold_batchnorm
-from .fuse_activation_patterns import fuse_activation_patterns
 from .fold_gate_into_conv import fold_gate_into_conv
 from .fold_padding import fold_padding
+from .fuse_activation_patterns import fuse_activation_patterns
 from .fuse_channel_shuffle import fuse_channel_shuffle
 from .fuse_conv_epilogue import fuse_conv_epilogue
 from .fuse_elementwise_activation import fuse_elementwise_activation
