@@ -1,0 +1,33 @@
+"""Triton helpers of the int8 dtype path, shared by every kernel family: codes to real values
+and back, with exactly the arithmetic of ``torch_gie.quantize.arith`` (see its docstring).
+
+Rounding is half to even, as ``torch.round``: after clamping to the code range, adding and
+subtracting 1.5 * 2**23 rounds an fp32 to the nearest integer, ties to even, under the default
+rounding mode; unlike libdevice's ``rint`` it also runs in Triton's CPU interpreter.
+"""
+import triton
+import triton.language as tl
+
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23
+
+
+@triton.jit
+def round_half_even(y):
+    """fp32 -> nearest integer (ties to even), as fp32; |y| must be < 2**22."""
+    return (y + _ROUND_MAGIC) - _ROUND_MAGIC
+
+
+@triton.jit
+def requantize(y, inv_scale, zero_point):
+    """fp32 values -> int8 codes: clamp(rint(y * inv_scale) + zero_point, -128, 127)."""
+    q = y.to(tl.float32) * inv_scale
+    q = tl.minimum(tl.maximum(q, -512.0), 512.0)  # keeps the rounding trick exact
+    q = round_half_even(q) + zero_point
+    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+    return q.to(tl.int8)
+
+
+@triton.jit
+def dequantize(codes, scale, zero_point):
+    """int8 codes -> fp32 real values: (code - zero_point) * scale."""
+    return (codes.to(tl.float32) - zero_point) * scale
