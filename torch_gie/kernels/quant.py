@@ -8,7 +8,7 @@ rounding mode; unlike libdevice's ``rint`` it also runs in Triton's CPU interpre
 import triton
 import triton.language as tl
 
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23; a constexpr: compiled kernels read no plain globals
 
 
 @triton.jit
