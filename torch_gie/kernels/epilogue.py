@@ -1,5 +1,5 @@
 """Triton helpers shared by every kernel's epilogue: the fused activations, and the Linear
-kernels' (GEMM and GEMV) bias/activation/residual epilogue with its store.
+kernels' (GEMM and GEMV) bias/activation/residual epilogue with its store, fp or int8.
 
 ``activate(x, ACT, ALPHA, BETA)`` is specialized at compile time on ``ACT``, the code from
 ``torch_gie.activations.activation_code``, and on the activation's parameters; it is applied to
@@ -7,6 +7,8 @@ the fp32 accumulator. ``activate_channels`` adds PReLU's per-channel slope.
 """
 import triton
 import triton.language as tl
+
+from torch_gie.kernels.quant import dequantize, requantize
 
 
 @triton.jit
@@ -74,18 +76,28 @@ def activate_channels(x, cols, slope_ptr, ACT: tl.constexpr, ALPHA: tl.constexpr
 
 
 @triton.jit
-def linear_epilogue(acc, rm, rn, M, N, ROWS_INNER, bias_ptr, res_ptr, out_ptr, slope_ptr,
+def linear_epilogue(acc, rm, rn, M, N, ROWS_INNER, bias_ptr, res_ptr, out_ptr, slope_ptr, scale_ptr,
                     stride_ro, stride_ri, stride_rn, stride_oo, stride_oi, stride_on,
+                    res_scale, out_inv_scale,
                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr,
                     ACT_BETA: tl.constexpr, HAS_RES: tl.constexpr, POST_ACT: tl.constexpr,
-                    POST_ACT_ALPHA: tl.constexpr, POST_ACT_BETA: tl.constexpr):
+                    POST_ACT_ALPHA: tl.constexpr, POST_ACT_BETA: tl.constexpr,
+                    QUANT: tl.constexpr, RES_QUANT: tl.constexpr, RES_ZP: tl.constexpr,
+                    OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr):
     """The Linear kernels' epilogue and store: acc [rows rm, columns rn] in fp32 ->
     post_act(act(acc + bias) + residual) -> out. Row m lives at (m // ROWS_INNER, m % ROWS_INNER)
-    of the 3D residual/output views; PReLU's slope (slope_ptr) is per output feature (column)."""
+    of the 3D residual/output views; PReLU's slope (slope_ptr) is per output feature (column).
+
+    int8 (``quant.arith``): with QUANT, acc is the int32 sum of codes and is first scaled by the
+    combined scale ``scale_ptr[n]`` (bias_ptr then holds the folded bias); with RES_QUANT the
+    residual holds codes (res_scale, RES_ZP); with OUT_QUANT the result is requantized
+    (out_inv_scale, OUT_ZP) instead of cast to out's dtype."""
     n_ok = rn < N
     mask = (rm < M)[:, None] & n_ok[None, :]
-    # Columns past N are clamped for the slope loads (the store drops them).
+    # Columns past N are clamped for the slope and scale loads (the store drops them).
     cols = tl.minimum(rn, N - 1)
+    if QUANT:
+        acc = acc.to(tl.float32) * tl.load(scale_ptr + cols)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
     acc = activate_channels(acc, cols, slope_ptr, ACT, ACT_ALPHA, ACT_BETA)
@@ -94,7 +106,14 @@ def linear_epilogue(acc, rm, rn, M, N, ROWS_INNER, bias_ptr, res_ptr, out_ptr, s
     row_i = rm64 % ROWS_INNER
     if HAS_RES:
         res_ptrs = res_ptr + (row_o * stride_ro + row_i * stride_ri)[:, None] + rn[None, :] * stride_rn
-        acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+        res = tl.load(res_ptrs, mask=mask, other=0)
+        if RES_QUANT:
+            acc += dequantize(res, res_scale, RES_ZP)
+        else:
+            acc += res.to(tl.float32)
         acc = activate_channels(acc, cols, slope_ptr, POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA)
     out_ptrs = out_ptr + (row_o * stride_oo + row_i * stride_oi)[:, None] + rn[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if OUT_QUANT:
+        tl.store(out_ptrs, requantize(acc, out_inv_scale, OUT_ZP), mask=mask)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
