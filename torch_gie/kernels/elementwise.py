@@ -6,6 +6,10 @@ layer scale); ``Add``: ``out = act(a + b)`` (a residual join); ``Mul``: ``out = 
 absorb it); ``Activation``: ``out = act(x)``. Add and Mul broadcast their operands (zero strides),
 so a per-channel constant or an (N, C, 1, 1) gate needs no copy.
 
+int8 (``quantize.arith``): ``Quantize`` (real -> codes) and ``Dequantize`` (codes -> real) mark
+the boundaries between int8 and fp16 parts of a graph; Add and Mul take ``quant=LayerQuant``
+(operands' and output's QParams). Codes are dequantized on load and requantized on store.
+
 All are one kernel over strided views of rank 2 (N, C), 3 (N, L, D): tokens, channel = last dim,
 as ``ops.channel_dim`` says) or 4 (N, C, H, W), seen as (N, C, H, W) with the channel the tiled,
 usually contiguous, dim. Tiles are (pixels x channels), computing in fp32.
@@ -18,6 +22,8 @@ import triton.language as tl
 
 from torch_gie.activations import ActLike, act_constexprs, as_act
 from torch_gie.kernels.epilogue import activate_channels
+from torch_gie.kernels.quant import dequantize, requantize
+from torch_gie.quantize.arith import LayerQuant, QParams
 
 _DTYPES = (torch.float16, torch.float32)
 _NO_B, _ADD_B, _MUL_B = 0, 1, 2  # what the kernel does with its second operand
@@ -40,9 +46,14 @@ def _channel_pointwise_kernel(
     san, sac, sah, saw,
     sbn, sbc, sbh, sbw,
     son, soc, soh, sow,
+    # int8: the scales of a and b codes, 1 / scale of out codes (quant.arith)
+    a_scale, b_scale, out_inv_scale,
     # meta-parameters: y = act(a * scale[c] + shift[c] (AFFINE) +/* b (B_OP))
     AFFINE: tl.constexpr, B_OP: tl.constexpr,
     ACT: tl.constexpr, ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr,
+    # int8: which of a, b, out hold codes, and their zero points
+    A_QUANT: tl.constexpr, A_ZP: tl.constexpr, B_QUANT: tl.constexpr, B_ZP: tl.constexpr,
+    OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -55,21 +66,31 @@ def _channel_pointwise_kernel(
     n = (p // (W * H)).to(tl.int64)  # int64: large batches of activations pass 2**31 elements
 
     a = tl.load(a_ptr + (n * san + h * sah + w * saw)[:, None] + c[None, :] * sac, mask=mask)
-    y = a.to(tl.float32)
+    if A_QUANT:
+        y = dequantize(a, a_scale, A_ZP)
+    else:
+        y = a.to(tl.float32)
     if AFFINE:
         scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
         shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
         y = y * scale[None, :] + shift[None, :]
     if B_OP != 0:
         b = tl.load(b_ptr + (n * sbn + h * sbh + w * sbw)[:, None] + c[None, :] * sbc, mask=mask)
-        if B_OP == 1:
-            y += b.to(tl.float32)
+        if B_QUANT:
+            b = dequantize(b, b_scale, B_ZP)
         else:
-            y *= b.to(tl.float32)
+            b = b.to(tl.float32)
+        if B_OP == 1:
+            y += b
+        else:
+            y *= b
     # Masked columns read channel 0's slope: activate_channels needs in-range channels.
     y = activate_channels(y, tl.where(c_ok, c, 0), slope_ptr, ACT, ACT_ALPHA, ACT_BETA)
     out_ptrs = out_ptr + (n * son + h * soh + w * sow)[:, None] + c[None, :] * soc
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if OUT_QUANT:
+        tl.store(out_ptrs, requantize(y, out_inv_scale, OUT_ZP), mask=mask)
+    else:
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _as_nchw(t: torch.Tensor) -> torch.Tensor:
@@ -124,10 +145,24 @@ def _check_slope_channels(slope: torch.Tensor | None, out: torch.Tensor) -> None
         raise ValueError(f"act_slope is on {slope.device}, the tensor on {out.device}")
 
 
+def quant_args(a: QParams | None = None, b: QParams | None = None,
+               out: QParams | None = None) -> dict:
+    """The kernel's int8 arguments: the QParams of a, b and out where they hold codes."""
+    return dict(a_scale=1.0 if a is None else a.scale, b_scale=1.0 if b is None else b.scale,
+                out_inv_scale=1.0 if out is None else out.inv_scale,
+                A_QUANT=a is not None, A_ZP=0 if a is None else a.zero_point,
+                B_QUANT=b is not None, B_ZP=0 if b is None else b.zero_point,
+                OUT_QUANT=out is not None, OUT_ZP=0 if out is None else out.zero_point)
+
+
+_NO_QUANT = quant_args()
+
+
 def _launch(a: torch.Tensor, b: torch.Tensor | None, b_op: int, out: torch.Tensor, act,
             slope: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-            shift: torch.Tensor | None = None) -> None:
-    """One kernel over out's elements; a and b are already expanded to out's shape."""
+            shift: torch.Tensor | None = None, quant: dict = _NO_QUANT) -> None:
+    """One kernel over out's elements; a and b are already expanded to out's shape; ``quant``
+    the int8 arguments (``quant_args``)."""
     a4, o4 = _as_nchw(a), _as_nchw(out)
     b4 = a4 if b is None else _as_nchw(b)
     n, c, h, w = o4.shape
@@ -139,7 +174,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor | None, b_op: int, out: torch.Tenso
     _channel_pointwise_kernel[grid](
         a4, b4, a4 if scale is None else scale, a4 if shift is None else shift,
         a4 if slope is None else slope, o4,
-        p, c, h, w, *a4.stride(), *b4.stride(), *o4.stride(),
+        p, c, h, w, *a4.stride(), *b4.stride(), *o4.stride(), **quant,
         AFFINE=scale is not None, B_OP=b_op, **act_constexprs(act),
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4,
     )
@@ -175,25 +210,47 @@ class ChannelAffine:
 
 class _Binary:
     """``out = act(a op b)``; a and b broadcast (PyTorch rules) to out's shape. Each operand has
-    out's dtype or is fp32 (a constant kept exact); the arithmetic is fp32."""
+    out's dtype or is fp32 (a constant kept exact); the arithmetic is fp32.
+
+    int8: ``dtype=torch.int8, quant=LayerQuant(...)``: a holds codes of ``quant.input``; b codes
+    of ``quant.residual``, or real fp16/fp32 values when that is None; out codes of
+    ``quant.output``, or real values in ``quant.out_dtype`` when that is None."""
 
     _OP = _NO_B
 
-    def __init__(self, activation: ActLike = None, act_slope: torch.Tensor | None = None) -> None:
+    def __init__(self, activation: ActLike = None, act_slope: torch.Tensor | None = None, *,
+                 dtype: torch.dtype | None = None, quant: LayerQuant | None = None) -> None:
+        if (dtype == torch.int8) != (quant is not None):
+            raise ValueError(f"an int8 {type(self).__name__} needs quant=LayerQuant(...) and only an "
+                             f"int8 one takes it, got dtype {dtype} and quant {quant}")
+        if quant is not None and quant.output is None and quant.out_dtype not in _DTYPES:
+            raise ValueError(f"quant.out_dtype must be one of {_DTYPES}, got {quant.out_dtype}")
         self.activation = as_act(activation)
         self.act_slope = _slope(activation, act_slope, None)
+        self.quant = quant
+        self._quant_args = _NO_QUANT if quant is None else quant_args(
+            quant.input, quant.residual, quant.output)
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         shape = broadcast_shape(a, b)
-        _check("out", out, shape, _DTYPES, a.device)
-        _check("a", a.expand(shape), shape, (out.dtype, torch.float32), out.device)
-        _check("b", b.expand(shape), shape, (out.dtype, torch.float32), out.device)
+        q = self.quant
+        if q is None:
+            out_dtypes = _DTYPES
+            a_dtypes = b_dtypes = (out.dtype, torch.float32)
+        else:
+            out_dtypes, a_dtypes = (q.store_dtype,), (torch.int8,)
+            b_dtypes = (torch.int8,) if q.residual is not None else _DTYPES
+        _check("out", out, shape, out_dtypes, a.device)
+        _check("a", a.expand(shape), shape, a_dtypes, out.device)
+        _check("b", b.expand(shape), shape, b_dtypes, out.device)
         _check_slope_channels(self.act_slope, out)
-        _launch(a.expand(shape), b.expand(shape), self._OP, out, self.activation, self.act_slope)
+        _launch(a.expand(shape), b.expand(shape), self._OP, out, self.activation, self.act_slope,
+                quant=self._quant_args)
 
 
 class Add(_Binary):
-    """``out = act(a + b)`` for strided, possibly broadcast views, e.g. a residual join."""
+    """``out = act(a + b)`` for strided, possibly broadcast views, e.g. a residual join (int8:
+    two tensors of codes with their own QParams, requantized to the output's or stored real)."""
 
     _OP = _ADD_B
 
@@ -239,6 +296,38 @@ class Activation:
         _check("out", out, x.shape, (x.dtype,), x.device)
         _check_slope_channels(self.act_slope, out)
         _launch(x, None, _NO_B, out, self.activation, self.act_slope)
+
+
+class Quantize:
+    """Real fp16/fp32 values -> int8 codes of ``qparams`` (``quant.arith.quantize``), the entry
+    into an int8 part of a graph. x and out: the same shape (rank 2/3/4, any strides, e.g. a
+    channel slice of a wider NHWC buffer); the layout is kept."""
+
+    def __init__(self, qparams: QParams) -> None:
+        self.qparams = qparams
+        self._quant_args = quant_args(out=qparams)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        _check("x", x, x.shape, _DTYPES, x.device)
+        _check("out", out, x.shape, (torch.int8,), x.device)
+        _launch(x, None, _NO_B, out, None, quant=self._quant_args)
+
+
+class Dequantize:
+    """int8 codes of ``qparams`` -> real values in out's dtype (``out_dtype``: fp16 or fp32), the
+    exit from an int8 part of a graph; strided views as ``Quantize``."""
+
+    def __init__(self, qparams: QParams, out_dtype: torch.dtype = torch.float16) -> None:
+        if out_dtype not in _DTYPES:
+            raise ValueError(f"out_dtype must be one of {_DTYPES}, got {out_dtype}")
+        self.qparams = qparams
+        self.out_dtype = out_dtype
+        self._quant_args = quant_args(a=qparams)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        _check("x", x, x.shape, (torch.int8,), x.device)
+        _check("out", out, x.shape, (self.out_dtype,), x.device)
+        _launch(x, None, _NO_B, out, None, quant=self._quant_args)
 
 
 def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
