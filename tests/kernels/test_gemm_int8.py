@@ -217,10 +217,10 @@ _INT8_PTRS = dict(x_ptr="*i8", w_ptr="*i8", bias_ptr="*fp32", res_ptr="*i8", out
 
 
 def test_int8_kernels_compile_for_sm90():
-    """The int8 GEMM (a narrow mma tile and a wgmma one) and GEMV compile for Hopper with int8
-    residual and output; the tensor cores are used."""
+    """The int8 GEMM (a wgmma tile) and GEMV compile for Hopper with int8 residual and output;
+    the tensor cores are used."""
     specs = []
-    for cfg in (linear_configs(torch.int8)[1], default_config(128, 1000, torch.int8)):
+    for cfg in (default_config(128, 1000, torch.int8),):
         meta = dict(_INT8_ARGS, PRECISION="tf32",
                     **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")})
         specs.append(["torch_gie.kernels.gemm", "_linear_kernel", _INT8_PTRS,
@@ -229,4 +229,4 @@ def test_int8_kernels_compile_for_sm90():
     specs.append(["torch_gie.kernels.gemv", "_gemv_kernel", _INT8_PTRS,
                   ["res_scale", "out_inv_scale"], meta, 4, 3])
     rows = compile_sm90(specs)
-    assert rows[0]["mma"] and rows[1]["mma"]
+    assert rows[0]["mma"]

@@ -9,6 +9,11 @@ channels contiguous.
 
 A 1x1 adaptive output (classifier heads, squeeze-and-excitation) is a global pool: see
 ``global_pool``.
+
+int8 (``dtype=torch.int8, quant=LayerQuant``): a max of codes is exact (padding reads -128, which
+never wins; folded zero padding reads the zero point) and keeps the input's QParams, or is
+dequantized; an average sums codes less the zero point (padding: real 0), scales by s_x / count
+and requantizes to the output's QParams or stores fp16/fp32.
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from torch_gie.kernels.global_pool import GlobalPool2d, check_pool_io
+from torch_gie.kernels.global_pool import GlobalPool2d, check_pool_io, check_quant
+from torch_gie.kernels.quant import dequantize, requantize
+from torch_gie.quantize.arith import LayerQuant
 
 IntPair = int | tuple[int, int]
 Padding = int | Sequence[int]  # int, (h, w), or (top, bottom, left, right)
@@ -42,6 +49,8 @@ def _pool2d_kernel(
     # strides of the logical NCHW views
     sxn, sxc, sxh, sxw,
     son, soc, soh, sow,
+    # int8: x's scale, the output's 1 / scale
+    x_scale, out_inv_scale,
     # meta-parameters: window extent (adaptive: the largest window), stride, padding (top,
     # bottom, left, right), dilation
     MODE: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -50,6 +59,8 @@ def _pool2d_kernel(
     COUNT_INCLUDE_PAD: tl.constexpr, DIVISOR: tl.constexpr,  # DIVISOR 0: no divisor_override
     PAD_IS_ZEROS: tl.constexpr,  # the padding holds real zeros (max reads 0 there)
     IS_MAX: tl.constexpr,  # MODE is 0 or 3
+    # int8: x holds codes (zero point X_ZP); out codes (OUT_ZP; a max: x's own QParams)
+    X_QUANT: tl.constexpr, X_ZP: tl.constexpr, OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -85,14 +96,21 @@ def _pool2d_kernel(
             ptrs = x_pix[:, None] + (ih * sxh + iw * sxw)[:, None] + x_chan
             mask = ok[:, None] & c_ok[None, :]
             if IS_MAX:
-                v = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+                if X_QUANT:  # codes: -128 is the least code, so padding never wins
+                    v = tl.load(ptrs, mask=mask, other=-128).to(tl.float32)
+                else:
+                    v = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
                 if PAD_IS_ZEROS:  # taps in the zero padding read 0; past it (ceil_mode) nothing
                     in_pad = (ih < H + PB) & (iw < W + PR) & ~ok
-                    v = tl.where(in_pad[:, None], 0.0, v)
+                    v = tl.where(in_pad[:, None], X_ZP * 1.0, v)  # real 0 (int8: the zero point)
                 acc = tl.maximum(acc, v)
+            elif X_QUANT:  # codes less the zero point: exact integers; padding reads real 0
+                acc += tl.load(ptrs, mask=mask, other=X_ZP).to(tl.float32) - X_ZP
             else:
                 acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
+    if X_QUANT and not IS_MAX:
+        acc = acc * x_scale
     if MODE == 1:
         if DIVISOR != 0:
             acc = acc / DIVISOR
@@ -102,7 +120,17 @@ def _pool2d_kernel(
         acc = acc / ((h_hi - h0) * (w_hi - w0)).to(tl.float32)[:, None]
     out_ptrs = (out_ptr + n.to(tl.int64)[:, None] * son + (oh * soh + ow * sow)[:, None]
                 + c[None, :] * soc)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+    out_mask = p_ok[:, None] & c_ok[None, :]
+    if X_QUANT and IS_MAX:  # acc holds codes
+        if OUT_QUANT:
+            tl.store(out_ptrs, acc.to(tl.int8), mask=out_mask)
+        else:
+            tl.store(out_ptrs, dequantize(acc, x_scale, X_ZP).to(out_ptr.dtype.element_ty),
+                     mask=out_mask)
+    elif OUT_QUANT:
+        tl.store(out_ptrs, requantize(acc, out_inv_scale, OUT_ZP), mask=out_mask)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -138,7 +166,17 @@ def _pair(v: IntPair, name: str, minimum: int) -> tuple[int, int]:
     return pair
 
 
-def _launch_windowed(x: torch.Tensor, out: torch.Tensor, **meta) -> None:
+def _quant_meta(quant: LayerQuant | None) -> dict:
+    if quant is None:
+        return dict(x_scale=1.0, out_inv_scale=1.0, X_QUANT=False, X_ZP=0, OUT_QUANT=False,
+                    OUT_ZP=0)
+    out = quant.output
+    return dict(x_scale=quant.input.scale, out_inv_scale=1.0 if out is None else out.inv_scale,
+                X_QUANT=True, X_ZP=quant.input.zero_point, OUT_QUANT=out is not None,
+                OUT_ZP=0 if out is None else out.zero_point)
+
+
+def _launch_windowed(x: torch.Tensor, out: torch.Tensor, quant: LayerQuant | None, **meta) -> None:
     n, c, h, w = x.shape
     oh, ow = out.shape[2:]
     p = n * oh * ow
@@ -147,7 +185,8 @@ def _launch_windowed(x: torch.Tensor, out: torch.Tensor, **meta) -> None:
     block_p, block_c = _tile(c)
     grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
     _pool2d_kernel[grid](x, out, p, c, h, w, oh, ow, *x.stride(), *out.stride(),
-                         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4, **meta)
+                         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4, **_quant_meta(quant),
+                         **meta)
 
 
 def pooled_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int,
@@ -170,7 +209,11 @@ class Pool2d:
     ``padding``: int, (h, w) or (top, bottom, left, right). ``pad_is_zeros``: the padding was
     folded from an explicit zero pad, so it holds real zeros: the layer computes
     ``pool(F.pad(x, pads), padding=0)`` (max sees the zeros; average counts them, so
-    ``count_include_pad`` does not matter) and the padding may exceed half the window."""
+    ``count_include_pad`` does not matter) and the padding may exceed half the window.
+
+    int8: ``dtype=torch.int8, quant=LayerQuant(...)``: x holds codes of ``quant.input``; out codes
+    of ``quant.output`` (a max: must equal ``quant.input``), or real values in
+    ``quant.out_dtype`` when that is None."""
 
     def __init__(
         self,
@@ -183,9 +226,14 @@ class Pool2d:
         count_include_pad: bool = True,
         divisor_override: int | None = None,
         pad_is_zeros: bool = False,
+        *,
+        dtype: torch.dtype | None = None,
+        quant: LayerQuant | None = None,
     ) -> None:
         if kind not in ("max", "avg"):
             raise ValueError(f"kind must be 'max' or 'avg', got {kind!r}")
+        check_quant(kind, dtype, quant)
+        self.quant = quant
         self.kind = kind
         self.kernel_size = _pair(kernel_size, "kernel_size", 1)
         self.stride = self.kernel_size if stride is None else _pair(stride, "stride", 1)
@@ -213,7 +261,7 @@ class Pool2d:
         return tuple(pooled_size(*dim, self.ceil_mode, self.pad_is_zeros) for dim in dims)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        check_pool_io(x, out)
+        check_pool_io(x, out, quant=self.quant)
         expected = self.output_size(*x.shape[2:])
         if tuple(out.shape[2:]) != expected or min(expected) < 1:
             raise ValueError(f"{self.kind} pool {self.kernel_size}, stride {self.stride}, padding "
@@ -221,7 +269,8 @@ class Pool2d:
                              f"out has {tuple(out.shape[2:])}")
         (kh, kw), (sh, sw), (pt, pb, pl, pr), (dh, dw) = (self.kernel_size, self.stride,
                                                           self.padding, self.dilation)
-        _launch_windowed(x, out, MODE=_MAX if self.kind == "max" else _AVG, IS_MAX=self.kind == "max",
+        _launch_windowed(x, out, self.quant, MODE=_MAX if self.kind == "max" else _AVG,
+                         IS_MAX=self.kind == "max",
                          KH=kh, KW=kw, SH=sh, SW=sw, PT=pt, PB=pb, PL=pl, PR=pr, DH=dh, DW=dw,
                          COUNT_INCLUDE_PAD=self.count_include_pad or self.pad_is_zeros,
                          DIVISOR=self.divisor_override or 0, PAD_IS_ZEROS=self.pad_is_zeros)
@@ -234,14 +283,17 @@ def _largest_window(size: int, out_size: int) -> int:
 
 class AdaptivePool2d:
     """Adaptive max or average pooling to out's spatial size; ``output_size``, if given, is
-    checked too. A 1x1 output (out may then also be (N, C)) is a ``GlobalPool2d``."""
+    checked too. A 1x1 output (out may then also be (N, C)) is a ``GlobalPool2d``. int8:
+    ``dtype=torch.int8, quant=LayerQuant(...)`` as ``Pool2d``."""
 
-    def __init__(self, kind: str, output_size: int | tuple[int | None, int | None] | None = None) -> None:
+    def __init__(self, kind: str, output_size: int | tuple[int | None, int | None] | None = None,
+                 *, dtype: torch.dtype | None = None, quant: LayerQuant | None = None) -> None:
         if isinstance(output_size, int):
             output_size = (output_size, output_size)
         self.kind = kind
         self.output_size = output_size
-        self._global = GlobalPool2d(kind)  # checks kind
+        self.quant = quant
+        self._global = GlobalPool2d(kind, dtype=dtype, quant=quant)  # checks kind and quant
         self._is_global = False
 
     @property
@@ -250,7 +302,7 @@ class AdaptivePool2d:
         return self._global.launches if self._is_global else 1
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        check_pool_io(x, out, (2, 4))
+        check_pool_io(x, out, (2, 4), self.quant)
         n, c, h, w = x.shape
         oh, ow = out.shape[2:] if out.dim() == 4 else (1, 1)
         if self.output_size is not None:
@@ -267,7 +319,8 @@ class AdaptivePool2d:
             self._global(x, out)
             return
         # KH, KW bound the largest window; shorter windows mask their extra taps.
-        _launch_windowed(x, out, MODE=_ADAPTIVE_MAX if self.kind == "max" else _ADAPTIVE_AVG,
+        _launch_windowed(x, out, self.quant,
+                         MODE=_ADAPTIVE_MAX if self.kind == "max" else _ADAPTIVE_AVG,
                          IS_MAX=self.kind == "max",
                          KH=_largest_window(h, oh), KW=_largest_window(w, ow),
                          SH=1, SW=1, PT=0, PB=0, PL=0, PR=0, DH=1, DW=1,
@@ -277,15 +330,17 @@ class AdaptivePool2d:
 class AdaptiveAvgPool2d(AdaptivePool2d):
     """``AdaptivePool2d("avg", output_size)``."""
 
-    def __init__(self, output_size: int | tuple[int | None, int | None] | None = None) -> None:
-        super().__init__("avg", output_size)
+    def __init__(self, output_size: int | tuple[int | None, int | None] | None = None, *,
+                 dtype: torch.dtype | None = None, quant: LayerQuant | None = None) -> None:
+        super().__init__("avg", output_size, dtype=dtype, quant=quant)
 
 
 class AdaptiveMaxPool2d(AdaptivePool2d):
     """``AdaptivePool2d("max", output_size)``."""
 
-    def __init__(self, output_size: int | tuple[int | None, int | None] | None = None) -> None:
-        super().__init__("max", output_size)
+    def __init__(self, output_size: int | tuple[int | None, int | None] | None = None, *,
+                 dtype: torch.dtype | None = None, quant: LayerQuant | None = None) -> None:
+        super().__init__("max", output_size, dtype=dtype, quant=quant)
 
 
 def pool2d(
