@@ -36,6 +36,7 @@ import triton.language as tl
 from torch_gie.activations import ActLike, act_constexprs
 from torch_gie.kernels.conv2d_configs import (
     CONFIG_KEYS,
+    INT8_MIN_BLOCK_K,
     check_config,
     conv2d_configs,
 )
@@ -44,6 +45,7 @@ from torch_gie.kernels.conv_epilogue import (
     conv_epilogue,
     epilogue_args,
     output_pixels,
+    quant_args,
     reduce_split_k,
     segment_args,
     store_segments,
@@ -63,6 +65,8 @@ from torch_gie.kernels.layer_args import (
     problem_pixels,
     vector_width,
 )
+from torch_gie.kernels.quant import round_half_even
+from torch_gie.quantize.arith import LayerQuant, fold_zero_point, quantize_weight
 
 # Names tl.dot accepts for fp32 operands on NVIDIA in Triton 3.x (keyword ``input_precision``).
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -97,46 +101,57 @@ def _split_range(total, STEP: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def _gated(a, gate_rows, c, s_gc, mask, HAS_GATE: tl.constexpr, MASKED: tl.constexpr):
+def _gated(a, gate_rows, c, s_gc, mask, HAS_GATE: tl.constexpr, MASKED: tl.constexpr,
+           QUANT: tl.constexpr, X_ZP: tl.constexpr):
     """a [rows, k] * gate[row's image, channel c] (gate_rows: each row's gate at channel 0; the
     mask only if MASKED) in fp32, back in a's dtype for the dot: the same rounding as an eager
-    fp16 ``x * gate`` before the conv. Without a gate, a passes through untouched."""
+    fp16 ``x * gate`` before the conv. int8 codes (QUANT) are gated at x's own scale:
+    clamp(rint((code - X_ZP) * gate) + X_ZP), so padding (code X_ZP) stays padding. Without a
+    gate, a passes through untouched."""
     if HAS_GATE:
         gate_ptrs = gate_rows[:, None] + (c * s_gc)[None, :]
         if MASKED:
             gv = tl.load(gate_ptrs, mask=mask, other=0.0)
         else:
             gv = tl.load(gate_ptrs)
-        a = (a.to(tl.float32) * gv.to(tl.float32)).to(a.dtype)
+        if QUANT:
+            q = (a.to(tl.float32) - X_ZP) * gv.to(tl.float32)
+            q = round_half_even(tl.minimum(tl.maximum(q, -512.0), 512.0)) + X_ZP
+            a = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int8)
+        else:
+            a = (a.to(tl.float32) * gv.to(tl.float32)).to(a.dtype)
     return a
 
 
 @triton.jit
 def _accumulate(acc, a_rows, inside, b_cols, c, c_end, s_xc, gate_rows, s_gc,
-                HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                QUANT: tl.constexpr, X_ZP: tl.constexpr):
     """acc += A[rows, channels c] @ B[channels c, cols] for one tap; a_rows/b_cols point at the
     tap's channel 0 for each output pixel / output channel, gate_rows at each pixel's image's
-    gate for channel 0 (HAS_GATE). Unless EVEN_K, channels from c_end on count as zeros."""
+    gate for channel 0 (HAS_GATE). Unless EVEN_K, channels from c_end on count as zeros (their
+    weights do). Padding reads X_ZP: real zero (0 but for unsigned int8 codes)."""
     a_ptrs = a_rows[:, None] + (c * s_xc)[None, :]
     b_ptrs = b_cols[None, :] + c[:, None]
     if EVEN_K:
-        a = tl.load(a_ptrs, mask=inside[:, None], other=0.0)
-        a = _gated(a, gate_rows, c, s_gc, inside[:, None], HAS_GATE, False)
+        a = tl.load(a_ptrs, mask=inside[:, None], other=X_ZP)
+        a = _gated(a, gate_rows, c, s_gc, inside[:, None], HAS_GATE, False, QUANT, X_ZP)
         b = tl.load(b_ptrs)
     else:
-        a = tl.load(a_ptrs, mask=inside[:, None] & (c < c_end)[None, :], other=0.0)
-        a = _gated(a, gate_rows, c, s_gc, (c < c_end)[None, :], HAS_GATE, True)
-        b = tl.load(b_ptrs, mask=(c < c_end)[:, None], other=0.0)
+        a = tl.load(a_ptrs, mask=inside[:, None] & (c < c_end)[None, :], other=X_ZP)
+        a = _gated(a, gate_rows, c, s_gc, (c < c_end)[None, :], HAS_GATE, True, QUANT, X_ZP)
+        b = tl.load(b_ptrs, mask=(c < c_end)[:, None], other=0)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def _conv2d_kernel(
-    # pointers: input, packed weight [C_out, KH, KW, C_in_g], fp32 bias, residual, outs[0],
-    # fp32 split-K workspace [SPLIT_K, M, C_out] (SPLIT_K > 1 only), fp32 PReLU slope [C_out],
-    # input gate [N, C_in] (HAS_GATE only); x, gate, residual and outs[0] start at an aligned
-    # address a lead of a few elements before the view (aligned_base)
-    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, ws_ptr, slope_ptr, gate_ptr,
+    # pointers: input, packed weight [C_out, KH, KW, C_in_g], fp32 bias, fp32 combined scale
+    # [C_out] (QUANT only), residual, outs[0], split-K workspace [SPLIT_K, M, C_out] (SPLIT_K > 1
+    # only; fp32, int32 with QUANT), fp32 PReLU slope [C_out], input gate [N, C_in] (HAS_GATE
+    # only); x, gate, residual and outs[0] start at an aligned address a lead of a few elements
+    # before the view (aligned_base)
+    x_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, ws_ptr, slope_ptr, gate_ptr,
     # sizes; channel counts per (super-)group and in all, in units of X_VEC (input channels) and
     # OUT_VEC (output channels)
     H, W, C_in_g, C_in, OH, OW, C_out_g, C_out, M,
@@ -147,6 +162,8 @@ def _conv2d_kernel(
     # out_ptr, then strides. All but the channel strides in units of OUT_VEC (epilogue_args).
     r_lead, s_rn, s_rc, s_rh, s_rw, seg_c1, seg_c2, seg_c3, seg_o0, seg_o1, seg_o2, seg_o3,
     s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
+    # int8: the residual codes' scale, 1 / the output's scale (quant_args)
+    res_scale, out_inv_scale,
     # geometry: specializing on it fixes the tap loop bounds and drops needless border checks;
     # PAD_H/PAD_W are the top/left padding, BORDER_H/W whether that axis pads at all
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
@@ -164,6 +181,10 @@ def _conv2d_kernel(
     # alignment (elements per vector access) of the input and output operands; whether the
     # last super-group is partial (GROUPS_PER_TILE does not divide the groups)
     X_VEC: tl.constexpr, OUT_VEC: tl.constexpr, PAD_GROUPS: tl.constexpr,
+    # int8 (quant_args): x holds codes (int8 dot, int32 accumulator) whose padding reads X_ZP;
+    # the residual holds codes (RES_QUANT); the output is requantized (OUT_QUANT)
+    QUANT: tl.constexpr, X_ZP: tl.constexpr, RES_QUANT: tl.constexpr, RES_ZP: tl.constexpr,
+    OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr,
 ):
     C_in_g, C_in = C_in_g * X_VEC, C_in * X_VEC
     C_out_g, C_out = C_out_g * OUT_VEC, C_out * OUT_VEC
@@ -201,7 +222,10 @@ def _conv2d_kernel(
     w_cols = w_ptr + co.to(tl.int64) * (KH * KW * C_in_g)
     offs_k = tl.arange(0, BLOCK_K)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if QUANT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # exact: no rounding before the scale
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FOLD_KW:
         # NHWC with pixel stride PIX >= C_in_g (PIX > C_in_g: channels padded, e.g. RGB stored as
         # 4), dilation_w 1: for one kh the (kw, c) values sit in one contiguous run of KW*PIX at
@@ -219,10 +243,10 @@ def _conv2d_kernel(
             ih = oh * STRIDE_H - PAD_H + kh * DIL_H
             iw = iw0[:, None] + (j // PIX)[None, :]
             a_mask = ((ih >= 0) & (ih < H))[:, None] & (j < KWC)[None, :] & (iw >= 0) & (iw < W)
-            a = tl.load((x_rows + ih * s_xh + iw0 * PIX)[:, None] + j[None, :], mask=a_mask, other=0.0)
+            a = tl.load((x_rows + ih * s_xh + iw0 * PIX)[:, None] + j[None, :], mask=a_mask, other=X_ZP)
             if PIX != C_IN_G:  # padding lanes: whatever they hold must not reach the sum
-                a = tl.where(((j % PIX) < C_IN_G)[None, :], a, 0.0)
-            b = tl.load(w_fold[None, :] + (kh * KWC + j)[:, None], mask=(j < KWC)[:, None], other=0.0)
+                a = tl.where(((j % PIX) < C_IN_G)[None, :], a, X_ZP)
+            b = tl.load(w_fold[None, :] + (kh * KWC + j)[:, None], mask=(j < KWC)[:, None], other=0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     elif GATHER_K:
         # K flattened across taps: each element of a K chunk decodes its own (kh, kw, c), so a
@@ -239,9 +263,10 @@ def _conv2d_kernel(
             iw = (ow * STRIDE_W - PAD_W)[:, None] + (kw * DIL_W)[None, :]
             k_ok = (k < K_total) & (c < c_end)
             a_mask = k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_rows[:, None] + ih * s_xh + iw * s_xw + (c * s_xc)[None, :], mask=a_mask, other=0.0)
-            a = _gated(a, gate_rows, c, s_gc, k_ok[None, :], HAS_GATE, True)
-            b = tl.load(w_cols[None, :] + k[:, None], mask=k_ok[:, None], other=0.0)
+            a = tl.load(x_rows[:, None] + ih * s_xh + iw * s_xw + (c * s_xc)[None, :], mask=a_mask,
+                        other=X_ZP)
+            a = _gated(a, gate_rows, c, s_gc, k_ok[None, :], HAS_GATE, True, QUANT, X_ZP)
+            b = tl.load(w_cols[None, :] + k[:, None], mask=k_ok[:, None], other=0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     elif FLAT_K:
         # One runtime loop over (tap, channel block): when C_in_g spans few BLOCK_Ks, this is
@@ -257,7 +282,7 @@ def _conv2d_kernel(
             inside = _inside(ih, iw, H, W, BORDER_H, BORDER_W, BLOCK_M)
             acc = _accumulate(acc, x_rows + ih * s_xh + iw * s_xw, inside, w_cols + tap * C_in_g,
                               (t - tap * num_kc) * BLOCK_K + offs_k, c_end, s_xc, gate_rows,
-                              s_gc, HAS_GATE, EVEN_K, DOT_PRECISION)
+                              s_gc, HAS_GATE, EVEN_K, DOT_PRECISION, QUANT, X_ZP)
     else:
         # Taps unrolled, channel blocks in a runtime loop: rows, border mask and tap offsets
         # are computed once per tap; best when C_in_g spans several BLOCK_Ks. A split takes
@@ -272,7 +297,8 @@ def _conv2d_kernel(
                 b_cols = w_cols + (kh * KW + kw) * C_in_g
                 for c0 in range(c_lo, c_hi, BLOCK_K):
                     acc = _accumulate(acc, a_rows, inside, b_cols, c0 + offs_k, c_end, s_xc,
-                                      gate_rows, s_gc, HAS_GATE, EVEN_K, DOT_PRECISION)
+                                      gate_rows, s_gc, HAS_GATE, EVEN_K, DOT_PRECISION, QUANT,
+                                      X_ZP)
 
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K > 1:
@@ -280,12 +306,14 @@ def _conv2d_kernel(
         rows = (tl.program_id(2) * M + offs_m).to(tl.int64) * C_out
         tl.store(ws_ptr + rows[:, None] + co[None, :], acc, mask=mask)
     else:
-        acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, r_lead, s_rn, s_rc,
-                            s_rh, s_rw, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES, POST_ACT,
-                            POST_ACT_ALPHA, POST_ACT_BETA, OUT_VEC)
+        acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, scale_ptr, res_ptr, slope_ptr, r_lead,
+                            s_rn, s_rc, s_rh, s_rw, res_scale, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA,
+                            HAS_RES, POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA, OUT_VEC, QUANT,
+                            RES_QUANT, RES_ZP)
         store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o0,
                        seg_o1, seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c,
-                       s2h, s2w, s3n, s3c, s3h, s3w, NUM_SEG, OUT_VEC)
+                       s2h, s2w, s3n, s3c, s3h, s3w, out_inv_scale, NUM_SEG, OUT_VEC, OUT_QUANT,
+                       OUT_ZP)
 
 
 class Conv2d:
@@ -318,12 +346,18 @@ class Conv2d:
                  groups: int = 1, activation: ActLike = None, post_activation: ActLike = None,
                  act_slope: torch.Tensor | None = None, dtype: torch.dtype = torch.float16,
                  config: dict | None = None, fp32_precision: str = "ieee",
-                 input_hw: tuple[int, int] | None = None, batch: int | None = None) -> None:
+                 input_hw: tuple[int, int] | None = None, batch: int | None = None,
+                 quant: LayerQuant | None = None) -> None:
         if weight.dim() != 4:
             raise ValueError(f"weight must be 4D [C_out, C_in/groups, KH, KW], "
                              f"got shape {tuple(weight.shape)}")
-        if dtype not in (torch.float16, torch.float32):
-            raise ValueError(f"dtype must be torch.float16 or torch.float32, got {dtype}")
+        if dtype not in (torch.float16, torch.float32, torch.int8):
+            raise ValueError(f"dtype must be torch.float16, torch.float32 or torch.int8, got {dtype}")
+        if (dtype == torch.int8) != (quant is not None):
+            raise ValueError("dtype=torch.int8 needs quant=LayerQuant(...), and quant needs dtype=torch.int8")
+        if quant is not None and quant.output is None and quant.out_dtype not in (torch.float16,
+                                                                                  torch.float32):
+            raise ValueError(f"quant.out_dtype must be torch.float16 or torch.float32, got {quant.out_dtype}")
         if fp32_precision not in FP32_PRECISIONS:
             raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, "
                              f"got {fp32_precision!r}")
@@ -353,6 +387,13 @@ class Conv2d:
             raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
         # Bias stays fp32: it is added to the fp32 accumulator.
         self.bias = None if bias is None else bias.detach().to(weight.device, torch.float32).contiguous()
+        # int8: the weight as codes, and the fp32 per-channel scale s_x * s_w[n] and bias with
+        # the input zero point folded in (quantize.arith), both applied to the int32 sum.
+        self.quant, self.scale = quant, None
+        if quant is not None:
+            weight, w_scale = quantize_weight(weight)
+            scale, folded = fold_zero_point(self.bias, weight, w_scale, quant.input)
+            self.scale, self.bias = scale.to(weight.device), folded.to(weight.device)
         self.weight = self._pack(weight)
         self._super_group_weights: dict[int, torch.Tensor] = {}  # GROUPS_PER_TILE -> weight
         self.configs = self._candidate_configs()
@@ -364,7 +405,8 @@ class Conv2d:
 
     @config.setter
     def config(self, config: dict) -> None:
-        config = check_config(config, self._config_keys, self._min_block)
+        config = check_config(config, self._config_keys, self._min_block,
+                              INT8_MIN_BLOCK_K if self.dtype == torch.int8 else None)
         gpt = config.get("GROUPS_PER_TILE", 1)
         if gpt > 1 and (not self._group_tiles or gpt > self.groups):
             raise ValueError(f"config GROUPS_PER_TILE={gpt} must be at most groups={self.groups}"
@@ -420,7 +462,11 @@ class Conv2d:
         n, _, h, w = check_conv_input(x, self.in_channels, self.dtype, self.weight.device)
         oh, ow = self.output_hw(h, w)
         num_seg, seg = segment_args(outs, self.out_channels)
-        res_strides = check_conv_outputs(outs, residual, num_seg, (n, self.out_channels, oh, ow), x)
+        shape = (n, self.out_channels, oh, ow)
+        if self.quant is None:
+            res_strides = check_conv_outputs(outs, residual, num_seg, shape, x)
+        else:
+            res_strides = check_quant_outputs(outs, residual, num_seg, shape, x, self.quant)
         if gate is not None:
             self._check_gate(gate, x)
         if n * oh * ow == 0:
@@ -428,7 +474,8 @@ class Conv2d:
         self._launch(x, outs[0], residual, res_strides, num_seg, seg, oh, ow, gate)
 
     def _check_gate(self, gate: torch.Tensor, x: torch.Tensor) -> None:
-        check_gate(gate, x, self.in_channels, self.dtype)
+        # An int8 layer's gate is real: fp16 or fp32.
+        check_gate(gate, x, self.in_channels, torch.float16 if self.quant else self.dtype)
 
     def _launch(self, x, out, residual, res_strides, num_seg, seg, oh, ow, gate=None) -> None:
         n, _, h, w = x.shape
@@ -457,6 +504,7 @@ class Conv2d:
             out, residual, res_strides, num_seg, seg, (c_out_g, self.out_channels))
         x, gate, in_scalars, x_vec = input_args(x, gate, (c_in_g, self.in_channels))
         bias, res, ws = self.bias, residual, None
+        q_scalars, q_constexprs = quant_args(self.quant)
         if split > 1:
             # The epilogue moves to the reduction: one partial kernel serves every epilogue.
             ws = self._split_k_workspace(split * m * self.out_channels, x.device)
@@ -465,20 +513,21 @@ class Conv2d:
                         **act_constexprs(None, "POST_ACT"), "NUM_SEG": 1}
         weight = self._fold_weight(pix) if fold else self._super_group_weights.get(gpt, self.weight)
         _conv2d_kernel[grid](
-            x, weight, bias, res, out, ws, self.act_slope, gate,
+            x, weight, bias, self.scale, res, out, ws, self.act_slope, gate,
             h, w, c_in_g // x_vec, self.in_channels // x_vec, oh, ow, c_out_g // out_vec,
-            self.out_channels // out_vec, m, *in_scalars, *out_scalars,
+            self.out_channels // out_vec, m, *in_scalars, *out_scalars, *q_scalars,
             **self._geometry(), **epilogue,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8,
             EVEN_K=c_in_g % cfg["BLOCK_K"] == 0 and not pad_groups, FLAT_K=cfg.get("FLAT_K", False),
             GATHER_K=gather and not fold, FOLD_KW=fold, PIX=pix if fold else 1,
             C_IN_G=c_in_g if fold else 1, SPLIT_K=split, DOT_PRECISION=precision,
             HAS_GATE=gate is not None, X_VEC=x_vec, OUT_VEC=out_vec, PAD_GROUPS=pad_groups,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **q_constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if split > 1:
             reduce_split_k(ws, self.bias, out, residual, self.act_slope, oh, ow, self.out_channels,
-                           m, out_scalars, out_vec, split, num_seg, self._act_constexprs)
+                           m, out_scalars, out_vec, split, num_seg, self._act_constexprs,
+                           self.scale, self.quant)
 
     def _fold_weight(self, pix: int) -> torch.Tensor:
         """The packed weight with its channels padded to the input's pixel stride (zeros), made
@@ -491,11 +540,13 @@ class Conv2d:
         return cache[pix]
 
     def _split_k_workspace(self, numel: int, device: torch.device) -> torch.Tensor:
-        """The layer's fp32 split-K workspace, replaced only when too small (see the class
-        docstring: never during CUDA graph capture once a warm-up call has sized it)."""
+        """The layer's split-K workspace, replaced only when too small (see the class
+        docstring: never during CUDA graph capture once a warm-up call has sized it). int32 for
+        int8 layers: fp32 partial sums would round above 2**24."""
         ws = self._workspace
         if ws is None or ws.numel() < numel or ws.device != device:
-            ws = self._workspace = torch.empty(numel, dtype=torch.float32, device=device)
+            dtype = torch.int32 if self.quant is not None else torch.float32
+            ws = self._workspace = torch.empty(numel, dtype=dtype, device=device)
         return ws
 
 
@@ -516,10 +567,37 @@ def input_args(x: torch.Tensor, gate: torch.Tensor | None, channels: Sequence[in
                      s_gn // vec, s_gc], vec
 
 
+def check_quant_outputs(outs: Sequence[torch.Tensor], residual: torch.Tensor | None, num_seg: int,
+                        shape: tuple[int, int, int, int], x: torch.Tensor, quant: LayerQuant
+                        ) -> list[int]:
+    """``check_conv_outputs`` for an int8 layer: outputs in ``quant.store_dtype``, a residual of
+    int8 codes when ``quant.residual`` is set, else of real fp16/fp32 values."""
+    if outs[0].dtype != quant.store_dtype or outs[0].device != x.device:
+        raise ValueError(f"outs: expected {quant.store_dtype} on {x.device}, "
+                         f"got {outs[0].dtype} on {outs[0].device}")
+    res_dtypes = (torch.int8,) if quant.residual is not None else (torch.float16, torch.float32)
+    if residual is not None and (residual.dtype not in res_dtypes or residual.device != x.device):
+        raise ValueError(f"residual: expected one of {res_dtypes} on {x.device}, "
+                         f"got {residual.dtype} on {residual.device}")
+    n, _, oh, ow = shape
+    for i, t in enumerate(outs):
+        if (t.shape[0], t.shape[2], t.shape[3]) != (n, oh, ow):
+            raise ValueError(f"outs[{i}] has shape {tuple(t.shape)}, expected "
+                             f"(N, C, OH, OW) = ({n}, C, {oh}, {ow}) for x {tuple(x.shape)}")
+    if residual is None:
+        return [0, 0, 0, 0]
+    if num_seg != 1:
+        raise ValueError(f"a residual needs a single output view, got {num_seg}")
+    if tuple(residual.shape) != shape:
+        raise ValueError(f"residual shape: expected {shape}, got {tuple(residual.shape)}")
+    return list(residual.stride())
+
+
 def allocate_output(x: torch.Tensor, layer: Conv2d) -> torch.Tensor:
     """A channels_last output of the conv's full shape (for the convenience functions)."""
     n, _, h, w = x.shape
-    return torch.empty((n, layer.out_channels, *layer.output_hw(h, w)), dtype=x.dtype, device=x.device,
+    dtype = x.dtype if layer.quant is None else layer.quant.store_dtype
+    return torch.empty((n, layer.out_channels, *layer.output_hw(h, w)), dtype=dtype, device=x.device,
                        memory_format=torch.channels_last)
 
 

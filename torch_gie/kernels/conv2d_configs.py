@@ -7,6 +7,10 @@ or kw folded into c on NHWC input), SPLIT_K (programs per output tile summing sh
 GROUPS_PER_TILE (grouped convs: that many consecutive groups form one block-diagonal
 "super-group" GEMM, see ``conv2d_weights.py``; at most groups, the last super-group partial
 when it does not divide them).
+
+int8 layers get the fp16 tilings with BLOCK_K doubled where the channels allow it (the same
+bytes per tile: half the element size) and never under INT8_MIN_BLOCK_K, the smallest K of an
+int8 ``tl.dot`` on NVIDIA GPUs (the interpreter does not check it).
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ SUPER_GROUP_PAD_COST = 2.0
 # Narrow pointwise convs (1x1, both channel counts up to this: MobileNet/MnasNet/EfficientNet's
 # 16..64-channel projections) are memory-bound: whole-channel tiles, tall pixel tiles.
 NARROW_POINTWISE = 64
+INT8_MIN_BLOCK_K = 32  # int8 MMA (mma.sync and wgmma) steps K by 32
 
 
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, flat: bool, gather: bool = False,
@@ -166,6 +171,22 @@ def _grouped_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int, g
     return _with_gpt(_unsplit_default(gpt * c_out_g, gpt * c_in_g, dtype, taps), gpt)
 
 
+def _int8_tilings(cands: list[dict], c_in_g: int, taps: int) -> list[dict]:
+    """fp16 tilings -> int8 ones: BLOCK_K doubled (half the bytes per element), capped at the
+    K it covers (a tap's channels per super-group, or all of K when gathered), and at least
+    INT8_MIN_BLOCK_K; duplicates dropped."""
+    out = []
+    for cfg in cands:
+        k_width = cfg.get("GROUPS_PER_TILE", 1) * c_in_g
+        if cfg["GATHER_K"] or cfg.get("FOLD_KW", False):
+            k_width *= taps
+        bk = max(INT8_MIN_BLOCK_K, min(2 * cfg["BLOCK_K"], 128, triton.next_power_of_2(k_width)))
+        cfg = {**cfg, "BLOCK_K": bk}
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
 def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16,
                           taps: int = 1, m: int | None = None, groups: int = 1) -> dict:
     """A sensible untuned tiling for H100 (taps = KH·KW): wide tiles narrowed to the channel
@@ -174,7 +195,10 @@ def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.
     checks, and its loads pipeline across taps even when C_in_g is a single BLOCK_K.
     Given m (output pixels N·OH·OW), a long-K conv with too few output tiles to fill the GPU
     gets smaller tiles instead, split-K when even those leave SMs idle. Grouped convs tile
-    super-groups (``group_tile_options``)."""
+    super-groups (``group_tile_options``). int8 takes fp16's tiling (``_int8_tilings``)."""
+    if dtype == torch.int8:
+        return _int8_tilings([default_conv2d_config(c_out_g, c_in_g, torch.float16, taps, m, groups)],
+                             c_in_g, taps)[0]
     base = _grouped_default(c_out_g, c_in_g, dtype, taps, groups)
     few = _few_tile_configs(base, c_out_g, c_in_g, dtype, taps, m, groups)
     return few[0] if few else base
@@ -186,7 +210,10 @@ def conv2d_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16
     with both K-loop forms for multi-tap convs. Given m, few-tile candidates (small and split-K
     tiles, if any) lead, with the plain default right after them (the tuner times only the
     first 8). Grouped convs then get the other groups-per-tile options, and the rest is tiled
-    for the default one."""
+    for the default one. int8 takes fp16's tilings (``_int8_tilings``)."""
+    if dtype == torch.int8:
+        return _int8_tilings(conv2d_configs(c_out_g, c_in_g, torch.float16, taps, m, groups),
+                             c_in_g, taps)
     base = _grouped_default(c_out_g, c_in_g, dtype, taps, groups)
     cands = _few_tile_configs(base, c_out_g, c_in_g, dtype, taps, m, groups) + [base]
     gpt = base.get("GROUPS_PER_TILE", 1)
@@ -253,8 +280,10 @@ def _grouped_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int, g
     return [c for i, c in enumerate(cands) if c not in known and c not in cands[:i]]
 
 
-def check_config(config: dict, keys: Sequence[str] = CONFIG_KEYS, min_block: int = 16) -> dict:
-    """Validate a tiling dict (GPU limits the interpreter does not check) and return a copy."""
+def check_config(config: dict, keys: Sequence[str] = CONFIG_KEYS, min_block: int = 16,
+                 min_block_k: int | None = None) -> dict:
+    """Validate a tiling dict (GPU limits the interpreter does not check) and return a copy;
+    ``min_block_k``: BLOCK_K's own minimum (int8 dots: INT8_MIN_BLOCK_K)."""
     missing = [k for k in keys if k not in config]
     if missing:
         raise ValueError(f"config is missing {missing}; expected keys {tuple(keys)}")
@@ -262,6 +291,8 @@ def check_config(config: dict, keys: Sequence[str] = CONFIG_KEYS, min_block: int
         v = config[key]
         if v < min_block or v & (v - 1):
             raise ValueError(f"config {key} must be a power of two >= {min_block}, got {v}")
+    if min_block_k is not None and config.get("BLOCK_K", min_block_k) < min_block_k:
+        raise ValueError(f"config BLOCK_K must be >= {min_block_k} for this dtype, got {config['BLOCK_K']}")
     split = config.get("SPLIT_K", 1)
     if not isinstance(split, int) or split < 1 or split & (split - 1):
         raise ValueError(f"config SPLIT_K must be a power of two >= 1, got {split!r}")

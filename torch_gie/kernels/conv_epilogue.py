@@ -3,6 +3,11 @@
 post-activation), the store split over up to four destination views of one buffer (how a
 removed concat lands on the GPU), and the split-K reduction that applies both to summed shares.
 
+int8 (``torch_gie.quantize.arith``): with QUANT the accumulator holds the int32 sum of codes and
+is first scaled per output channel (``scale_ptr``: s_x * s_w[n]; the bias is then the folded
+one); a residual of codes (RES_QUANT) is dequantized, and OUT_QUANT requantizes the result
+instead of casting it to the output's dtype. Zero points are constexprs (0 or -128).
+
 Activations come as three constexprs each (code, alpha, beta: ``act_constexprs``), and PReLU's
 per-channel slope as ``slope_ptr`` (fp32 [C_out]), shared by the activation and the
 post-activation (at most one of them is prelu). Pixel strides, offsets and channel counts arrive
@@ -19,6 +24,8 @@ import triton.language as tl
 
 from torch_gie.kernels.epilogue import activate_channels
 from torch_gie.kernels.layer_args import aligned_base, vector_width
+from torch_gie.kernels.quant import dequantize, requantize
+from torch_gie.quantize.arith import LayerQuant
 
 MAX_SEGMENTS = 4
 
@@ -85,22 +92,45 @@ def output_pixels(offs_m, M, OH, OW):
     return m_ld, nb, oh, ow
 
 
+def quant_args(quant: LayerQuant | None) -> tuple[list[float], dict]:
+    """(runtime scalars res_scale, out_inv_scale; constexprs QUANT, X_ZP, RES_QUANT, RES_ZP,
+    OUT_QUANT, OUT_ZP) of a layer's int8 contract; neutral values without one."""
+    if quant is None:
+        return [1.0, 1.0], {"QUANT": False, "X_ZP": 0, "RES_QUANT": False, "RES_ZP": 0,
+                            "OUT_QUANT": False, "OUT_ZP": 0}
+    res, out = quant.residual, quant.output
+    return ([1.0 if res is None else res.scale, 1.0 if out is None else out.inv_scale],
+            {"QUANT": True, "X_ZP": quant.input.zero_point, "RES_QUANT": res is not None,
+             "RES_ZP": 0 if res is None else res.zero_point, "OUT_QUANT": out is not None,
+             "OUT_ZP": 0 if out is None else out.zero_point})
+
+
 @triton.jit
-def conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, r_lead, s_rn, s_rc, s_rh,
-                  s_rw, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr,
-                  ACT_BETA: tl.constexpr, HAS_RES: tl.constexpr, POST_ACT: tl.constexpr,
-                  POST_ACT_ALPHA: tl.constexpr, POST_ACT_BETA: tl.constexpr, VEC: tl.constexpr):
+def conv_epilogue(acc, co, nb, oh, ow, bias_ptr, scale_ptr, res_ptr, slope_ptr, r_lead, s_rn, s_rc,
+                  s_rh, s_rw, res_scale, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                  ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr, HAS_RES: tl.constexpr,
+                  POST_ACT: tl.constexpr, POST_ACT_ALPHA: tl.constexpr,
+                  POST_ACT_BETA: tl.constexpr, VEC: tl.constexpr, QUANT: tl.constexpr,
+                  RES_QUANT: tl.constexpr, RES_ZP: tl.constexpr):
     """(acc + bias[co]) -> act -> + residual[nb, co, oh, ow] -> post_act, all in fp32.
     co: [BLOCK_N] global output channels; nb (int64), oh, ow: [BLOCK_M] pixel coordinates,
     all in range (the caller wraps the tile's overhang), so nothing here needs a mask. The
-    residual's lead and pixel strides are in units of VEC elements."""
+    residual's lead and pixel strides are in units of VEC elements. QUANT: acc is an int32 sum
+    of codes, scaled by scale_ptr[co] first; RES_QUANT: the residual holds codes (res_scale,
+    RES_ZP)."""
+    if QUANT:
+        acc = acc.to(tl.float32) * tl.load(scale_ptr + co)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co).to(tl.float32)[None, :]
     acc = activate_channels(acc, co, slope_ptr, ACT, ACT_ALPHA, ACT_BETA)
     if HAS_RES:
         # Unmasked: the caller wraps out-of-range rows and columns onto valid ones.
         rows = (r_lead + nb * s_rn + oh * s_rh + ow * s_rw) * VEC
-        acc += tl.load(res_ptr + rows[:, None] + (co * s_rc)[None, :]).to(tl.float32)
+        res = tl.load(res_ptr + rows[:, None] + (co * s_rc)[None, :])
+        if RES_QUANT:
+            acc += dequantize(res, res_scale, RES_ZP)
+        else:
+            acc += res.to(tl.float32)
     return activate_channels(acc, co, slope_ptr, POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA)
 
 
@@ -115,11 +145,13 @@ def _segment_offsets(co, nb, oh, ow, seg_c, seg_o, sn, sc, sh, sw, VEC: tl.const
 @triton.jit
 def store_segments(out_ptr, val, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o0,
                    seg_o1, seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w,
-                   s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w, NUM_SEG: tl.constexpr,
-                   VEC: tl.constexpr):
+                   s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w, out_inv_scale, NUM_SEG: tl.constexpr,
+                   VEC: tl.constexpr, OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr):
     """One masked store of val[BLOCK_M, BLOCK_N]; column co goes to the segment holding it.
     Segments are consecutive channel ranges, so each later segment overrides from its start.
-    Segment starts, offsets (seg_o0: outs[0]'s own lead) and pixel strides are in units of VEC."""
+    Segment starts, offsets (seg_o0: outs[0]'s own lead) and pixel strides are in units of VEC.
+    OUT_QUANT: val is requantized to int8 codes (out_inv_scale, OUT_ZP), one QParams for every
+    segment."""
     off = _segment_offsets(co, nb, oh, ow, 0, seg_o0, s0n, s0c, s0h, s0w, VEC)
     if NUM_SEG > 1:
         off1 = _segment_offsets(co, nb, oh, ow, seg_c1, seg_o1, s1n, s1c, s1h, s1w, VEC)
@@ -130,28 +162,35 @@ def store_segments(out_ptr, val, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, s
     if NUM_SEG > 3:
         off3 = _segment_offsets(co, nb, oh, ow, seg_c3, seg_o3, s3n, s3c, s3h, s3w, VEC)
         off = tl.where((co >= seg_c3 * VEC)[None, :], off3, off)
+    if OUT_QUANT:
+        val = requantize(val, out_inv_scale, OUT_ZP)
     tl.store(out_ptr + off, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _split_k_reduce_kernel(
-    # pointers: fp32 partial sums [SPLIT_K, M, C_out], fp32 bias, residual, outs[0], fp32 slope
-    ws_ptr, bias_ptr, res_ptr, out_ptr, slope_ptr,
+    # pointers: partial sums [SPLIT_K, M, C_out] (fp32; int32 with QUANT), fp32 bias, fp32
+    # combined scale [C_out] (QUANT only), residual, outs[0], fp32 slope
+    ws_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, slope_ptr,
     # sizes; C_out over all groups, in units of VEC; s_ws = M·C_out elements from one split's
     # partials to the next, in units of WS_VEC
     OH, OW, C_out, M, s_ws,
-    # residual, output segments: as in _conv2d_kernel (epilogue_args)
+    # residual, output segments, int8 scalars: as in _conv2d_kernel (epilogue_args, quant_args)
     r_lead, s_rn, s_rc, s_rh, s_rw, seg_c1, seg_c2, seg_c3, seg_o0, seg_o1, seg_o2, seg_o3,
     s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
+    res_scale, out_inv_scale,
     # epilogue
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr,
     HAS_RES: tl.constexpr, POST_ACT: tl.constexpr, POST_ACT_ALPHA: tl.constexpr,
     POST_ACT_BETA: tl.constexpr, NUM_SEG: tl.constexpr, VEC: tl.constexpr, WS_VEC: tl.constexpr,
+    # int8 (quant_args; X_ZP unused here)
+    QUANT: tl.constexpr, X_ZP: tl.constexpr, RES_QUANT: tl.constexpr, RES_ZP: tl.constexpr,
+    OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr,
     # tiling
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Sum the SPLIT_K partials of a [BLOCK_M pixels, BLOCK_N channels] tile in a fixed order
-    (deterministic, no atomics), then the conv's epilogue and its one store."""
+    (deterministic, no atomics; exact in int32), then the conv's epilogue and its one store."""
     C_out = C_out * VEC
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -163,27 +202,32 @@ def _split_k_reduce_kernel(
     for _ in tl.static_range(1, SPLIT_K):
         ptrs += s_ws * WS_VEC  # the next split's partials
         acc += tl.load(ptrs)
-    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, r_lead, s_rn, s_rc, s_rh,
-                        s_rw, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES, POST_ACT, POST_ACT_ALPHA,
-                        POST_ACT_BETA, VEC)
+    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, scale_ptr, res_ptr, slope_ptr, r_lead, s_rn,
+                        s_rc, s_rh, s_rw, res_scale, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES,
+                        POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA, VEC, QUANT, RES_QUANT, RES_ZP)
     store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o0, seg_o1,
                    seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
-                   s3n, s3c, s3h, s3w, NUM_SEG, VEC)
+                   s3n, s3c, s3h, s3w, out_inv_scale, NUM_SEG, VEC, OUT_QUANT, OUT_ZP)
 
 
 def reduce_split_k(ws, bias, out, residual, slope, oh, ow, c_out, m, scalars, vec, split,
-                   num_seg, activations: dict) -> None:
+                   num_seg, activations: dict, scale: torch.Tensor | None = None,
+                   quant: LayerQuant | None = None) -> None:
     """Launch the split-K reduction of ``split`` partial sums in ``ws`` into the output views;
     ``out``, ``residual``, ``scalars`` and ``vec`` as ``epilogue_args`` gives them (c_out a
     multiple of vec), ``activations`` the ACT*/POST_ACT* constexprs (``act_constexprs``),
-    ``slope`` PReLU's."""
+    ``slope`` PReLU's. int8: ``ws`` holds int32 sums, ``scale`` the combined scale [C_out] and
+    ``quant`` the layer's contract (``quant_args``)."""
     # Small tiles: split-K shapes have few outputs (49 x 512 for ResNet-50 layer4 at batch 1),
     # and a reduction of about a MB is quicker spread over many SMs (64 programs there).
     block_m, block_n = 16, min(32, max(16, triton.next_power_of_2(c_out)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
     ws_vec = vector_width(ws.element_size(), [m * c_out])
+    q_scalars, q_constexprs = quant_args(quant)
     _split_k_reduce_kernel[grid](
-        ws, bias, residual, out, slope, oh, ow, c_out // vec, m, m * c_out // ws_vec, *scalars,
+        ws, bias, scale, residual, out, slope, oh, ow, c_out // vec, m, m * c_out // ws_vec,
+        *scalars, *q_scalars,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, **activations, NUM_SEG=num_seg,
-        VEC=vec, WS_VEC=ws_vec, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        VEC=vec, WS_VEC=ws_vec, **q_constexprs, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4,
     )

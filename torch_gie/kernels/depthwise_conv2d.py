@@ -7,7 +7,8 @@ As a GEMM that is K = KH·KW with N = 1 per group, far below tensor-core tiles, 
 multiplies directly on [BLOCK_M pixels, BLOCK_C channels] tiles (channels contiguous), taps
 along kw unrolled. Epilogue, output segments, (asymmetric) padding, the bound-layer interface
 and the vector alignment of channel rows (counts and pixel strides in units of X_VEC / OUT_VEC)
-are conv2d's.
+are conv2d's, and so is the int8 path (``quant=LayerQuant(...)``): codes summed exactly in int32
+(padding reads the input zero point), then the shared epilogue scales and requantizes.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch_gie.kernels.conv_epilogue import (
     conv_epilogue,
     epilogue_args,
     output_pixels,
+    quant_args,
     store_segments,
 )
 
@@ -81,8 +83,9 @@ def pack_depthwise_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 @triton.jit
 def _depthwise_conv2d_kernel(
-    # pointers: input, packed weight [KH, KW, C_out], fp32 bias, residual, outs[0], fp32 slope
-    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, slope_ptr,
+    # pointers: input, packed weight [KH, KW, C_out], fp32 bias, fp32 combined scale [C_out]
+    # (QUANT only), residual, outs[0], fp32 slope
+    x_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, slope_ptr,
     # sizes; C_out in units of OUT_VEC
     H, W, OH, OW, C_out, M,
     # input: lead and strides in logical NCHW order, all but the channel stride in units of X_VEC
@@ -90,6 +93,8 @@ def _depthwise_conv2d_kernel(
     # residual, output segments: as in conv2d (units of OUT_VEC)
     r_lead, s_rn, s_rc, s_rh, s_rw, seg_c1, seg_c2, seg_c3, seg_o0, seg_o1, seg_o2, seg_o3,
     s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
+    # int8: the residual codes' scale, 1 / the output's scale (quant_args)
+    res_scale, out_inv_scale,
     # geometry; MULT = C_out / C_in (output channels per input channel); PAD_H/PAD_W are the
     # top/left padding, BORDER_H/W whether that axis pads at all (as in conv2d)
     MULT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -101,6 +106,9 @@ def _depthwise_conv2d_kernel(
     POST_ACT_BETA: tl.constexpr, NUM_SEG: tl.constexpr,
     # tiling; alignment (elements per vector access) of input and output channel rows
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, X_VEC: tl.constexpr, OUT_VEC: tl.constexpr,
+    # int8 (quant_args, as in conv2d): codes in, int32 sums, padding reads X_ZP
+    QUANT: tl.constexpr, X_ZP: tl.constexpr, RES_QUANT: tl.constexpr, RES_ZP: tl.constexpr,
+    OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr,
 ):
     C_out = C_out * OUT_VEC
     s_xn, s_xh, s_xw = s_xn * X_VEC, s_xh * X_VEC, s_xw * X_VEC
@@ -113,7 +121,10 @@ def _depthwise_conv2d_kernel(
     x_rows = x_ptr + x_lead * X_VEC + nb * s_xn
     x_cols = (co // MULT) * s_xc
 
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    if QUANT:
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)  # exact for any KH·KW
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     # kw unrolls, kh stays a runtime loop: fully unrolling a 7x7 let LLVM hoist all 49 taps'
     # loads and spill ~14 KB per thread on sm_90; one row of taps at a time does not spill.
     for kh in range(KH):
@@ -127,16 +138,16 @@ def _depthwise_conv2d_kernel(
             if BORDER_W:
                 inside = inside & (iw >= 0) & (iw < W)
             xv = tl.load((x_rows + ih * s_xh + iw * s_xw)[:, None] + x_cols[None, :],
-                         mask=inside[:, None], other=0.0)
+                         mask=inside[:, None], other=X_ZP)
             wv = tl.load(w_ptr + (kh * KW + kw) * C_out + co)
-            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+            acc += xv.to(acc.dtype) * wv.to(acc.dtype)[None, :]
 
-    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, res_ptr, slope_ptr, r_lead, s_rn, s_rc, s_rh,
-                        s_rw, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES, POST_ACT, POST_ACT_ALPHA,
-                        POST_ACT_BETA, OUT_VEC)
+    acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, scale_ptr, res_ptr, slope_ptr, r_lead, s_rn,
+                        s_rc, s_rh, s_rw, res_scale, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES,
+                        POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA, OUT_VEC, QUANT, RES_QUANT, RES_ZP)
     store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o0, seg_o1,
                    seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
-                   s3n, s3c, s3h, s3w, NUM_SEG, OUT_VEC)
+                   s3n, s3c, s3h, s3w, out_inv_scale, NUM_SEG, OUT_VEC, OUT_QUANT, OUT_ZP)
 
 
 class DepthwiseConv2d(Conv2d):
@@ -170,14 +181,15 @@ class DepthwiseConv2d(Conv2d):
         out, residual, out_scalars, out_vec = epilogue_args(
             out, residual, res_strides, num_seg, seg, (self.out_channels,))
         x, _, in_scalars, x_vec = input_args(x, None, (self.in_channels,))
+        q_scalars, q_constexprs = quant_args(self.quant)
         _depthwise_conv2d_kernel[grid](
-            x, self.weight, self.bias, residual, out, self.act_slope,
-            h, w, oh, ow, self.out_channels // out_vec, m, *in_scalars[:5], *out_scalars,
+            x, self.weight, self.bias, self.scale, residual, out, self.act_slope,
+            h, w, oh, ow, self.out_channels // out_vec, m, *in_scalars[:5], *out_scalars, *q_scalars,
             MULT=self.out_channels // self.in_channels, **self._geometry(),
             HAS_BIAS=self.bias is not None, HAS_RES=residual is not None, **self._act_constexprs,
             NUM_SEG=num_seg,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], X_VEC=x_vec, OUT_VEC=out_vec,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **q_constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
 
