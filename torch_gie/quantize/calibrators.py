@@ -23,6 +23,7 @@ NUM_BINS = 2048
 SYMMETRIC_LEVELS = 128  # entropy: levels of |x| for a signed tensor (127 codes + zero)
 UNSIGNED_LEVELS = 256  # ... and for a non-negative one (all 256 codes)
 SMOOTHING_EPS = 1e-4  # entropy: mass (in counts) given to an empty Q bin where P is not empty
+_ENTROPY_BLOCK = 16384  # entropy: elements per [candidates, levels] block (cache-sized, one thread)
 
 
 class TensorRange(NamedTuple):
@@ -191,33 +192,42 @@ def entropy_divergences(hist: torch.Tensor, levels: int, candidates: torch.Tenso
     """KL(P || Q) for each candidate threshold (a bin count i), as TensorRT's entropy calibrator:
     P = hist[:i] with the counts beyond folded into bin i-1; Q = hist[:i] merged into ``levels``
     levels (bin k goes to level floor(k * levels / i)), each level's sum spread evenly over the
-    bins where P is non-empty; an empty Q bin under a non-empty P bin gets ``SMOOTHING_EPS``.
+    bins where P is non-empty; an empty Q bin under a non-empty P bin gets ``SMOOTHING_EPS``
+    (``hist`` holds counts: integers, so no level sum lies strictly between 0 and the eps).
 
     Q is constant over a level's non-empty bins, so with T = sum P = hist.sum() and Z = sum Q,
         KL = (sum_k P_k log P_k - sum_levels P(level) log Q(level)) / T - log T + log Z,
-    which prefix sums give in O(levels) per candidate rather than O(i): [candidates, levels] work."""
+    which prefix sums give in O(levels) per candidate rather than O(i)."""
     hist = hist.to(torch.float64)
     zero = torch.zeros(1, dtype=torch.float64)
     prefix = torch.cat([zero, torch.cumsum(hist, 0)])
     prefix_nz = torch.cat([zero, torch.cumsum((hist > 0).to(torch.float64), 0)])
     prefix_plogp = torch.cat([zero, torch.cumsum(torch.special.xlogy(hist, hist), 0)])
     total = prefix[-1]
-    i = candidates.to(torch.int64)[:, None]  # [C, 1]
-    j = torch.arange(levels, dtype=torch.int64)[None, :]  # [1, L]
-    lo = (j * i + levels - 1) // levels  # level j holds bins [ceil(j i / L), ceil((j+1) i / L))
-    hi = ((j + 1) * i + levels - 1) // levels
-    outliers = total - prefix[i]  # [C, 1]
+    i = candidates.to(torch.int64)
+    outliers = total - prefix[i]
     last_p = hist[i - 1] + outliers  # P's last bin, outliers folded in
-    level_sum = prefix[hi] - prefix[lo]  # Q's mass per level (outliers not included, as TensorRT)
-    is_last = j == levels - 1
-    p_level = level_sum + torch.where(is_last, outliers, zero)
     # The last bin is non-empty in P when outliers fold into it, even where hist[i-1] is 0.
-    extra = (is_last & (hist[i - 1] == 0) & (outliers > 0)).to(torch.float64)
-    count = prefix_nz[hi] - prefix_nz[lo] + extra
-    q_level = torch.where(level_sum > 0, level_sum / count.clamp(min=1.0), torch.full_like(level_sum, SMOOTHING_EPS))
-    q_total = prefix[i].squeeze(1) + torch.where(level_sum[:, -1] > 0, zero, SMOOTHING_EPS * extra[:, -1])
-    plogp = prefix_plogp[i - 1].squeeze(1) + torch.special.xlogy(last_p, last_p).squeeze(1)
-    plogq = torch.special.xlogy(p_level, q_level).sum(dim=1)
+    extra = ((hist[i - 1] == 0) & (outliers > 0)).to(torch.float64)
+    plogp = prefix_plogp[i - 1] + torch.special.xlogy(last_p, last_p)
+    plogq = torch.empty_like(plogp)
+    last_level_empty = torch.empty_like(plogp)
+    j = torch.arange(levels + 1, dtype=torch.float64)
+    rows = max(1, _ENTROPY_BLOCK // levels)
+    for start in range(0, len(i), rows):
+        block = slice(start, start + rows)
+        # Level j holds bins [ceil(j i / L), ceil((j+1) i / L)): L + 1 edges, exact in float64
+        # (integers below 2**53; a quotient that is not an integer is >= 1/L away from one).
+        edges = torch.ceil(i[block, None].to(torch.float64) * j / levels).to(torch.int64)
+        level_sum = torch.diff(prefix[edges], dim=1)  # Q's mass per level (outliers excluded, as TensorRT)
+        count = torch.diff(prefix_nz[edges], dim=1)
+        count[:, -1] += extra[block]
+        last_level_empty[block] = (level_sum[:, -1] == 0).to(torch.float64)
+        p_level = level_sum.clone()
+        p_level[:, -1] += outliers[block]
+        log_q = torch.log(level_sum.clamp_(min=SMOOTHING_EPS)) - torch.log(count.clamp_(min=1.0))
+        plogq[block] = (p_level * log_q).sum(dim=1)
+    q_total = prefix[i] + SMOOTHING_EPS * extra * last_level_empty  # the one place Q gets an eps
     return (plogp - plogq) / total - torch.log(total) + torch.log(q_total)
 
 
