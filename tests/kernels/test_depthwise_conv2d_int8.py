@@ -8,11 +8,11 @@ one code on at most 1% of the elements, real outputs within 1e-3 relative.
 """
 import pytest
 import torch
+from quant_checks import POISON, check_codes
 from test_conv2d_int8 import (
     SIGNED,
     UNSIGNED,
-    assert_codes_match,
-    assert_matches,
+        assert_matches,
     codes,
     int8_reference,
     make_out,
@@ -53,7 +53,7 @@ def run(n, c, h, w, k, stride=1, padding=0, dilation=1, mult=1, *, x_qp=SIGNED, 
     assert_matches(o, ref)
     if out_slice:
         rest = torch.cat([buf[:, :3], buf[:, 3 + o.shape[1]:]], dim=1)
-        assert (rest == 99).all() if o.dtype == torch.int8 else rest.isnan().all()
+        assert (rest == POISON).all() if o.dtype == torch.int8 else rest.isnan().all()
 
 
 # name: (n, c, h, w, k, stride, padding, dilation, mult), input QParams
@@ -96,8 +96,8 @@ def test_segments(device):
     outs = [buf[:, 0:5], buf[:, 7:14]]
     DepthwiseConv2d(wt, b, padding=1, groups=12, activation="relu", dtype=torch.int8, quant=quant,
                     config=SMALL)(x, outs)
-    assert_codes_match(torch.cat(outs, dim=1), ref)
-    assert (buf[:, [5, 6, 14]] == 99).all()
+    check_codes(torch.cat(outs, dim=1), ref)
+    assert (buf[:, [5, 6, 14]] == POISON).all()
 
 
 def test_layer_holds_codes():
@@ -129,4 +129,4 @@ def test_depthwise_layers_int8_gpu(c, k, s, h, batch):
         out = make_out(tuple(ref.shape), torch.int8, dev)[1]
         layer(x, [out])
         torch.cuda.synchronize()
-        assert_codes_match(out, ref)
+        check_codes(out, ref)

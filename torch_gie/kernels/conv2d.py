@@ -24,6 +24,10 @@ x[n, c, ih, iw] by gate[n, c] as the tile loads (HAS_GATE): conv(x * gate) in on
 Channel counts, pixel strides and pointer leads come in units of X_VEC / OUT_VEC elements
 (``vector_width``): the compiler then knows channel rows are 16-byte aligned and moves them as
 vectors even for channel counts that are not multiples of 16 (24, 72, 104).
+int8 (QUANT, ``torch_gie.quantize.arith``): x holds codes, whose padding and masked loads read the
+input zero point X_ZP (real zero); the weight holds per-channel codes; tl.dot sums int8 products
+into an int32 accumulator (an int32 split-K workspace); a gate rescales each code at x's scale;
+the epilogue computes acc * s_x·s_w[n] + folded bias[n] in fp32 before the usual steps.
 """
 from __future__ import annotations
 
@@ -333,7 +337,15 @@ class Conv2d:
     single pass (a squeeze-and-excitation scale folded into the next conv). The gated kernel is
     compiled on the first gated call; a kw-folding config gathers instead when gated.
 
-    A split-K config needs an fp32 workspace [SPLIT_K, N·OH·OW, C_out]. It is allocated on the
+    int8 (``dtype=torch.int8, quant=LayerQuant(...)``): ``weight`` and ``bias`` stay real; the
+    layer quantizes the weight per output channel (``arith.quantize_weight``) and folds the
+    input zero point into the bias (``arith.fold_zero_point``). x holds int8 codes under
+    ``quant.input``; the outputs hold codes under ``quant.output``, or real values in
+    ``quant.out_dtype`` when it is None (every segment alike); a residual holds codes under
+    ``quant.residual``, or real fp16/fp32 values when it is None; a gate is real (fp16/fp32).
+    Configs then have BLOCK_K >= 32 (``INT8_MIN_BLOCK_K``).
+
+    A split-K config needs an fp32 workspace [SPLIT_K, N·OH·OW, C_out] (int32 for int8). It is allocated on the
     layer's device by the first call that needs more than the layer holds, and kept for the
     layer's lifetime; later calls allocate nothing. So CUDA graph capture works after one
     warm-up call with the final config and input size, and must not be followed by a call

@@ -9,8 +9,9 @@ GROUPS_PER_TILE (grouped convs: that many consecutive groups form one block-diag
 when it does not divide them).
 
 int8 layers get the fp16 tilings with BLOCK_K doubled where the channels allow it (the same
-bytes per tile: half the element size) and never under INT8_MIN_BLOCK_K, the smallest K of an
-int8 ``tl.dot`` on NVIDIA GPUs (the interpreter does not check it).
+bytes per tile: half the element size; not for split-K or kw-folding tilings) and never under
+INT8_MIN_BLOCK_K, the smallest K of an int8 ``tl.dot`` on NVIDIA GPUs (the interpreter does not
+check it).
 """
 from __future__ import annotations
 
@@ -174,14 +175,17 @@ def _grouped_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int, g
 def _int8_tilings(cands: list[dict], c_in_g: int, taps: int) -> list[dict]:
     """fp16 tilings -> int8 ones: BLOCK_K doubled (half the bytes per element), capped at the
     K it covers (a tap's channels per super-group, or all of K when gathered), and at least
-    INT8_MIN_BLOCK_K; duplicates dropped."""
+    INT8_MIN_BLOCK_K; duplicates dropped. Split-K tilings keep their BLOCK_K, so each split
+    keeps the K iterations its split count was chosen for, and so do kw-folding ones (a kernel
+    row of KW·C_in_g values, 21 for a 7x7 on RGB, fits one 32-wide step)."""
     out = []
     for cfg in cands:
         k_width = cfg.get("GROUPS_PER_TILE", 1) * c_in_g
         if cfg["GATHER_K"] or cfg.get("FOLD_KW", False):
             k_width *= taps
-        bk = max(INT8_MIN_BLOCK_K, min(2 * cfg["BLOCK_K"], 128, triton.next_power_of_2(k_width)))
-        cfg = {**cfg, "BLOCK_K": bk}
+        keep = cfg.get("SPLIT_K", 1) > 1 or cfg.get("FOLD_KW", False)
+        bk = cfg["BLOCK_K"] if keep else min(2 * cfg["BLOCK_K"], 128, triton.next_power_of_2(k_width))
+        cfg = {**cfg, "BLOCK_K": max(INT8_MIN_BLOCK_K, bk)}
         if cfg not in out:
             out.append(cfg)
     return out
