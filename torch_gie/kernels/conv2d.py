@@ -345,9 +345,9 @@ class Conv2d:
     ``quant.residual``, or real fp16/fp32 values when it is None; a gate is real (fp16/fp32).
     Configs then have BLOCK_K >= 32 (``INT8_MIN_BLOCK_K``).
 
-    A split-K config needs an fp32 workspace [SPLIT_K, N·OH·OW, C_out] (int32 for int8). It is allocated on the
-    layer's device by the first call that needs more than the layer holds, and kept for the
-    layer's lifetime; later calls allocate nothing. So CUDA graph capture works after one
+    A split-K config needs an fp32 workspace [SPLIT_K, N·OH·OW, C_out] (int32 for int8). It is
+    allocated on the layer's device by the first call that needs more than the layer holds, and
+    kept for the layer's lifetime; later calls allocate nothing. So CUDA graph capture works after one
     warm-up call with the final config and input size, and must not be followed by a call
     needing a bigger workspace (a new, larger config or batch): that would replace the buffer
     the graph writes to.
@@ -487,7 +487,7 @@ class Conv2d:
 
     def _check_gate(self, gate: torch.Tensor, x: torch.Tensor) -> None:
         # An int8 layer's gate is real: fp16 or fp32.
-        check_gate(gate, x, self.in_channels, torch.float16 if self.quant else self.dtype)
+        check_gate(gate, x, self.in_channels, torch.float16 if self.quant is not None else self.dtype)
 
     def _launch(self, x, out, residual, res_strides, num_seg, seg, oh, ow, gate=None) -> None:
         n, _, h, w = x.shape
