@@ -97,7 +97,7 @@ def test_bad_arguments():
     model, x = small_net(), torch.randn(1, 3, 8, 8)
     with pytest.raises(ValueError, match="precision must be one of"):
         torch_gie.compile(model, x, precision="fp64")
-    with pytest.raises(NotImplementedError, match="int8"):
+    with pytest.raises(ValueError, match="calibration_data"):
         torch_gie.compile(model, x, precision="int8")
     with pytest.raises(ValueError, match="backend must be one of"):
         torch_gie.compile(model, x, backend="tensorrt")

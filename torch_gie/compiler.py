@@ -16,6 +16,7 @@ from .capture import as_input_tuple, capture
 from .dot import write_dot
 from .passes import PassContext, run_passes
 from .plan import make_plan
+from .quantize.build import DEFAULT_CALIBRATOR, attach_layer_quant, calibrate_int8
 from .report import build_report, count_compute_ops, fallback_warning
 from .runtime.module import GIEModule
 from .runtime.program import build_program
@@ -37,9 +38,6 @@ def _check_args(module, precision: str, backend: str, options: dict) -> None:
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    if precision == "int8":
-        raise NotImplementedError("precision='int8' (calibrated int8 kernels) is not implemented yet; "
-                                  "use 'fp16' or 'fp32'")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     unknown = set(options) - _OPTIONS
@@ -59,7 +57,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _prepare(module: nn.Module, example_inputs, precision: str, backend: str, options: dict):
+def _prepare(module: nn.Module, example_inputs, precision: str, backend: str, options: dict,
+             int8: dict | None = None):
     _check_args(module, precision, backend, options)
     inputs = as_input_tuple(example_inputs)
     devices = {t.device for t in inputs}
@@ -81,15 +80,28 @@ def _prepare(module: nn.Module, example_inputs, precision: str, backend: str, op
     ctx = PassContext(disabled=frozenset(options.get("disable_passes", ())), dump_dir=options.get("dump_dir"))
     results = run_passes(gm, ctx)
     streams = options.get("streams", True) and device.type == "cuda" and options.get("cuda_graph", True)
-    plan = make_plan(gm, PRECISIONS[precision], streams=streams)
+    if precision != "int8":
+        return model, inputs, device, gm, layers_in, results, make_plan(gm, PRECISIONS[precision], streams=streams)
+    # int8: layers that cannot run int8 run in fp16 on the GPU (fp32 on the CPU reference backend)
+    order = [n for n in gm.graph.nodes if n.op != "output"]
+    precision_plan, qparams = calibrate_int8(gm, order, inputs, **(int8 or {}))
+    base = torch.float16 if device.type == "cuda" else torch.float32
+    plan = make_plan(gm, base, streams=streams, precision=precision_plan)
+    plan.qparams = qparams
+    attach_layer_quant(plan)
     return model, inputs, device, gm, layers_in, results, plan
 
 
 def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backend: str = "auto",
-            **options: Any) -> GIEModule:
+            calibration_data=None, calibrator=DEFAULT_CALIBRATOR, calibration_cache=None,
+            layer_precisions: dict[str, str] | None = None, **options: Any) -> GIEModule:
     """Compile ``module`` for inputs shaped like ``example_inputs`` (a tensor or tuple of tensors).
 
-    precision: "fp32" | "fp16" ("int8" is not implemented yet). backend: "auto" (triton on CUDA,
+    precision: "fp32" | "fp16" | "int8". int8 (see docs/int8.md): ``calibration_data`` is any
+    iterable of input batches (a DataLoader works) the activation ranges are measured on;
+    ``calibrator`` "percentile" (default, 99.99th), "entropy", "mse", "minmax" or a Calibrator;
+    ``calibration_cache`` a JSON path: read when it exists (no calibration), else written;
+    ``layer_precisions`` {"layer.name": "fp16"} pins layers out of int8. backend: "auto" (triton on CUDA,
     reference on CPU) | "triton" | "reference". Options: ``cuda_graph`` (default True on CUDA),
     ``static_outputs`` (return internal buffers, default False), ``disable_passes`` (names),
     ``dump_dir`` (write the graph after each pass), ``tune`` (False: use known timings only;
@@ -99,13 +111,15 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
     """
     _check_args(module, precision, backend, options)
     backend = _resolve_backend(backend, as_input_tuple(example_inputs)[0].device)  # fail before capture
+    int8 = dict(calibration_data=calibration_data, calibrator=calibrator, calibration_cache=calibration_cache,
+                layer_precisions=layer_precisions)
     model, inputs, device, gm, layers_in, results, plan = _prepare(module, example_inputs, precision,
-                                                                    backend, options)
+                                                                    backend, options, int8)
     warning = fallback_warning(gm)
     if warning:
         warnings.warn(warning, stacklevel=2)
-    lowering, fallback = _lowering(backend, plan, device, options)
-    program = build_program(gm, plan, lowering, backend, device, fallback)
+    lowering, fallback, converters = _lowering(backend, plan, device, options)
+    program = build_program(gm, plan, lowering, backend, device, fallback, converters)
     tuner = None
     if device.type == "cuda" and backend == "triton":  # known timings always apply; tune=True times new layers
         tune = options.get("tune", False)
@@ -143,6 +157,6 @@ def _lowering(backend: str, plan, device: torch.device, options: dict):
     # must work where triton is not installed (it is an install requirement on Linux x86-64 only).
     ref = lambda node: reference.lower(node, plan.dtype, device)  # noqa: E731
     if backend == "reference":
-        return ref, None
+        return ref, None, reference.converters()
     from .backends import triton as triton_backend
-    return (lambda node: triton_backend.lower(node, plan.dtype, device, options)), ref
+    return (lambda node: triton_backend.lower(node, plan.dtype, device, options)), ref, triton_backend.converters()

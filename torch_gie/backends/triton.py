@@ -13,11 +13,13 @@ from .. import ops
 from ..graph import spec
 from ..kernels.conv2d import Conv2d
 from ..kernels.depthwise_conv2d import DepthwiseConv2d
-from ..kernels.elementwise import Activation, Add, ChannelAffine, Mul
+from ..kernels.elementwise import Activation, Add, ChannelAffine, Dequantize, Mul, Quantize
 from ..kernels.gemm import Linear
 from ..kernels.layer_norm import LayerNorm
 from ..kernels.pool2d import AdaptivePool2d, Pool2d
 from ..kernels.squeeze_excitation import SqueezeExcitation
+from ..quantize.arith import LayerQuant
+from ..runtime.program import Converters
 from ..runtime.steps import Kernel
 
 
@@ -54,15 +56,23 @@ def _conv(node: fx.Node, dtype: torch.dtype, device: torch.device, options: dict
     s, ep = spec(node), spec(node).epilogue
     cls = DepthwiseConv2d if is_depthwise(s) else Conv2d
     n, _, h, w = node.args[0].meta["shape"]  # the real size lets the kernel offer split-K tilings
+    dtype, quant = _quant(node, dtype)
     layer = cls(s.weight.to(device), _on(s.bias, device), stride=s.stride, padding=s.padding,
                 dilation=s.dilation, groups=s.groups, activation=ep.activation,
                 post_activation=ep.post_activation, act_slope=_on(s.act_slope, device), dtype=dtype,
-                input_hw=(h, w), batch=n, **_precision(dtype, options))
+                input_hw=(h, w), batch=n, quant=quant, **_precision(dtype, options))
     gated, residual = s.input_gate, ep.residual
 
     def call(k, i, o):
         k(i[0], o, i[-1] if residual else None, **({"gate": i[1]} if gated else {}))
     return BoundKernel(layer, call, cls.__name__)
+
+
+def _quant(node: fx.Node, dtype: torch.dtype) -> tuple[torch.dtype, LayerQuant | None]:
+    """(kernel dtype, LayerQuant) of a layer: int8 with its quantization where the precision
+    plan made it an int8 layer (``node.meta["quant"]``), else the float dtype."""
+    quant = node.meta.get("quant")
+    return (torch.int8, quant) if quant is not None else (dtype, None)
 
 
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -74,9 +84,10 @@ def _linear(node: fx.Node, dtype: torch.dtype, device: torch.device, options: di
     rows = math.prod(node.args[0].meta["shape"][:-1])  # 1 for a batch-1 classifier: GEMV
     if s.act_slope is not None and len(node.meta["shape"]) not in (2, 3):
         raise NotImplementedError("a PReLU on a Linear's output of rank > 3 (slopes along dim 1)")
+    dtype, quant = _quant(node, dtype)
     layer = Linear(s.weight.to(device), _on(s.bias, device), activation=ep.activation,
                    post_activation=ep.post_activation, act_slope=_on(s.act_slope, device), dtype=dtype,
-                   rows=rows, **_precision(dtype, options))
+                   rows=rows, quant=quant, **_precision(dtype, options))
     if ep.residual:
         return BoundKernel(layer, lambda k, i, o: k(i[0], o[0], i[1]), "Linear")
     return BoundKernel(layer, lambda k, i, o: k(i[0], o[0]), "Linear")
@@ -112,14 +123,17 @@ def _binary(cls):
 
 def _pool(node, dtype, device, options) -> BoundKernel:
     s = spec(node)
+    dtype, quant = _quant(node, dtype)
     layer = Pool2d(s.kind, s.kernel_size, s.stride, s.padding, s.dilation, s.ceil_mode,
-                   s.count_include_pad, s.divisor_override, pad_is_zeros=s.pad_is_zeros)
+                   s.count_include_pad, s.divisor_override, pad_is_zeros=s.pad_is_zeros,
+                   dtype=dtype, quant=quant)
     return BoundKernel(layer, lambda k, i, o: k(i[0], o[0]), f"Pool2d({s.kind})")
 
 
 def _adaptive_pool(node, dtype, device, options) -> BoundKernel:
     s = spec(node)
-    layer = AdaptivePool2d(s.kind, s.output_size)
+    dtype, quant = _quant(node, dtype)
+    layer = AdaptivePool2d(s.kind, s.output_size, dtype=dtype, quant=quant)
     return BoundKernel(layer, lambda k, i, o: k(i[0], o[0]), f"AdaptivePool2d({s.kind})")
 
 
@@ -190,3 +204,8 @@ def lower(node: fx.Node, dtype: torch.dtype, device: torch.device, options: dict
     if node.target not in _LOWERINGS:
         raise NotImplementedError(f"no Triton lowering for {node.target.__name__}")
     return _LOWERINGS[node.target](node, dtype, device, options)
+
+
+def converters() -> Converters:
+    """Quantize / dequantize kernels between int8 parts of a graph and the rest."""
+    return Converters(lambda qp: Quantize(qp), lambda qp, dtype: Dequantize(qp, dtype))

@@ -17,6 +17,7 @@ from torch import fx
 from .. import ops
 from ..graph import is_canonical, is_fallback_compute, slot_root, spec
 from .memory import Buffer, Placement, assign_offsets, extend_lifetimes
+from .precision import PrecisionPlan
 from .streams import StreamPlan, assign_streams, region_bounds
 
 __all__ = ["Plan", "make_plan", "is_planned", "launches_kernel", "Buffer", "Placement", "StreamPlan"]
@@ -32,6 +33,18 @@ class Plan:
     naive_bytes: int
     value_dtypes: dict[fx.Node, torch.dtype] = field(default_factory=dict)
     streams: StreamPlan = field(default_factory=StreamPlan)
+    # int8 builds: the layers that run int8, the quantization classes, and each class's QParams
+    precision: PrecisionPlan | None = None
+    qparams: dict = field(default_factory=dict)
+
+    def value_qparams(self, node: fx.Node):
+        """The QParams of a value's class (int8 builds), or None."""
+        if self.precision is None:
+            return None
+        return self.qparams.get(self.precision.classes.get(node))
+
+    def is_int8_layer(self, node: fx.Node) -> bool:
+        return self.precision is not None and node in self.precision.int8_layers
 
     def value_dtype(self, node: fx.Node) -> torch.dtype:
         return self.value_dtypes.get(node, node.meta.get("dtype"))
@@ -103,9 +116,11 @@ def _writer(node: fx.Node) -> fx.Node:
     return node.meta.get("segment_of", node)
 
 
-def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) -> Plan:
+def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False,
+              precision: PrecisionPlan | None = None) -> Plan:
     """Place every value; with ``streams``, also spread independent branches over CUDA streams
-    (graphs without fallbacks only)."""
+    (graphs without fallbacks only). ``dtype`` is the float precision; with a ``precision``
+    plan (int8 builds) the values it stores as int8 get int8 buffers."""
     order = [n for n in gm.graph.nodes if n.op != "output"]
     pos = {n: i for i, n in enumerate(order)}
     buffers: dict[fx.Node, Buffer] = {}
@@ -118,17 +133,18 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) 
         root, offset, step = slot_root(node)
         if root not in buffers:
             shape = tuple(root.meta["shape"])
+            buf_dtype = torch.int8 if precision is not None and precision.is_int8_value(root) else dtype
             pinned = root.op == "placeholder"
             if pinned and _pad_input_channels(root):
                 shape = (shape[0], INPUT_CHANNEL_PAD) + shape[2:]
-            buffers[root] = Buffer(len(buffers), shape, dtype, channels_last=len(shape) == 4 and nhwc[root],
+            buffers[root] = Buffer(len(buffers), shape, buf_dtype, channels_last=len(shape) == 4 and nhwc[root],
                                    first=pos[_writer(node)], last=pos[_writer(node)], pinned=pinned)
         buf = buffers[root]
         buf.first = min(buf.first, pos[_writer(node)])
         shape = node.meta["shape"]
         channels = shape[1] if len(shape) > 1 else (shape[0] if shape else 1)
         placements[node] = Placement(buf, offset, channels, step)
-        value_dtypes[node] = dtype
+        value_dtypes[node] = buf.dtype
 
     for node in order:
         if is_canonical(node) and node.target in ops.VIEW_OPS and node.args[0] in value_dtypes:
@@ -151,7 +167,8 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False) 
             buf.last = bounds[min(buf.last, len(order) - 1)][1] + (buf.last >= len(order))
     arena = assign_offsets(buffers.values())
     naive = sum(b.nbytes for b in buffers.values() if not b.pinned)
-    return Plan(order, dtype, placements, list(buffers.values()), arena, naive, value_dtypes, stream_plan)
+    return Plan(order, dtype, placements, list(buffers.values()), arena, naive, value_dtypes, stream_plan,
+                precision)
 
 
 def _buffer_reads(gm, order, placements) -> dict[fx.Node, set[int]]:

@@ -13,6 +13,7 @@ import math
 import operator
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,11 +26,21 @@ from ..graph import cat_input_slot, is_canonical, is_fallback_compute, spec
 from ..plan import Plan
 from ..plan.memory import materialize
 from ..timing import memory_bandwidth, time_in_cuda_graph
-from .steps import ConvertStep, CopyStep, FallbackStep, Kernel, KernelStep, Step, ViewStep
+from .steps import ConvertStep, CopyStep, FallbackStep, Kernel, KernelStep, QuantConvertStep, Step, ViewStep
 
 log = logging.getLogger(__name__)
 
 Lowering = Callable[[fx.Node], Kernel]
+Convert = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class Converters:
+    """int8 builds: how a backend quantizes real values into codes of a QParams and
+    dequantizes codes into a float dtype (``fn(x, out)`` writes out)."""
+
+    quantize: Callable[[Any], Convert]
+    dequantize: Callable[[Any, torch.dtype], Convert]
 
 
 class Program:
@@ -37,6 +48,7 @@ class Program:
                  ids: dict[fx.Node, int], arena: torch.Tensor, static_inputs: list[torch.Tensor]):
         self.gm, self.plan, self.steps, self.env, self.ids = gm, plan, steps, env, ids
         self.arena, self.static_inputs = arena, static_inputs
+        self.input_loaders: list[Convert | None] = [None] * len(static_inputs)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     @property
@@ -44,8 +56,11 @@ class Program:
         return sum(s.launches for s in self.steps)
 
     def _load_inputs(self, inputs: Sequence[torch.Tensor]) -> None:
-        for dst, src in zip(self.static_inputs, inputs):
-            dst.copy_(src)
+        for dst, src, load in zip(self.static_inputs, inputs, self.input_loaders):
+            if load is None:
+                dst.copy_(src)
+            else:
+                load(src, dst)  # quantized in the copy (an int8 network input)
 
     def _run_steps(self) -> None:
         for step in self.steps:
@@ -215,7 +230,8 @@ def _lower(node: fx.Node, lowering: Lowering, backend: str, fallback: Lowering |
 
 
 def build_program(gm: fx.GraphModule, plan: Plan, lowering: Lowering, backend: str,
-                  device: torch.device, fallback: Lowering | None = None) -> Program:
+                  device: torch.device, fallback: Lowering | None = None,
+                  converters: Converters | None = None) -> Program:
     ids = {n: i for i, n in enumerate(gm.graph.nodes)}
     env: list = [None] * len(ids)
     arena = torch.empty(max(plan.arena_bytes, 1), dtype=torch.uint8, device=device)
@@ -224,18 +240,41 @@ def build_program(gm: fx.GraphModule, plan: Plan, lowering: Lowering, backend: s
         env[ids[node]] = materialize(arena, placement, pinned)
 
     steps: list[Step] = []
-    converted: dict[tuple[fx.Node, torch.dtype, torch.memory_format], int] = {}
+    converted: dict[tuple, int] = {}
 
-    def slot(value: fx.Node, convert: bool, dtype: torch.dtype, fmt: torch.memory_format) -> int:
-        """The env slot of ``value``: its own, or with ``convert`` a copy as ``dtype`` in layout
-        ``fmt`` made once (by a ConvertStep before its first consumer) and shared by every consumer."""
-        if not convert or dtype is None:
+    def slot(value: fx.Node, want: torch.dtype | None, fmt: torch.memory_format, ours: bool = True) -> int:
+        """The env slot of ``value`` as a consumer wants it: its own, or a copy as ``want`` in
+        layout ``fmt`` made once (by a conversion step before its first consumer) and shared by
+        every consumer. int8 codes cross to real values through the backend's converters."""
+        have = plan.value_dtype(value) if ours else None
+        if want is None or (have == want == torch.int8):
             return ids[value]
-        key = (value, dtype, fmt)
+        if have == torch.int8 or want == torch.int8:
+            direction = "quantize" if want == torch.int8 else "dequantize"
+            qkey = (value, direction)
+            if qkey not in converted:
+                converted[qkey] = len(env)
+                env.append(None)
+                qp = plan.value_qparams(value)
+                fn = converters.quantize(qp) if want == torch.int8 else converters.dequantize(qp, plan.dtype)
+                dtype = torch.int8 if want == torch.int8 else plan.dtype
+                steps.append(QuantConvertStep(value, ids[value], converted[qkey], dtype, fn, direction))
+            if want == torch.int8 or (want == plan.dtype and fmt == torch.channels_last):
+                return converted[qkey]
+            src = converted[qkey]  # dequantized; PyTorch code wants it in its own dtype, contiguous
+        elif fmt == torch.channels_last:  # a kernel's input: values of another dtype are converted
+            if have in (None, want):
+                return ids[value]
+            src = ids[value]
+        else:  # PyTorch code's input: our values leave in the model's dtype, contiguous
+            if not ours:
+                return ids[value]
+            src = ids[value]
+        key = (value, want, fmt)
         if key not in converted:
             converted[key] = len(env)
             env.append(None)
-            steps.append(ConvertStep(value, ids[value], converted[key], dtype, fmt))
+            steps.append(ConvertStep(value, src, converted[key], want, fmt))
         return converted[key]
 
     static_inputs = []
@@ -258,20 +297,35 @@ def build_program(gm: fx.GraphModule, plan: Plan, lowering: Lowering, backend: s
         elif is_canonical(node):
             outs = [env[ids[u]] for u in _segments(node)] if getattr(spec(node), "out_splits", None) \
                 else [env[ids[node]]]
-            in_ids = [slot(i, plan.value_dtype(i) not in (None, plan.dtype), plan.dtype, torch.channels_last)
-                      for i in node.args]
+            in_ids = [slot(i, want, torch.channels_last) for i, want in zip(node.args, _wanted_dtypes(node, plan))]
             kernel, used = _lower(node, lowering, backend, fallback)
             steps.append(KernelStep(node, kernel, in_ids, outs, used))
         elif "segment_of" in node.meta:
             continue  # written by its merged conv
         else:
             # PyTorch code sees what the original model saw: its dtypes, contiguous tensors.
-            in_ids = {i: slot(i, _ours(i, plan), i.meta.get("dtype"), torch.contiguous_format)
+            in_ids = {i: slot(i, i.meta.get("dtype"), torch.contiguous_format, _ours(i, plan))
                       for i in node.all_input_nodes}
             steps.append(FallbackStep(node, _fallback_callable(gm, node), in_ids, ids[node],
                                       launches=1 if is_fallback_compute(node) else 0))
 
-    return Program(gm, plan, steps, env, ids, arena, static_inputs)
+    program = Program(gm, plan, steps, env, ids, arena, static_inputs)
+    placeholders = [n for n in plan.order if n.op == "placeholder"]
+    program.input_loaders = [converters.quantize(plan.value_qparams(n)) if plan.value_dtype(n) == torch.int8
+                             else None for n in placeholders]
+    return program
+
+
+def _wanted_dtypes(node: fx.Node, plan: Plan) -> list[torch.dtype | None]:
+    """The dtype a kernel reads each input in: an int8 layer reads its main input as codes and
+    its residual as stored (codes or real); any other input (an SE gate), and every input of a
+    float layer, in the network's float precision."""
+    if not plan.is_int8_layer(node):
+        return [plan.dtype] * len(node.args)
+    wanted = [torch.int8] + [plan.dtype] * (len(node.args) - 1)
+    if getattr(getattr(spec(node), "epilogue", None), "residual", False):
+        wanted[-1] = plan.value_dtype(node.args[-1])
+    return wanted
 
 
 def _ours(node: fx.Node, plan: Plan) -> bool:

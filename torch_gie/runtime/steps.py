@@ -88,6 +88,25 @@ class ConvertStep(Step):
         env[self.out_id] = v.to(dtype=self.dtype, memory_format=fmt) if isinstance(v, torch.Tensor) else v
 
 
+class QuantConvertStep(Step):
+    """A value crossing between int8 codes and real values (int8 builds): ``convert(src, out)``
+    quantizes or dequantizes into ``out``, a static tensor in the value's layout allocated on the
+    first call, once per value and direction, shared by every consumer."""
+
+    def __init__(self, node: fx.Node, in_id: int, out_id: int, dtype: torch.dtype,
+                 convert: Callable[[torch.Tensor, torch.Tensor], None], what: str):
+        self.node, self.name, self.op = node, f"{node.name}.{what}", what
+        self.in_id, self.out_id, self.dtype, self.convert = in_id, out_id, dtype, convert
+        self.out: torch.Tensor | None = None
+
+    def __call__(self, env: list) -> None:
+        src = env[self.in_id]
+        if self.out is None:  # first (warm-up) call, before any CUDA-graph capture
+            self.out = torch.empty_like(src, dtype=self.dtype)
+        self.convert(src, self.out)
+        env[self.out_id] = self.out
+
+
 class FallbackStep(Step):
     """Runs an original fx node with PyTorch, on the dtypes the original model used."""
 
