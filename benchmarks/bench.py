@@ -31,7 +31,7 @@ from torch_gie.timing import time_calls  # noqa: E402
 
 MODELS = ["resnet50", "googlenet", "inception_v3", "vgg16", "mobilenet_v2", "densenet121"]
 CALIBRATE = ("inception_v3", "mobilenet_v2")  # see build_model
-VARIANTS = ["eager_fp32", "eager_fp16", "torch_compile", "gie_fp32", "gie_fp16"]
+VARIANTS = ["eager_fp32", "eager_fp16", "torch_compile", "gie_fp32", "gie_fp16", "gie_int8"]
 
 
 def build_model(name: str) -> tuple[torch.nn.Module, int]:
@@ -66,9 +66,14 @@ def make_variant(variant: str, model: torch.nn.Module, x: torch.Tensor, batch: i
             fn = lambda: half(xh)  # noqa: E731
     else:
         precision = variant.split("_")[1]
-        # Tuning (fp16 only: it doubles the build, and fp32 is the accuracy baseline, not the fast path).
-        tune = ("refresh" if ARGS.retune else ARGS.tune) if precision == "fp16" else False
-        gie = torch_gie.compile(model, x, precision=precision, tune=tune)
+        # Tuning (fp16 and int8 only: it doubles the build, and fp32 is the accuracy baseline).
+        tune = ("refresh" if ARGS.retune else ARGS.tune) if precision in ("fp16", "int8") else False
+        kwargs = {}
+        if precision == "int8":  # calibrated on other random images than the timed input
+            g = torch.Generator("cuda").manual_seed(7)
+            kwargs["calibration_data"] = [torch.randn((min(batch, 32),) + tuple(x.shape[1:]), device="cuda",
+                                                      generator=g) for _ in range(4)]
+        gie = torch_gie.compile(model, x, precision=precision, tune=tune, **kwargs)
         fn = lambda: gie(x)  # noqa: E731
         fn.gie = gie
     torch.cuda.synchronize()

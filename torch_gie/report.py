@@ -2,11 +2,14 @@
 much memory the plan takes; as a dict (``GIEModule.report()``) and as readable text."""
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
 from torch import fx
 
+from . import ops
 from .graph import is_compute, is_fallback_compute, target_name
 from .passes import PassResult
 from .plan import Plan
@@ -30,6 +33,14 @@ def _layer(step: Step, plan: Plan) -> dict[str, Any]:
              "output_shapes": _shapes([node]), "launches": step.launches}
     if isinstance(step, KernelStep):
         entry["precision"] = _PRECISION_NAMES.get(plan.dtype, str(plan.dtype))
+        quant = node.meta.get("quant")
+        if quant is not None:
+            entry["precision"] = "int8"
+            entry["quant"] = {"input": _qp(quant.input), "output": _qp(quant.output) if quant.output
+                              else f"real ({_PRECISION_NAMES.get(quant.out_dtype)})"}
+            if quant.residual is not None:
+                entry["quant"]["residual"] = _qp(quant.residual)
+        entry["macs"] = _macs(node)
         entry["backend"] = step.backend
         ep = getattr(node.meta.get("spec"), "epilogue", None)
         if ep is not None and not ep.is_empty:
@@ -41,6 +52,37 @@ def _layer(step: Step, plan: Plan) -> dict[str, Any]:
         entry["precision"] = _PRECISION_NAMES.get(node.meta.get("dtype"), str(node.meta.get("dtype")))
         entry["backend"] = "pytorch"
     return entry
+
+
+def _qp(qp) -> str:
+    """A QParams for people: its scale, and the real range its codes cover."""
+    lo, hi = qp.real_range
+    return f"scale {qp.scale:.4g}, {'unsigned' if qp.unsigned else 'signed'} [{lo:.4g}, {hi:.4g}]"
+
+
+def _macs(node: fx.Node) -> int:
+    """Multiply-accumulates of a conv or Linear (0 for other ops)."""
+    s = node.meta.get("spec")
+    shape = node.meta.get("shape")
+    if node.target is ops.conv2d and shape is not None:
+        return math.prod(shape) * s.weight[0].numel()
+    if node.target is ops.conv2d:  # merged convs: one shape per segment
+        segments = [u for u in node.users if u.meta.get("segment_of") is node]
+        return sum(math.prod(u.meta["shape"]) for u in segments) * s.weight[0].numel()
+    if node.target is ops.linear and shape is not None:
+        return math.prod(shape) * s.weight.shape[1]
+    return 0
+
+
+def int8_summary(layers: list[dict]) -> dict[str, Any] | None:
+    """How many layers and what share of the MACs run int8 (None in float builds)."""
+    int8 = [entry for entry in layers if entry.get("precision") == "int8"]
+    if not int8:
+        return None
+    macs = sum(entry.get("macs", 0) for entry in layers)
+    int8_macs = sum(entry.get("macs", 0) for entry in int8)
+    return {"int8_layers": len(int8), "kernel_layers": sum("macs" in entry for entry in layers),
+            "int8_mac_share": int8_macs / macs if macs else 0.0}
 
 
 def fallback_ops(gm: fx.GraphModule) -> list[dict[str, str]]:
@@ -77,7 +119,8 @@ def build_report(*, model: str, layers_in: int, results: list[PassResult], gm: f
         "concat_copies": concat.counts.get("copies", 0),
         "fusions": [f for r in results for f in r.fusions],
         "fallback_ops": fallback_ops(gm),
-        "layers": [_layer(s, plan) for s in steps if s.launches > 0],
+        "layers": (layers := [_layer(s, plan) for s in steps if s.launches > 0]),
+        "int8": int8_summary(layers),
         "arena_bytes": plan.arena_bytes,
         "naive_activation_bytes": plan.naive_bytes,
         "buffers": len(plan.buffers),
@@ -99,6 +142,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"  concats eliminated    : {report['concats_eliminated']} (copies left: {report['concat_copies']})",
         f"  activation arena      : {report['arena_bytes'] / 2**20:.2f} MiB "
         f"(vs {report['naive_activation_bytes'] / 2**20:.2f} MiB without reuse, {report['buffers']} buffers)",
+        *([f"  int8                  : {report['int8']['int8_layers']} of {report['int8']['kernel_layers']} "
+           f"kernel layers, {100 * report['int8']['int8_mac_share']:.1f}% of MACs (the rest fp16)"]
+          if report.get("int8") else []),
         f"  fallback ops          : {len(report['fallback_ops'])}"
         + (" (" + ", ".join(sorted({f['op'] for f in report['fallback_ops']})) + ")"
            if report["fallback_ops"] else ""),

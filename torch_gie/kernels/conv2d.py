@@ -145,7 +145,7 @@ def _accumulate(acc, a_rows, inside, b_cols, c, c_end, s_xc, gate_rows, s_gc,
         a = tl.load(a_ptrs, mask=inside[:, None] & (c < c_end)[None, :], other=X_ZP)
         a = _gated(a, gate_rows, c, s_gc, (c < c_end)[None, :], HAS_GATE, True, QUANT, X_ZP)
         b = tl.load(b_ptrs, mask=(c < c_end)[:, None], other=0)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -251,7 +251,7 @@ def _conv2d_kernel(
             if PIX != C_IN_G:  # padding lanes: whatever they hold must not reach the sum
                 a = tl.where(((j % PIX) < C_IN_G)[None, :], a, X_ZP)
             b = tl.load(w_fold[None, :] + (kh * KWC + j)[:, None], mask=(j < KWC)[:, None], other=0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     elif GATHER_K:
         # K flattened across taps: each element of a K chunk decodes its own (kh, kw, c), so a
         # 3-channel input fills the tile instead of padding every tap to BLOCK_K channels.
@@ -271,7 +271,7 @@ def _conv2d_kernel(
                         other=X_ZP)
             a = _gated(a, gate_rows, c, s_gc, k_ok[None, :], HAS_GATE, True, QUANT, X_ZP)
             b = tl.load(w_cols[None, :] + k[:, None], mask=k_ok[:, None], other=0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     elif FLAT_K:
         # One runtime loop over (tap, channel block): when C_in_g spans few BLOCK_Ks, this is
         # the only form whose loads the software pipeliner can overlap across taps.

@@ -166,9 +166,9 @@ def _linear_kernel(
         a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=X_ZP)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
         if QUANT:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=acc.dtype)
         else:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
