@@ -16,7 +16,9 @@ from .capture import as_input_tuple, capture
 from .dot import write_dot
 from .passes import PassContext, run_passes
 from .plan import make_plan
-from .quantize.build import DEFAULT_CALIBRATOR, attach_layer_quant, calibrate_int8
+from .plan.precision import plan_precision
+from .quantize.budget import SEARCH_SAMPLES, check_budget, search_fp16_layers
+from .quantize.build import DEFAULT_CALIBRATOR, attach_layer_quant, calibrate_int8, fp16_layers
 from .report import build_report, count_compute_ops, fallback_warning
 from .runtime.module import GIEModule
 from .runtime.program import build_program
@@ -84,8 +86,16 @@ def _prepare(module: nn.Module, example_inputs, precision: str, backend: str, op
         return model, inputs, device, gm, layers_in, results, make_plan(gm, PRECISIONS[precision], streams=streams)
     # int8: layers that cannot run int8 run in fp16 on the GPU (fp32 on the CPU reference backend)
     order = [n for n in gm.graph.nodes if n.op != "output"]
-    precision_plan, qparams = calibrate_int8(gm, order, inputs, **(int8 or {}))
+    int8 = dict(int8 or {})
+    budget = int8.pop("accuracy_budget", None)
+    precision_plan, qparams, kept = calibrate_int8(gm, order, inputs, keep_samples=SEARCH_SAMPLES if budget else 0,
+                                                   **int8)
     base = torch.float16 if device.type == "cuda" else torch.float32
+    if budget is not None:  # calibrated ranges stay valid: quantization classes are structural
+        fp16, search = search_fp16_layers(gm, order, inputs, kept, fp16_layers(order, int8.get("layer_precisions")),
+                                          budget, qparams, base, device)
+        precision_plan = plan_precision(gm, order, fp16)
+        precision_plan.search = search
     plan = make_plan(gm, base, streams=streams, precision=precision_plan)
     plan.qparams = qparams
     attach_layer_quant(plan)
@@ -94,14 +104,19 @@ def _prepare(module: nn.Module, example_inputs, precision: str, backend: str, op
 
 def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backend: str = "auto",
             calibration_data=None, calibrator=DEFAULT_CALIBRATOR, calibration_cache=None,
-            layer_precisions: dict[str, str] | None = None, **options: Any) -> GIEModule:
+            layer_precisions: dict[str, str] | None = None, accuracy_budget: dict[str, float] | None = None,
+            **options: Any) -> GIEModule:
     """Compile ``module`` for inputs shaped like ``example_inputs`` (a tensor or tuple of tensors).
 
     precision: "fp32" | "fp16" | "int8". int8 (see docs/int8.md): ``calibration_data`` is any
     iterable of input batches (a DataLoader works) the activation ranges are measured on;
     ``calibrator`` "percentile" (default, 99.99th), "entropy", "mse", "minmax" or a Calibrator;
     ``calibration_cache`` a JSON path: read when it exists (no calibration), else written;
-    ``layer_precisions`` {"layer.name": "fp16"} pins layers out of int8. backend: "auto" (triton on CUDA,
+    ``layer_precisions`` {"layer.name": "fp16"} pins layers out of int8; ``accuracy_budget``
+    ({"top1_agreement": 0.99} and/or {"sqnr_db": 30}: the first output's argmax agreement with
+    fp32 and mean per-sample SQNR, on the first 256 calibration samples) keeps the most
+    sensitive int8 layers in fp16 until the network meets it (ValueError if even all-fp16 misses;
+    the search is in ``report()["int8_search"]``; needs calibration_data). backend: "auto" (triton on CUDA,
     reference on CPU) | "triton" | "reference". Options: ``cuda_graph`` (default True on CUDA),
     ``static_outputs`` (return internal buffers, default False), ``disable_passes`` (names),
     ``dump_dir`` (write the graph after each pass), ``tune`` (False: use known timings only;
@@ -111,8 +126,15 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
     """
     _check_args(module, precision, backend, options)
     backend = _resolve_backend(backend, as_input_tuple(example_inputs)[0].device)  # fail before capture
+    if accuracy_budget is not None:
+        if precision != "int8":
+            raise ValueError(f"accuracy_budget applies to precision='int8', got precision={precision!r}")
+        check_budget(accuracy_budget)
+        if calibration_data is None:
+            raise ValueError("accuracy_budget measures the network on calibration_data; pass calibration_data= "
+                             "(a calibration cache alone holds ranges, not samples)")
     int8 = dict(calibration_data=calibration_data, calibrator=calibrator, calibration_cache=calibration_cache,
-                layer_precisions=layer_precisions)
+                layer_precisions=layer_precisions, accuracy_budget=accuracy_budget)
     model, inputs, device, gm, layers_in, results, plan = _prepare(module, example_inputs, precision,
                                                                     backend, options, int8)
     warning = fallback_warning(gm)

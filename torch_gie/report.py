@@ -3,7 +3,6 @@ much memory the plan takes; as a dict (``GIEModule.report()``) and as readable t
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 import torch
@@ -121,11 +120,20 @@ def build_report(*, model: str, layers_in: int, results: list[PassResult], gm: f
         "fallback_ops": fallback_ops(gm),
         "layers": (layers := [_layer(s, plan) for s in steps if s.launches > 0]),
         "int8": int8_summary(layers),
+        "int8_search": plan.precision.search if plan.precision is not None else None,
         "arena_bytes": plan.arena_bytes,
         "naive_activation_bytes": plan.naive_bytes,
         "buffers": len(plan.buffers),
         "passes": [{"name": r.name, "ms": round(1e3 * r.seconds, 2), **r.counts} for r in results],
     }
+
+
+def _search_line(search: dict[str, Any]) -> str:
+    """The accuracy-budget search in one line: the budget, what it kept in fp16, what it measured."""
+    last = next((e for e in reversed(search["log"]) if e["meets"]), search["log"][-1])
+    return (f"  int8 accuracy budget  : {search['budget']}: {len(search['fp16_layers'])} of {search['candidates']} "
+            f"int8 layers kept in fp16, measured top-1 {last['top1_agreement']:.3f}, SQNR {last['sqnr_db']:.1f} dB "
+            f"on {search['samples']} samples ({search['evaluations']} evaluations, {search['seconds']:.1f} s)")
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -145,6 +153,7 @@ def format_report(report: dict[str, Any]) -> str:
         *([f"  int8                  : {report['int8']['int8_layers']} of {report['int8']['kernel_layers']} "
            f"kernel layers, {100 * report['int8']['int8_mac_share']:.1f}% of MACs (the rest fp16)"]
           if report.get("int8") else []),
+        *([_search_line(report["int8_search"])] if report.get("int8_search") else []),
         f"  fallback ops          : {len(report['fallback_ops'])}"
         + (" (" + ", ".join(sorted({f['op'] for f in report['fallback_ops']})) + ")"
            if report["fallback_ops"] else ""),

@@ -36,11 +36,13 @@ _POOLS = (ops.pool2d, ops.adaptive_pool2d)
 @dataclass
 class PrecisionPlan:
     """``int8_layers``: nodes whose kernels run int8; ``classes``: value -> its class root;
-    ``int8_classes``: roots of classes stored as int8 codes."""
+    ``int8_classes``: roots of classes stored as int8 codes; ``search``: the accuracy-budget
+    search's report entry when one chose the fp16 layers (``quantize.budget``)."""
 
     int8_layers: set[fx.Node] = field(default_factory=set)
     classes: dict[fx.Node, fx.Node] = field(default_factory=dict)
     int8_classes: set[fx.Node] = field(default_factory=set)
+    search: dict | None = None
 
     def is_int8_value(self, node: fx.Node) -> bool:
         return self.classes.get(node) in self.int8_classes

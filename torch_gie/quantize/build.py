@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -82,24 +83,33 @@ def _observed_roots(pp: PrecisionPlan) -> set[fx.Node]:
 
 def calibrate_int8(gm: fx.GraphModule, order: list[fx.Node], example_inputs: tuple[torch.Tensor, ...], *,
                    calibration_data: Any, calibrator: Any, calibration_cache: str | os.PathLike | None,
-                   layer_precisions: dict[str, str] | None, progress: bool = True
-                   ) -> tuple[PrecisionPlan, dict[fx.Node, QParams]]:
-    """The precision plan and every observed class's QParams, from the cache when it covers this
-    graph, else by running ``gm`` in fp32 over ``calibration_data`` (and writing the cache)."""
+                   layer_precisions: dict[str, str] | None, progress: bool = True, keep_samples: int = 0
+                   ) -> tuple[PrecisionPlan, dict[fx.Node, QParams], list[tuple[torch.Tensor, ...]]]:
+    """The precision plan, every observed class's QParams, from the cache when it covers this
+    graph, else by running ``gm`` in fp32 over ``calibration_data`` (and writing the cache), and
+    the first checked batches holding ``keep_samples`` samples (for the accuracy-budget search: a
+    generator cannot be iterated twice). Kept batches may be the user's tensors: read them only."""
     pp = plan_precision(gm, order, fp16_layers(order, layer_precisions))
     roots = sorted(_observed_roots(pp), key=lambda n: order.index(n) if n in order else -1)
     fingerprint = graph_fingerprint([(r.name, tuple(r.meta["shape"])) for r in roots])
     cal = get_calibrator(calibrator)
     by_name = {r.name: r for r in roots}
+    kept: list[tuple[torch.Tensor, ...]] = []
     if calibration_cache is not None and os.path.exists(calibration_cache):
         ranges = load_calibration_cache(calibration_cache, fingerprint, expected_names=list(by_name))
         log.info("torch_gie: int8 ranges of %d tensors read from %s", len(ranges), calibration_cache)
+        if keep_samples and calibration_data is not None:
+            for _ in _keeping(iter_calibration_batches(calibration_data, example_inputs, progress=False),
+                              kept, keep_samples):
+                if sum(b[0].shape[0] for b in kept) >= keep_samples:
+                    break
     else:
         if calibration_data is None:
             raise ValueError("precision='int8' needs calibration_data=<an iterable of input batches, e.g. a "
                              "DataLoader of representative images> to measure activation ranges, or "
                              "calibration_cache=<path of a cache written by an earlier build of this model>")
-        batches = iter_calibration_batches(calibration_data, example_inputs, progress=progress)
+        batches = _keeping(iter_calibration_batches(calibration_data, example_inputs, progress=progress),
+                           kept, keep_samples)
         with torch.no_grad():
             fp32 = _fp32_graph(gm)
             batches = (tuple(t.to(torch.float32) for t in b) for b in batches)
@@ -109,7 +119,18 @@ def calibrate_int8(gm: fx.GraphModule, order: list[fx.Node], example_inputs: tup
             save_calibration_cache(calibration_cache, ranges, fingerprint, repr(cal))
             log.info("torch_gie: int8 calibration cache written to %s", calibration_cache)
     qparams = {by_name[name]: r.qparams() for name, r in ranges.items() if name in by_name}
-    return pp, qparams
+    return pp, qparams, kept
+
+
+def _keeping(batches: Iterator[tuple[torch.Tensor, ...]], kept: list, samples: int
+             ) -> Iterator[tuple[torch.Tensor, ...]]:
+    """``batches`` passed through, the first ones (``samples`` samples) also appended to ``kept``."""
+    held = 0
+    for batch in batches:
+        if held < samples:
+            kept.append(batch)
+            held += batch[0].shape[0]
+        yield batch
 
 
 def _fp32_graph(gm: fx.GraphModule) -> fx.GraphModule:
