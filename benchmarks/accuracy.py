@@ -262,6 +262,12 @@ def main() -> None:
     ref = fp32_logits(model, crops, args.device, args.batch)
     result = {"env": env, "protocol": protocol, "fp32": fp32_summary(ref), "rows": []}
     print(json.dumps({"fp32": result["fp32"]}), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"accuracy-{env['date'].replace(':', '')}")
+
+    def save():  # after every row: an interrupted run keeps what it measured
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=1)
 
     if not args.no_ptq:
         # torchvision's quantizable MobileNetV2 swaps ReLU6 for ReLU: this row is that change alone, in fp32
@@ -271,6 +277,7 @@ def main() -> None:
         for name, (engine, qconfig) in _ptq_qconfigs().items():
             result["rows"].append(_measure({"row": name, "device": "cpu"}, ref, lambda e=engine, q=qconfig:
                                            ptq_logits(args.bundle, e, q, calib, crops, args.batch)))
+            save()
     for name, options in _gie_rows(args):
         row = {"row": name + (" (fp32 stand-in)" if args.fp_stand_in else ""), "device": args.device,
                "backend": args.backend, "options": {k: repr(v) for k, v in options.items()}}
@@ -278,11 +285,8 @@ def main() -> None:
             row["note"] = "compiled in fp32: checks the harness, not int8"
         result["rows"].append(_measure(row, ref, lambda o=options: gie_logits(
             model, calib, crops, args.device, args.backend, args.batch, o, args.fp_stand_in)))
-
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"accuracy-{env['date'].replace(':', '')}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+        save()
+    save()
     fp = result["fp32"]
     text = (f"MobileNetV2 (trained) int8 vs eager fp32 on {fp['crops']} crops of {len(int8_data.PHOTO_NAMES)} "
             f"photos; {fp['confident_crops']} confident (fp32 top-1 p >= {CONFIDENT}); fp32 on {env['device']}; "
