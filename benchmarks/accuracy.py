@@ -6,8 +6,9 @@ agrees with fp32, not by ImageNet accuracy.
 Rows: PyTorch PTQ (torch.ao.quantization, BatchNorm folded by ``fuse_model``, real int8 CPU
 kernels; always on CPU) with the x86 default qconfig, and with a histogram observer and per-channel
 symmetric weights on the qnnpack engine; one row per torch_gie calibrator; an accuracy-budget row
-when ``--accuracy-budget`` is given. Columns: top-1 agreement with fp32; the same on confident crops
-(fp32 top-1 probability >= 0.5); fp32's top-1 inside the int8 top-5; mean per-crop logit SQNR.
+when ``--accuracy-budget`` is given (e.g. top1_agreement=0.99). Columns: top-1 agreement with
+fp32; the same on confident crops (fp32 top-1 probability >= 0.5); fp32's top-1 inside the int8
+top-5; mean per-crop logit SQNR.
 Protocol (crops, seeds) in ``int8_data.py``. Examples:
 
     python benchmarks/accuracy.py --device cpu --limit 200              # quick, packages installed
@@ -220,9 +221,9 @@ def _gie_rows(args) -> list[tuple[str, dict]]:
             raise SystemExit(f"unknown calibrator {name!r}; known: {', '.join(CALIBRATORS)}")
         label = "percentile 99.99" if name == "percentile" else name
         rows.append((f"torch_gie int8 {label}", {"calibrator": CALIBRATORS[name]}))
-    if args.accuracy_budget is not None:
-        # accuracy_budget is not a compile option yet: the row records the TypeError until it is
-        options = {"calibrator": CALIBRATORS[args.budget_calibrator], "accuracy_budget": args.accuracy_budget}
+    if args.accuracy_budget:
+        budget = {key: float(value) for key, value in (item.split("=") for item in args.accuracy_budget.split(","))}
+        options = {"calibrator": CALIBRATORS[args.budget_calibrator], "accuracy_budget": budget}
         rows.append((f"torch_gie int8 {args.budget_calibrator}, accuracy budget {args.accuracy_budget}", options))
     return rows
 
@@ -235,7 +236,9 @@ def main() -> None:
     p.add_argument("--bundle", help="read weights and photos from this bundle (int8_data.py --export) instead of "
                                     f"the packages, e.g. {os.path.normpath(int8_data.DEFAULT_BUNDLE)}")
     p.add_argument("--calibrators", default=",".join(CALIBRATORS), help="torch_gie rows, comma-separated")
-    p.add_argument("--accuracy-budget", type=float, help="add a torch_gie row compiled with this accuracy_budget")
+    p.add_argument("--accuracy-budget", metavar="KEY=VALUE,...",
+                   help="add a torch_gie row compiled with accuracy_budget={KEY: VALUE}, e.g. top1_agreement=0.99 "
+                        "or sqnr_db=30 (measured by torch_gie on the calibration crops)")
     p.add_argument("--budget-calibrator", default="entropy", choices=tuple(CALIBRATORS))
     p.add_argument("--no-ptq", action="store_true", help="skip the PyTorch PTQ rows")
     p.add_argument("--fp-stand-in", action="store_true",
