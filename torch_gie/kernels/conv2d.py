@@ -69,7 +69,7 @@ from torch_gie.kernels.layer_args import (
     problem_pixels,
     vector_width,
 )
-from torch_gie.kernels.quant import round_half_even
+from torch_gie.kernels.quant import load_codes, round_half_even
 from torch_gie.quantize.arith import LayerQuant, fold_zero_point, quantize_weight
 
 # Names tl.dot accepts for fp32 operands on NVIDIA in Triton 3.x (keyword ``input_precision``).
@@ -138,11 +138,11 @@ def _accumulate(acc, a_rows, inside, b_cols, c, c_end, s_xc, gate_rows, s_gc,
     a_ptrs = a_rows[:, None] + (c * s_xc)[None, :]
     b_ptrs = b_cols[None, :] + c[:, None]
     if EVEN_K:
-        a = tl.load(a_ptrs, mask=inside[:, None], other=X_ZP)
+        a = load_codes(a_ptrs, inside[:, None], X_ZP)
         a = _gated(a, gate_rows, c, s_gc, inside[:, None], HAS_GATE, False, QUANT, X_ZP)
         b = tl.load(b_ptrs)
     else:
-        a = tl.load(a_ptrs, mask=inside[:, None] & (c < c_end)[None, :], other=X_ZP)
+        a = load_codes(a_ptrs, inside[:, None] & (c < c_end)[None, :], X_ZP)
         a = _gated(a, gate_rows, c, s_gc, (c < c_end)[None, :], HAS_GATE, True, QUANT, X_ZP)
         b = tl.load(b_ptrs, mask=(c < c_end)[:, None], other=0)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
@@ -247,7 +247,7 @@ def _conv2d_kernel(
             ih = oh * STRIDE_H - PAD_H + kh * DIL_H
             iw = iw0[:, None] + (j // PIX)[None, :]
             a_mask = ((ih >= 0) & (ih < H))[:, None] & (j < KWC)[None, :] & (iw >= 0) & (iw < W)
-            a = tl.load((x_rows + ih * s_xh + iw0 * PIX)[:, None] + j[None, :], mask=a_mask, other=X_ZP)
+            a = load_codes((x_rows + ih * s_xh + iw0 * PIX)[:, None] + j[None, :], a_mask, X_ZP)
             if PIX != C_IN_G:  # padding lanes: whatever they hold must not reach the sum
                 a = tl.where(((j % PIX) < C_IN_G)[None, :], a, X_ZP)
             b = tl.load(w_fold[None, :] + (kh * KWC + j)[:, None], mask=(j < KWC)[:, None], other=0)
@@ -267,8 +267,7 @@ def _conv2d_kernel(
             iw = (ow * STRIDE_W - PAD_W)[:, None] + (kw * DIL_W)[None, :]
             k_ok = (k < K_total) & (c < c_end)
             a_mask = k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_rows[:, None] + ih * s_xh + iw * s_xw + (c * s_xc)[None, :], mask=a_mask,
-                        other=X_ZP)
+            a = load_codes(x_rows[:, None] + ih * s_xh + iw * s_xw + (c * s_xc)[None, :], a_mask, X_ZP)
             a = _gated(a, gate_rows, c, s_gc, k_ok[None, :], HAS_GATE, True, QUANT, X_ZP)
             b = tl.load(w_cols[None, :] + k[:, None], mask=k_ok[:, None], other=0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)

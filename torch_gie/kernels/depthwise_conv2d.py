@@ -25,6 +25,7 @@ from torch_gie.kernels.conv_epilogue import (
     quant_args,
     store_segments,
 )
+from torch_gie.kernels.quant import load_codes
 
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_C", "num_warps", "num_stages")
 
@@ -137,8 +138,7 @@ def _depthwise_conv2d_kernel(
                 inside = inside & (ih >= 0) & (ih < H)
             if BORDER_W:
                 inside = inside & (iw >= 0) & (iw < W)
-            xv = tl.load((x_rows + ih * s_xh + iw * s_xw)[:, None] + x_cols[None, :],
-                         mask=inside[:, None], other=X_ZP)
+            xv = load_codes((x_rows + ih * s_xh + iw * s_xw)[:, None] + x_cols[None, :], inside[:, None], X_ZP)
             wv = tl.load(w_ptr + (kh * KW + kw) * C_out + co)
             acc += xv.to(acc.dtype) * wv.to(acc.dtype)[None, :]
 

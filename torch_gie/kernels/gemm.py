@@ -27,6 +27,7 @@ from torch_gie.kernels.gemv import (
     pack_gemv_weight,
 )
 from torch_gie.kernels.layer_args import bind_activations
+from torch_gie.kernels.quant import load_codes
 from torch_gie.quantize.arith import LayerQuant, fold_zero_point, quantize_weight
 
 _DTYPES = (torch.float16, torch.float32, torch.int8)
@@ -163,7 +164,7 @@ def _linear_kernel(
         k_ok = rk < K - k0
         # Rows past M (batch 1 pads to a 16-row tile) and the K tail load zeros (int8: the zero
         # point, real 0; the weight's K tail is 0 either way).
-        a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=X_ZP)
+        a = load_codes(x_ptrs, m_ok[:, None] & k_ok[None, :], X_ZP)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
         if QUANT:
             acc = tl.dot(a, b, acc, out_dtype=acc.dtype)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from torch_gie.kernels.epilogue import linear_epilogue
+from torch_gie.kernels.quant import load_codes
 
 GEMV_MAX_ROWS = 4  # up to this many rows the weight is read once per row from L2: still cheaper
 _CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
@@ -73,7 +74,7 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
-        xk = tl.load(x_row + (k0 + rk) * stride_xk, mask=k_ok, other=X_ZP).to(acc.dtype)
+        xk = load_codes(x_row + (k0 + rk) * stride_xk, k_ok, X_ZP).to(acc.dtype)
         w = tl.load(w_rows + k0, mask=k_ok[None, :], other=0).to(acc.dtype)
         acc += w * xk[None, :]
     y = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]: one output row

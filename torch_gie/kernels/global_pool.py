@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torch_gie.kernels.quant import requantize
+from torch_gie.kernels.quant import load_codes, requantize
 from torch_gie.quantize.arith import LayerQuant
 
 _DTYPES = (torch.float16, torch.float32)
@@ -47,7 +47,7 @@ def reduce_pixels(x_img, c_ok, start, end, W, sxh, sxw, IS_MAX: tl.constexpr,
         mask = (hw < end)[:, None] & c_ok[None, :]
         if IS_MAX:
             if x_img.dtype.element_ty == tl.int8:  # codes: -128 never wins (-inf has no int8)
-                v = tl.load(x_img + offs[:, None], mask=mask, other=-128)
+                v = load_codes(x_img + offs[:, None], mask, -128)
             else:
                 v = tl.load(x_img + offs[:, None], mask=mask, other=float("-inf"))
             acc = tl.maximum(acc, v.to(tl.float32))

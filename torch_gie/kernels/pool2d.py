@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from torch_gie.kernels.global_pool import GlobalPool2d, check_pool_io, check_quant
-from torch_gie.kernels.quant import dequantize, requantize
+from torch_gie.kernels.quant import dequantize, load_codes, requantize
 from torch_gie.quantize.arith import LayerQuant
 
 IntPair = int | tuple[int, int]
@@ -97,7 +97,7 @@ def _pool2d_kernel(
             mask = ok[:, None] & c_ok[None, :]
             if IS_MAX:
                 if X_QUANT:  # codes: -128 is the least code, so padding never wins
-                    v = tl.load(ptrs, mask=mask, other=-128).to(tl.float32)
+                    v = load_codes(ptrs, mask, -128).to(tl.float32)
                 else:
                     v = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
                 if PAD_IS_ZEROS:  # taps in the zero padding read 0; past it (ceil_mode) nothing
@@ -105,7 +105,7 @@ def _pool2d_kernel(
                     v = tl.where(in_pad[:, None], X_ZP * 1.0, v)  # real 0 (int8: the zero point)
                 acc = tl.maximum(acc, v)
             elif X_QUANT:  # codes less the zero point: exact integers; padding reads real 0
-                acc += tl.load(ptrs, mask=mask, other=X_ZP).to(tl.float32) - X_ZP
+                acc += load_codes(ptrs, mask, X_ZP).to(tl.float32) - X_ZP
             else:
                 acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 

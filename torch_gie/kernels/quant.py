@@ -31,3 +31,16 @@ def requantize(y, inv_scale, zero_point):
 def dequantize(codes, scale, zero_point):
     """int8 codes -> fp32 real values: (code - zero_point) * scale."""
     return (codes.to(tl.float32) - zero_point) * scale
+
+
+@triton.jit
+def load_codes(ptrs, mask, FILL: tl.constexpr):
+    """A masked load of int8 codes whose masked-out lanes read ``FILL`` (a zero point, or -128
+    so a max never picks them). Loaded with 0 then selected: Triton 3.6 packs a negative int8
+    ``other`` sign-extended into the registers of a vectorized load, so the masked lanes of a
+    4-byte vector read (-128, -1, -1, -1) instead of -128 four times (seen in sm_90 PTX:
+    ``mov.u32 %r, 0xffffffffffffff80``). With FILL 0 this is a plain load."""
+    v = tl.load(ptrs, mask=mask, other=0)
+    if FILL != 0:
+        v = tl.where(mask, v, FILL)
+    return v
