@@ -4,6 +4,9 @@ the whole network, measured against its fp32 self on the calibration data, meets
 
 Single-layer sensitivities only rank the layers; every decision is taken on the whole network,
 because noise from several int8 layers compounds in ways one layer at a time does not show.
+Ranking by each layer alone in int8 beat ranking by each layer alone in fp16 (leave-one-out) on
+resnet18 (BN-calibrated random weights, 32 samples): 7 vs 10 fp16 layers of 23 for +6 dB over
+all-int8, 14 vs 17 for +12 dB, at the same number of evaluations.
 """
 from __future__ import annotations
 
