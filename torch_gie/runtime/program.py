@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 import operator
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ class Program:
         self.arena, self.static_inputs = arena, static_inputs
         self.input_loaders: list[Convert | None] = [None] * len(static_inputs)
         self.graph: torch.cuda.CUDAGraph | None = None
+        # One call at a time owns the static inputs, the arena and the graph (see ``run``).
+        self._lock = threading.Lock()
+        self._stream = torch.cuda.Stream(arena.device) if arena.device.type == "cuda" else None
 
     @property
     def launches(self) -> int:
@@ -67,6 +71,28 @@ class Program:
             step(self.env)
 
     def run(self, inputs: Sequence[torch.Tensor], *, static_outputs: bool = False) -> Any:
+        """One forward. Thread-safe: calls are serialized by a lock, and on CUDA each runs on the
+        program's own stream, ordered after the caller's current stream (so inputs the caller
+        just produced are ready) and before whatever the caller issues next (its stream waits
+        for the outputs). Two calls therefore never overlap on the static buffers, on the host
+        or on the GPU. With ``static_outputs`` the returned buffers are overwritten by the next
+        call, from any thread: copy them before another call."""
+        with self._lock:
+            if self._stream is None:
+                return self._forward(inputs, static_outputs)
+            caller = torch.cuda.current_stream(self._stream.device)
+            self._stream.wait_stream(caller)
+            with torch.cuda.stream(self._stream):
+                result = self._forward(inputs, static_outputs)
+            caller.wait_stream(self._stream)
+            for t in inputs:  # read on our stream: not reusable before that read is done
+                t.record_stream(self._stream)
+            if not static_outputs:  # allocated on our stream, used on the caller's
+                fx.node.map_aggregate(result, lambda t: t.record_stream(caller)
+                                      if isinstance(t, torch.Tensor) and t.is_cuda else None)
+            return result
+
+    def _forward(self, inputs: Sequence[torch.Tensor], static_outputs: bool) -> Any:
         self._load_inputs(inputs)
         if self.graph is not None:
             self.graph.replay()
