@@ -32,6 +32,13 @@ def int8_slice(shape, device, extra=5, fill=POISON):
     return buf, buf[:, 2:2 + c]
 
 
+def codes_slice(shape, qp: QParams, device) -> torch.Tensor:
+    """Random codes in a channel-slice view of a wider poisoned buffer (``int8_slice``)."""
+    _, view = int8_slice(shape, device)
+    view.copy_(random_codes(view.shape, qp, device))
+    return view
+
+
 def assert_rest_untouched(buf, c, fill=POISON):
     assert (buf[:, :2] == fill).all() and (buf[:, 2 + c:] == fill).all()
 

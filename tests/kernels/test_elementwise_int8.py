@@ -8,6 +8,7 @@ from quant_checks import (
     UNSIGNED,
     assert_rest_untouched,
     check_output,
+    codes_slice,
     compile_sm90,
     int8_slice,
     output_qparams,
@@ -17,12 +18,6 @@ from quant_checks import (
 from torch_gie.activations import apply_activation
 from torch_gie.kernels.elementwise import Add, Mul
 from torch_gie.quantize.arith import LayerQuant, QParams, dequantize
-
-
-def codes_slice(shape, qp, device):
-    _, view = int8_slice(shape, device)
-    view.copy_(random_codes(view.shape, qp, device))
-    return view
 
 
 @pytest.mark.parametrize("b_kind", ["int8", "fp16"])

@@ -9,6 +9,7 @@ from quant_checks import (
     UNSIGNED,
     assert_rest_untouched,
     check_output,
+    codes_slice,
     compile_sm90,
     int8_slice,
     output_qparams,
@@ -20,12 +21,6 @@ from torch_gie.kernels.pool2d import AdaptiveAvgPool2d
 from torch_gie.quantize.arith import LayerQuant, QParams, dequantize
 
 
-def codes_input(shape, qp, device):
-    _, x = int8_slice(shape, device)
-    x.copy_(random_codes(x.shape, qp, device))
-    return x
-
-
 @pytest.mark.parametrize("x_qp", [SIGNED, UNSIGNED], ids=["signed", "unsigned"])
 @pytest.mark.parametrize("out_kind", ["int8", "fp16"])
 @pytest.mark.parametrize("kind", ["avg", "max"])
@@ -35,7 +30,7 @@ def codes_input(shape, qp, device):
 ])
 def test_global_pool_int8(device, x_qp, out_kind, kind, n, c, hw):
     torch.manual_seed(7)
-    x = codes_input((n, c, *hw), x_qp, device)
+    x = codes_slice((n, c, *hw), x_qp, device)
     real = dequantize(x.cpu(), x_qp)
     ref = real.mean((2, 3)) if kind == "avg" else real.amax((2, 3))
     if out_kind == "fp16":

@@ -477,7 +477,8 @@ class Conv2d:
         if self.quant is None:
             res_strides = check_conv_outputs(outs, residual, num_seg, shape, x)
         else:
-            res_strides = check_quant_outputs(outs, residual, num_seg, shape, x, self.quant)
+            res = (torch.int8,) if self.quant.residual is not None else (torch.float16, torch.float32)
+            res_strides = check_conv_outputs(outs, residual, num_seg, shape, x, self.quant.store_dtype, res)
         if gate is not None:
             self._check_gate(gate, x)
         if n * oh * ow == 0:
@@ -576,32 +577,6 @@ def input_args(x: torch.Tensor, gate: torch.Tensor | None, channels: Sequence[in
     vec = vector_width(x.element_size(), [x_lead, s_xn, s_xh, s_xw, g_lead, s_gn, *channels])
     return x, gate, [x_lead // vec, s_xn // vec, s_xc, s_xh // vec, s_xw // vec, g_lead // vec,
                      s_gn // vec, s_gc], vec
-
-
-def check_quant_outputs(outs: Sequence[torch.Tensor], residual: torch.Tensor | None, num_seg: int,
-                        shape: tuple[int, int, int, int], x: torch.Tensor, quant: LayerQuant
-                        ) -> list[int]:
-    """``check_conv_outputs`` for an int8 layer: outputs in ``quant.store_dtype``, a residual of
-    int8 codes when ``quant.residual`` is set, else of real fp16/fp32 values."""
-    if outs[0].dtype != quant.store_dtype or outs[0].device != x.device:
-        raise ValueError(f"outs: expected {quant.store_dtype} on {x.device}, "
-                         f"got {outs[0].dtype} on {outs[0].device}")
-    res_dtypes = (torch.int8,) if quant.residual is not None else (torch.float16, torch.float32)
-    if residual is not None and (residual.dtype not in res_dtypes or residual.device != x.device):
-        raise ValueError(f"residual: expected one of {res_dtypes} on {x.device}, "
-                         f"got {residual.dtype} on {residual.device}")
-    n, _, oh, ow = shape
-    for i, t in enumerate(outs):
-        if (t.shape[0], t.shape[2], t.shape[3]) != (n, oh, ow):
-            raise ValueError(f"outs[{i}] has shape {tuple(t.shape)}, expected "
-                             f"(N, C, OH, OW) = ({n}, C, {oh}, {ow}) for x {tuple(x.shape)}")
-    if residual is None:
-        return [0, 0, 0, 0]
-    if num_seg != 1:
-        raise ValueError(f"a residual needs a single output view, got {num_seg}")
-    if tuple(residual.shape) != shape:
-        raise ValueError(f"residual shape: expected {shape}, got {tuple(residual.shape)}")
-    return list(residual.stride())
 
 
 def allocate_output(x: torch.Tensor, layer: Conv2d) -> torch.Tensor:

@@ -107,12 +107,18 @@ def check_conv_input(x: torch.Tensor, channels: int, dtype: torch.dtype,
 
 
 def check_conv_outputs(outs: Sequence[torch.Tensor], residual: torch.Tensor | None, num_seg: int,
-                       shape: tuple[int, int, int, int], x: torch.Tensor) -> list[int]:
+                       shape: tuple[int, int, int, int], x: torch.Tensor,
+                       out_dtype: torch.dtype | None = None,
+                       res_dtypes: tuple[torch.dtype, ...] | None = None) -> list[int]:
     """Check the output views (already split by ``segment_args``) and the residual against the
-    full output ``shape`` (N, C_out, OH, OW) of input x; returns the residual's strides."""
+    full output ``shape`` (N, C_out, OH, OW) of input x; returns the residual's strides. Outputs
+    and residual are in x's dtype unless ``out_dtype`` / ``res_dtypes`` say otherwise (an int8
+    layer: codes or real values)."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    res_dtypes = (x.dtype,) if res_dtypes is None else res_dtypes
     n, c_out, oh, ow = shape
-    if outs[0].dtype != x.dtype or outs[0].device != x.device:
-        raise ValueError(f"outs: expected {x.dtype} on {x.device}, "
+    if outs[0].dtype != out_dtype or outs[0].device != x.device:
+        raise ValueError(f"outs: expected {out_dtype} on {x.device}, "
                          f"got {outs[0].dtype} on {outs[0].device}")
     for i, t in enumerate(outs):
         if (t.shape[0], t.shape[2], t.shape[3]) != (n, oh, ow):
@@ -124,8 +130,9 @@ def check_conv_outputs(outs: Sequence[torch.Tensor], residual: torch.Tensor | No
         raise ValueError(f"a residual needs a single output view, got {num_seg}")
     if tuple(residual.shape) != shape:
         raise ValueError(f"residual shape: expected {shape}, got {tuple(residual.shape)}")
-    if residual.dtype != x.dtype or residual.device != x.device:
-        raise ValueError(f"residual: expected {x.dtype} on {x.device}, "
+    if residual.dtype not in res_dtypes or residual.device != x.device:
+        expected = res_dtypes[0] if len(res_dtypes) == 1 else f"one of {res_dtypes}"
+        raise ValueError(f"residual: expected {expected} on {x.device}, "
                          f"got {residual.dtype} on {residual.device}")
     return list(residual.stride())
 
