@@ -160,12 +160,18 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
 
 
 def explain(module: nn.Module, example_inputs, *, precision: str = "fp16", backend: str = "auto",
-            dot: str | None = None, **options: Any) -> dict[str, Any]:
+            dot: str | None = None, calibration_data=None, calibrator=DEFAULT_CALIBRATOR,
+            calibration_cache=None, layer_precisions: dict[str, str] | None = None,
+            **options: Any) -> dict[str, Any]:
     """The compile report without building kernels; ``dot="graph.dot"`` also writes the optimized
-    graph for Graphviz (and an SVG beside it when ``dot`` is installed)."""
+    graph for Graphviz (and an SVG beside it when ``dot`` is installed). int8 takes the
+    calibration arguments of ``compile`` (it calibrates, to say which layers run int8)."""
+    int8 = dict(calibration_data=calibration_data, calibrator=calibrator, calibration_cache=calibration_cache,
+                layer_precisions=layer_precisions)
     model, inputs, device, gm, layers_in, results, plan = _prepare(module, example_inputs, precision,
-                                                                    backend, options)
-    program = build_program(gm, plan, lambda node: None, "none", torch.device("meta"))
+                                                                    backend, options, int8)
+    program = build_program(gm, plan, lambda node: None, "none", torch.device("meta"), None,
+                            reference.converters())
     report = build_report(model=type(module).__name__, layers_in=layers_in, results=results, gm=gm, plan=plan,
                           steps=program.steps, precision=precision, backend=_resolve_backend(backend, device),
                           device=str(device))
