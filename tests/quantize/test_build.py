@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import torch_gie
+from torch_gie.quantize.calibrate import rebatch
 
 
 class Block(nn.Module):
@@ -98,3 +99,32 @@ def test_bad_calibration_data_is_named_and_nothing_is_modified():
 def test_explain_reports_the_int8_plan():
     report = torch_gie.explain(_model(), _data(1)[0], precision="int8", calibration_data=_data())
     assert report["int8"]["int8_mac_share"] == 1.0
+
+
+def test_calibration_batches_are_regrouped_to_the_compiled_batch_size():
+    batches = [(torch.arange(3.0)[:, None],), (torch.arange(3.0, 8.0)[:, None],)]
+    assert [b[0].flatten().tolist() for b in rebatch(iter(batches), 3)] == [[0, 1, 2], [3, 4, 5], [6, 7, 6]]
+    assert [b[0].shape[0] for b in rebatch(iter(batches), 16)] == [16]
+
+
+class FallbackInside(nn.Module):
+    """An int8 conv reading a PyTorch fallback's result, and a view that holds the batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x)).cumsum(1)  # cumsum: no lowering, a fallback
+        return self.fc(torch.relu(self.conv2(y)).reshape(2, -1))  # the batch size baked in
+
+
+def test_int8_layers_read_fallback_results_and_batch_bound_views():
+    torch.manual_seed(0)
+    model, x = FallbackInside().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="fallback"):
+        engine = torch_gie.compile(model, x, precision="int8", calibration_data=_data(3, batch=3, size=8))
+    with torch.no_grad():
+        ref = model(x)
+    assert ((engine(x) - ref).norm() / ref.norm()).item() < 0.05

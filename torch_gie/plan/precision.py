@@ -107,6 +107,11 @@ def quantization_classes(order: list[fx.Node]) -> dict[fx.Node, fx.Node]:
             uf.union(node.args[0], node)
         elif "segment_of" in node.meta:
             uf.union(node.meta["segment_of"], node)
+    for node in order:  # every tensor a layer reads has a class (a fallback's result: its own)
+        if is_canonical(node):
+            for a in node.all_input_nodes:
+                if "shape" in a.meta:
+                    uf.find(a)
     for node in order:  # a max pool is exact on codes: same scale in and out
         if is_canonical(node) and is_max_pool(node) and is_value(main_input(node)):
             uf.union(main_input(node), node)

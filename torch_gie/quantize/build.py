@@ -113,7 +113,7 @@ def calibrate_int8(gm: fx.GraphModule, order: list[fx.Node], example_inputs: tup
         with torch.no_grad():
             fp32 = _fp32_graph(gm)
             batches = (tuple(t.to(torch.float32) for t in b) for b in batches)
-            observers = observe(fp32, pp.classes, set(roots), batches)
+            observers = observe(fp32, pp.classes, set(roots), batches, example_inputs[0].shape[0])
         ranges = class_ranges(observers, cal)
         if calibration_cache is not None:
             save_calibration_cache(calibration_cache, ranges, fingerprint, repr(cal))
