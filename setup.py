@@ -23,5 +23,7 @@ setup(
         # installed apart with `pip install --no-deps` (its metadata pins torch==1.6, numpy==1.19).
         "int8-eval": ["torchvision", "scikit-image", "scikit-learn", "matplotlib", "mlxtend"],
     },
-    entry_points={"console_scripts": ["torch-gie=torch_gie.cli:main"]},
+    entry_points={"console_scripts": ["torch-gie=torch_gie.cli:main"],
+                  # torch.compile(model, backend="torch_gie")
+                  "torch_dynamo_backends": ["torch_gie = torch_gie.dynamo_backend:torch_gie_backend"]},
 )

@@ -1,6 +1,8 @@
 """Side-by-side inference benchmark on one GPU, in one process: eager fp32, eager fp16
 channels_last (cudnn.benchmark), torch.compile (default; "reduce-overhead" for batch <= 8) and
-torch_gie fp32/fp16, on torchvision models at several batch sizes.
+torch_gie fp32/fp16/int8 (int8 calibrated on other random images), on torchvision models at
+several batch sizes. ``--variants ...,gie_dynamo`` adds torch_gie through
+``torch.compile(backend="torch_gie")``.
 
 Reports images/s, p50/p99 latency (CUDA events, warm-up, median of many runs), build time and
 relative error against the fp32 eager output (tf32 off), writes JSON and a markdown table under
@@ -53,6 +55,12 @@ def make_variant(variant: str, model: torch.nn.Module, x: torch.Tensor, batch: i
     t0 = time.perf_counter()
     if variant == "eager_fp32":
         fn = lambda: model(x)  # noqa: E731
+    elif variant == "gie_dynamo":  # torch.compile(backend="torch_gie"): the same engine through Dynamo
+        compiled = torch.compile(model, backend="torch_gie",
+                                 options={"precision": "fp16", "tune": "refresh" if ARGS.retune else ARGS.tune})
+        for _ in range(2):
+            compiled(x)
+        fn = lambda: compiled(x)  # noqa: E731
     elif variant in ("eager_fp16", "torch_compile"):
         half = model.half().to(memory_format=torch.channels_last)
         xh = x.half().to(memory_format=torch.channels_last)
