@@ -156,7 +156,7 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
     report = build_report(model=type(module).__name__, layers_in=layers_in, results=results, gm=gm, plan=plan,
                           steps=program.steps, precision=precision, backend=backend, device=str(device))
     log.info("torch_gie: compiled %s: %d ops -> %d launches", report["model"], layers_in, report["launches"])
-    return GIEModule(program, inputs, report, static_outputs=options.get("static_outputs", False))
+    return GIEModule(program, inputs, report, static_outputs=options.get("static_outputs", False), options=options)
 
 
 def explain(module: nn.Module, example_inputs, *, precision: str = "fp16", backend: str = "auto",

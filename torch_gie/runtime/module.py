@@ -20,8 +20,9 @@ class GIEModule(nn.Module):
     """
 
     def __init__(self, program: Program, example_inputs: tuple[torch.Tensor, ...], report: dict[str, Any],
-                 static_outputs: bool = False):
+                 static_outputs: bool = False, options: dict[str, Any] | None = None):
         super().__init__()
+        self.build_options = dict(options or {})  # the compile options, which torch_gie.save records
         self._program = program
         self._signature = [(tuple(t.shape), t.dtype, t.device) for t in example_inputs]
         self._report = report
