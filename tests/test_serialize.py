@@ -83,6 +83,19 @@ def test_int8_round_trip_is_bit_identical_and_keeps_quantization(tmp_path):
         assert torch.equal(loaded(x), compiled(x))
 
 
+def test_triton_kernel_configs_are_restored_not_retuned(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    compiled = torch_gie.compile(small_cnn(), x, precision="fp32", backend="triton")
+    conv = next(s for s in compiled._program.steps if s.op == "conv2d").kernel.layer
+    conv.config = conv.configs[-1]  # not the default: the file must carry it
+    torch_gie.save(compiled, tmp_path / "tri.gie")
+    loaded = torch_gie.load(tmp_path / "tri.gie")
+    assert next(s for s in loaded._program.steps if s.op == "conv2d").kernel.layer.config == conv.configs[-1]
+    assert torch.equal(loaded(x), compiled(x))
+
+
 def test_fresh_process_loads_without_the_model_code(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)

@@ -347,19 +347,28 @@ def _read(path: str | os.PathLike) -> tuple[dict, bytearray]:
         raise ValueError(f"{where}: malformed header ({exc}); the file is corrupted or modified") from exc
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError(f"{where}: the header names no {FORMAT} format")
-    version = header.get("format_version")
+    version, versions = header.get("format_version"), header.get("versions")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{os.fspath(path)} was written in engine format version {version!r} "
-                         f"(torch_gie {header.get('versions', {}).get('torch_gie')}); this torch_gie "
-                         f"{torch_gie.__version__} reads version {FORMAT_VERSION}: {_REBUILD}")
+        built_by = versions.get("torch_gie") if isinstance(versions, dict) else None
+        raise ValueError(f"{os.fspath(path)} was written in engine format version {version!r} (torch_gie "
+                         f"{built_by}); this torch_gie {torch_gie.__version__} reads version {FORMAT_VERSION}: "
+                         f"{_REBUILD}")
     data = raw[start + length:]
-    tensors = header.get("tensors")
-    end = max((int(t["offsets"][1]) for t in tensors), default=0) if isinstance(tensors, list) else -1
+    try:
+        end = max((int(t["offsets"][1]) for t in header["tensors"]), default=0)
+        digest = _digest(header, data)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"{where}: malformed header ({type(exc).__name__}: {exc})") from exc
     if end != len(data):
         what = "truncated" if end > len(data) else "corrupted or modified (unexpected data size)"
         raise ValueError(f"{where}: {what}")
-    if header.get("digest") != _digest(header, data):
+    if header.get("digest") != digest:
         raise ValueError(f"{os.fspath(path)}: the digest does not match: the engine file is corrupted or modified")
+    here = _versions()
+    for name in ("torch", "triton"):
+        if isinstance(versions, dict) and versions.get(name) != here[name]:
+            log.warning("torch_gie: %s was built with %s %s, this is %s %s; rebuild if it misbehaves",
+                        os.fspath(path), name, versions.get(name), name, here[name])
     return header, data
 
 
@@ -429,8 +438,8 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None) -> G
     graph, int8 parameters and kernel configs come from the file. ValueError for a damaged,
     foreign or incompatible file."""
     header, data = _read(path)
-    device = _target_device(header["device"], device)
     try:
+        device = _target_device(header["device"], device)
         build = header["build"]
         backend = _resolve_backend(build["backend"], device)
         dec = _Decoder(header["tensors"], data, device)
