@@ -9,233 +9,51 @@ name in an allow-list of torch/operator/math namespaces; spec classes come from 
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import keyword
 import logging
-import math
 import operator
 import os
 import struct
 from importlib import metadata
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 import torch_gie
 
-from . import activations, ops
 from .compiler import _lowering, _resolve_backend
-from .graph import is_canonical
 from .passes import PassResult
 from .plan import make_plan
 from .plan.precision import PrecisionPlan
-from .quantize import arith
 from .report import build_report
 from .runtime.module import GIEModule
 from .runtime.program import build_program
 from .runtime.steps import KernelStep
+from .serialize_values import (
+    CANONICAL,
+    DTYPES,
+    Decoder,
+    Encoder,
+    allowed_name,
+    resolve,
+    target_of,
+)
 
 log = logging.getLogger("torch_gie")
 
 MAGIC = b"TGIEENG\x00"
 FORMAT = "torch_gie.engine"
 FORMAT_VERSION = 1
-_ALIGN = 64
 _META_KEYS = ("shape", "dtype", "spec", "slot", "segment_of", "cat_copies", "source", "fallback_reason",
               "tensor_valued", "quant")
 _SAVED_OPTIONS = ("cuda_graph", "streams", "fp32_precision", "tune", "disable_passes")
 _REBUILD = "rebuild it on this machine: torch_gie.compile(model, example_inputs, ...) then torch_gie.save"
 
-_DTYPES = {str(d)[6:]: d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8,
-                                    torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)}
-_MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last,
-                   "preserve_format": torch.preserve_format}
-# Spec classes by name: the only classes a file can construct.
-_DATACLASSES = {name: cls for mod in (ops, activations, arith) for name, cls in vars(mod).items()
-                if isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ == mod.__name__}
-_CANONICAL = {fn.__name__: fn for fn in ops.CANONICAL_OPS}
-# Namespaces a fallback's function may come from, and names in them that touch files, global
-# state or call other callables: a file may run PyTorch math, never I/O.
-_NAMESPACES = {"torch": torch, "torch.nn.functional": F, "torch.Tensor": torch.Tensor, "operator": operator,
-               "math": math, "builtins": {"getattr": getattr, "len": len}}
-_DENIED = {"load", "save", "from_file", "compile", "attrgetter", "itemgetter", "methodcaller", "call", "numpy",
-           "tofile", "storage", "untyped_storage", "share_memory_", "register_hook", "apply_", "map_", "map2_",
-           "manual_seed", "seed", "use_deterministic_algorithms"}
-_ALLOWED_PRIVATE = {"_assert"}
-
-
-def _allowed_name(name: str) -> bool:
-    return name.isidentifier() and not keyword.iskeyword(name) and name not in _DENIED and \
-        not name.startswith("set_") and (not name.startswith("_") or name in _ALLOWED_PRIVATE)
-
-
-def _qualified_name(fn: Any) -> str | None:
-    """``namespace.name`` of an allow-listed function, or None."""
-    name = getattr(fn, "__name__", None)
-    if not isinstance(name, str) or not _allowed_name(name):
-        return None
-    for ns_name, ns in _NAMESPACES.items():
-        found = ns.get(name) if isinstance(ns, dict) else getattr(ns, name, None)
-        if found is fn:
-            return f"{ns_name}.{name}"
-    return None
-
-
-def _resolve(qualname: str) -> Any:
-    ns_name, _, name = qualname.rpartition(".")
-    ns = _NAMESPACES.get(ns_name)
-    if ns is None or not _allowed_name(name):
-        raise ValueError(f"function {qualname!r} is not in the allow-list of an engine file")
-    fn = ns.get(name) if isinstance(ns, dict) else getattr(ns, name, None)
-    if fn is None or not callable(fn) or isinstance(fn, type):
-        raise ValueError(f"function {qualname!r} is not in the allow-list of an engine file")
-    return fn
-
-
-class _Encoder:
-    """Python values of a graph -> JSON, tensors into a byte table (shared tensors stored once)."""
-
-    def __init__(self) -> None:
-        self.tensors: list[dict] = []
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self._ids: dict[int, int] = {}
-        self._keep: list[torch.Tensor] = []  # ids stay valid while we hold the tensors
-
-    def tensor(self, t: torch.Tensor) -> int:
-        if id(t) in self._ids:
-            return self._ids[id(t)]
-        name = str(t.dtype)[6:]
-        if name not in _DTYPES:
-            raise ValueError(f"tensors of dtype {t.dtype} cannot be saved")
-        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        pad = -self.size % _ALIGN
-        self.chunks.append(b"\0" * pad + data)
-        begin = self.size + pad
-        self.size = begin + len(data)
-        self.tensors.append({"dtype": name, "shape": list(t.shape), "offsets": [begin, self.size]})
-        self._ids[id(t)] = len(self.tensors) - 1
-        self._keep.append(t)
-        return self._ids[id(t)]
-
-    def __call__(self, v: Any) -> Any:
-        if v is None or isinstance(v, (bool, str)):
-            return v
-        if isinstance(v, int):
-            return v
-        if isinstance(v, float):
-            return v if math.isfinite(v) else {"$float": repr(v)}
-        if isinstance(v, fx.Node):
-            return {"$node": v.name}
-        if isinstance(v, torch.Tensor):
-            return {"$tensor": self.tensor(v)}
-        if isinstance(v, torch.dtype):
-            return {"$dtype": str(v)[6:]}
-        if isinstance(v, torch.device):
-            return {"$device": str(v)}
-        if isinstance(v, torch.memory_format):
-            return {"$memory_format": str(v)[6:]}
-        if isinstance(v, slice):
-            return {"$slice": [self(v.start), self(v.stop), self(v.step)]}
-        if v is Ellipsis:
-            return {"$ellipsis": None}
-        if isinstance(v, tuple):  # torch.Size too
-            return {"$tuple": [self(x) for x in v]}
-        if isinstance(v, list):
-            return [self(x) for x in v]
-        if isinstance(v, dict):
-            return {"$dict": [[self(k), self(x)] for k, x in v.items()]}
-        if dataclasses.is_dataclass(v) and _DATACLASSES.get(type(v).__name__) is type(v):
-            return {"$dc": type(v).__name__,
-                    "fields": {f.name: self(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}}
-        raise ValueError(f"a value of type {type(v).__name__} cannot be saved")
-
-
-class _Decoder:
-    """JSON -> Python values; tensors from the byte table on ``device``; nodes by name."""
-
-    def __init__(self, table: list[dict], data: bytearray, device: torch.device) -> None:
-        self.table, self.data, self.device = table, data, device
-        self.nodes: dict[str, fx.Node] = {}
-        self._tensors: dict[int, torch.Tensor] = {}
-
-    def tensor(self, i: int) -> torch.Tensor:
-        if i not in self._tensors:
-            entry = self.table[i]
-            dtype, shape = _DTYPES[entry["dtype"]], [int(s) for s in entry["shape"]]
-            begin, end = (int(o) for o in entry["offsets"])
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(self.data) or end - begin != nbytes:
-                raise ValueError(f"tensor {i} lies outside the data region")
-            raw = torch.frombuffer(self.data, dtype=torch.uint8, count=nbytes, offset=begin).clone() \
-                if nbytes else torch.empty(0, dtype=torch.uint8)
-            self._tensors[i] = raw.view(dtype).reshape(shape).to(self.device)
-        return self._tensors[i]
-
-    def __call__(self, v: Any) -> Any:
-        if v is None or isinstance(v, (bool, int, float, str)):
-            return v
-        if isinstance(v, list):
-            return [self(x) for x in v]
-        if not isinstance(v, dict) or len(v) not in (1, 2):
-            raise ValueError(f"unexpected value {str(v)[:80]}")
-        tag = next(iter(v))
-        body = v[tag]
-        if tag == "$node":
-            return self.nodes[body]
-        if tag == "$tensor":
-            return self.tensor(body)
-        if tag == "$tuple":
-            return tuple(self(x) for x in body)
-        if tag == "$dict":
-            return {self(k): self(x) for k, x in body}
-        if tag == "$float":
-            return float(body)  # "nan", "inf", "-inf"
-        if tag == "$dtype":
-            return _DTYPES[body]
-        if tag == "$device":
-            return torch.device(body)
-        if tag == "$memory_format":
-            return _MEMORY_FORMATS[body]
-        if tag == "$slice":
-            return slice(*(self(x) for x in body))
-        if tag == "$ellipsis":
-            return Ellipsis
-        if tag == "$dc":
-            return _DATACLASSES[body](**{k: self(x) for k, x in v["fields"].items()})
-        raise ValueError(f"unknown value tag {tag!r}")
-
-
-def _target(node: fx.Node, gm: fx.GraphModule) -> Any:
-    """How a file names what a node runs; a ValueError when it would need the model's Python code."""
-    if node.op in ("placeholder", "output", "get_attr"):
-        return node.target
-    if node.op == "call_function":
-        if is_canonical(node):
-            return {"canonical": node.target.__name__}
-        qualname = _qualified_name(node.target)
-        if qualname is not None:
-            return qualname
-        what = getattr(node.target, "__qualname__", repr(node.target))
-    elif node.op == "call_method" and _allowed_name(node.target) and hasattr(torch.Tensor, node.target):
-        return node.target
-    elif node.op == "call_module":
-        what = f"{node.target}: a {type(gm.get_submodule(node.target)).__name__} module object"
-    else:
-        what = str(node.target)
-    raise ValueError(f"node {node.name} ({node.op} {what}) cannot be saved: the engine file stores no Python "
-                     "code, only canonical ops and torch/torch.nn.functional/operator/math functions; write that "
-                     "part of the model with those (e.g. F.pixel_shuffle for nn.PixelShuffle) and compile again")
-
-
-def _encode_graph(gm: fx.GraphModule, enc: _Encoder, configs: dict[str, dict]) -> dict:
+def _encode_graph(gm: fx.GraphModule, enc: Encoder, configs: dict[str, dict]) -> dict:
     nodes, constants = [], {}
     for node in gm.graph.nodes:
-        entry = {"name": node.name, "op": node.op, "target": _target(node, gm),
+        entry = {"name": node.name, "op": node.op, "target": target_of(node, gm),
                  "args": enc(tuple(node.args)), "kwargs": {k: enc(v) for k, v in node.kwargs.items()},
                  "meta": {k: enc(node.meta[k]) for k in _META_KEYS if k in node.meta}}
         if node.name in configs:
@@ -274,7 +92,7 @@ def _versions() -> dict:
     return {"torch_gie": torch_gie.__version__, "torch": torch.__version__, "triton": triton}
 
 
-def _int8_header(plan, enc: _Encoder) -> dict | None:
+def _int8_header(plan, enc: Encoder) -> dict | None:
     pp = plan.precision
     if pp is None:
         return None
@@ -302,7 +120,7 @@ def save(module: GIEModule, path: str | os.PathLike) -> None:
     if not isinstance(module, GIEModule):
         raise TypeError(f"torch_gie.save takes a module torch_gie.compile returned, got {type(module).__name__}")
     program, report = module._program, module.report()
-    enc = _Encoder()
+    enc = Encoder()
     graph = _encode_graph(program.gm, enc, _kernel_choices(program))
     options = getattr(module, "build_options", {})
     header = {
@@ -396,14 +214,14 @@ def _target_device(built: dict, device: torch.device | str | None) -> torch.devi
     return device
 
 
-def _decode_graph(graph: dict, dec: _Decoder) -> tuple[fx.GraphModule, dict[str, dict]]:
+def _decode_graph(graph: dict, dec: Decoder) -> tuple[fx.GraphModule, dict[str, dict]]:
     g = fx.Graph()
     choices = {}
     for entry in graph["nodes"]:
         op, target = entry["op"], entry["target"]
         if op == "call_function":
-            target = _CANONICAL[target["canonical"]] if isinstance(target, dict) else _resolve(target)
-        elif op == "call_method" and not (isinstance(target, str) and _allowed_name(target)
+            target = CANONICAL[target["canonical"]] if isinstance(target, dict) else resolve(target)
+        elif op == "call_method" and not (isinstance(target, str) and allowed_name(target)
                                           and hasattr(torch.Tensor, target)):
             raise ValueError(f"method {target!r} is not in the allow-list of an engine file")
         elif op in ("get_attr",) and not all(part.isidentifier() for part in target.split(".")):
@@ -411,7 +229,7 @@ def _decode_graph(graph: dict, dec: _Decoder) -> tuple[fx.GraphModule, dict[str,
         elif op not in ("placeholder", "output", "get_attr", "call_method"):
             raise ValueError(f"node kind {op!r} cannot be loaded")
         args = dec(entry["args"])
-        if target is getattr and not (len(args) == 2 and isinstance(args[1], str) and _allowed_name(args[1])):
+        if target is getattr and not (len(args) == 2 and isinstance(args[1], str) and allowed_name(args[1])):
             raise ValueError("an engine file may read public attributes only (getattr)")
         node = g.create_node(op, target, args, {k: dec(v) for k, v in entry["kwargs"].items()}, name=entry["name"])
         if node.name != entry["name"]:
@@ -425,7 +243,7 @@ def _decode_graph(graph: dict, dec: _Decoder) -> tuple[fx.GraphModule, dict[str,
     return fx.GraphModule(constants, g, class_name="LoadedEngine"), choices
 
 
-def _precision_plan(int8: dict, nodes: dict[str, fx.Node], dec: _Decoder) -> tuple[PrecisionPlan, dict]:
+def _precision_plan(int8: dict, nodes: dict[str, fx.Node], dec: Decoder) -> tuple[PrecisionPlan, dict]:
     pp = PrecisionPlan(int8_layers={nodes[n] for n in int8["int8_layers"]},
                        classes={nodes[v]: nodes[r] for v, r in int8["classes"].items()},
                        int8_classes={nodes[n] for n in int8["int8_classes"]}, search=dec(int8["search"]))
@@ -442,20 +260,20 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None) -> G
         device = _target_device(header["device"], device)
         build = header["build"]
         backend = _resolve_backend(build["backend"], device)
-        dec = _Decoder(header["tensors"], data, device)
+        dec = Decoder(header["tensors"], data, device)
         options = {k: dec(v) for k, v in build["options"].items()}
         gm, choices = _decode_graph(header["graph"], dec)
         precision, qparams = None, {}
         if header["int8"] is not None:
             precision, qparams = _precision_plan(header["int8"], dec.nodes, dec)
-        inputs = tuple(torch.zeros(i["shape"], dtype=_DTYPES[i["dtype"]], device=device) for i in header["inputs"])
+        inputs = tuple(torch.zeros(i["shape"], dtype=DTYPES[i["dtype"]], device=device) for i in header["inputs"])
         meta_report = header["report"]
         passes = dec(meta_report["passes"])
         fusions = dec(meta_report["fusions"])
     except (KeyError, TypeError, IndexError, AttributeError) as exc:
         raise ValueError(f"{os.fspath(path)}: malformed engine header ({type(exc).__name__}: {exc})") from exc
     streams = options.get("streams", True) and device.type == "cuda" and options.get("cuda_graph", True)
-    plan = make_plan(gm, _DTYPES[build["plan_dtype"]], streams=streams, precision=precision)
+    plan = make_plan(gm, DTYPES[build["plan_dtype"]], streams=streams, precision=precision)
     plan.qparams = qparams  # node.meta["quant"] came with the graph: no calibration
     lowering, fallback, converters = _lowering(backend, plan, device, options)
     program = build_program(gm, plan, lowering, backend, device, fallback, converters)
