@@ -58,36 +58,22 @@ def linear_configs(dtype: torch.dtype = torch.float16) -> list[dict]:
     Each is a dict with keys BLOCK_M, BLOCK_N, BLOCK_K (powers of two >= 16, as tl.dot requires;
     int8: BLOCK_K >= 32), num_warps and num_stages, the same form the conv kernels use.
     """
-    if dtype == torch.int8:
-        # One byte per element: twice the K depth of the fp16 tiles for the same shared memory.
-        candidates = [
-            _cfg(16, 16, 512, 2, 4),
-            _cfg(16, 32, 256, 4, 4),
-            _cfg(16, 64, 256, 4, 4),
-            _cfg(32, 32, 256, 4, 4),
-            _cfg(32, 64, 128, 4, 4),
-            _cfg(64, 64, 128, 4, 4),
-            _cfg(64, 128, 128, 4, 3),
-            _cfg(128, 64, 128, 4, 3),
-            _cfg(128, 128, 64, 8, 4),
-            _cfg(128, 128, 128, 8, 3),
-            _cfg(128, 256, 128, 8, 3),
-        ]
-    else:
-        candidates = [
-            # M <= 16 (batch 1..16): weight-bandwidth bound, so many narrow programs, long K steps.
-            _cfg(16, 16, 256, 2, 4),
-            _cfg(16, 32, 128, 4, 4),
-            _cfg(16, 64, 128, 4, 4),
-            _cfg(32, 32, 128, 4, 4),
-            _cfg(32, 64, 64, 4, 4),
-            _cfg(64, 64, 64, 4, 4),
-            _cfg(64, 128, 64, 4, 3),
-            _cfg(128, 64, 64, 4, 3),
-            _cfg(128, 128, 32, 8, 4),
-            _cfg(128, 128, 64, 8, 3),
-            _cfg(128, 256, 64, 8, 3),
-        ]
+    candidates = [
+        # M <= 16 (batch 1..16): weight-bandwidth bound, so many narrow programs, long K steps.
+        _cfg(16, 16, 256, 2, 4),
+        _cfg(16, 32, 128, 4, 4),
+        _cfg(16, 64, 128, 4, 4),
+        _cfg(32, 32, 128, 4, 4),
+        _cfg(32, 64, 64, 4, 4),
+        _cfg(64, 64, 64, 4, 4),
+        _cfg(64, 128, 64, 4, 3),
+        _cfg(128, 64, 64, 4, 3),
+        _cfg(128, 128, 32, 8, 4),
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 256, 64, 8, 3),
+    ]
+    if dtype == torch.int8:  # one byte per element: twice the K depth for the same shared memory
+        candidates = [{**c, "BLOCK_K": 2 * c["BLOCK_K"]} for c in candidates]
     size = dtype.itemsize
     return [c for c in candidates if (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * size
             * c["num_stages"] <= _SMEM_BUDGET]

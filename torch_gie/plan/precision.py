@@ -23,7 +23,6 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx
 
 from .. import ops
@@ -46,12 +45,6 @@ class PrecisionPlan:
 
     def is_int8_value(self, node: fx.Node) -> bool:
         return self.classes.get(node) in self.int8_classes
-
-    def members(self) -> dict[fx.Node, list[fx.Node]]:
-        out: dict[fx.Node, list[fx.Node]] = {}
-        for v, root in self.classes.items():
-            out.setdefault(root, []).append(v)
-        return out
 
 
 class _UnionFind:
@@ -176,7 +169,3 @@ def _stored_int8(values: list[fx.Node], int8: set[fx.Node], outputs: set[fx.Node
             wanted = True
     return wanted and (written or all(v.op == "placeholder" for v in values))
 
-
-def layer_quant_dtype(pp: PrecisionPlan, node: fx.Node, base: torch.dtype) -> torch.dtype:
-    """The dtype a value is stored in under ``pp`` (int8 codes or the base float dtype)."""
-    return torch.int8 if pp.is_int8_value(node) else base

@@ -111,9 +111,8 @@ def calibrate_int8(gm: fx.GraphModule, order: list[fx.Node], example_inputs: tup
         batches = _keeping(iter_calibration_batches(calibration_data, example_inputs, progress=progress),
                            kept, keep_samples)
         with torch.no_grad():
-            fp32 = _fp32_graph(gm)
             batches = (tuple(t.to(torch.float32) for t in b) for b in batches)
-            observers = observe(fp32, pp.classes, set(roots), batches, example_inputs[0].shape[0])
+            observers = observe(gm, pp.classes, set(roots), batches, example_inputs[0].shape[0])
         ranges = class_ranges(observers, cal)
         if calibration_cache is not None:
             save_calibration_cache(calibration_cache, ranges, fingerprint, repr(cal))
@@ -131,12 +130,6 @@ def _keeping(batches: Iterator[tuple[torch.Tensor, ...]], kept: list, samples: i
             kept.append(batch)
             held += batch[0].shape[0]
         yield batch
-
-
-def _fp32_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """The graph as it is: canonical specs hold the model's own (fp32) constants; calibrating a
-    model given in another dtype runs it in that dtype."""
-    return gm
 
 
 def attach_layer_quant(plan: Plan) -> None:
