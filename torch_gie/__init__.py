@@ -7,10 +7,10 @@ result is a drop-in ``nn.Module``; ``torch_gie.save``/``torch_gie.load`` write a
 engine file. ``torch_gie.explain`` reports the same without building.
 """
 from .compiler import compile, explain
-from .errors import CompileError
+from .errors import CompileError, OutOfMemoryError
 from .report import format_report
 from .runtime.module import GIEModule
 from .serialize import load, save
 
 __version__ = "0.1.0"
-__all__ = ["compile", "explain", "CompileError", "GIEModule", "format_report", "save", "load", "__version__"]
+__all__ = ["compile", "explain", "CompileError", "OutOfMemoryError", "GIEModule", "format_report", "save", "load", "__version__"]

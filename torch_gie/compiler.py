@@ -12,16 +12,19 @@ import torch
 from torch import nn
 
 from .backends import reference
+from .batch_range import BatchRange, GraphBatching, check_batch_polymorphic, rebatch_inputs, traced_shapes_at
 from .capture import as_input_tuple, capture
 from .dot import write_dot
+from .errors import OutOfMemoryError, build_step, release_failed_build
 from .passes import PassContext, run_passes
-from .plan import make_plan
+from .plan import Plan, make_plan
 from .plan.precision import plan_precision
 from .quantize.budget import SEARCH_SAMPLES, check_budget, search_fp16_layers
 from .quantize.build import DEFAULT_CALIBRATOR, attach_layer_quant, calibrate_int8, fp16_layers
 from .report import build_report, count_compute_ops, fallback_warning
+from .runtime.batched import DEFAULT_MAX_PROGRAMS, BatchedProgram
 from .runtime.module import GIEModule
-from .runtime.program import build_program
+from .runtime.program import Program, allocate_storage, build_program
 from .tune import Tuner
 
 log = logging.getLogger("torch_gie")
@@ -29,7 +32,7 @@ log = logging.getLogger("torch_gie")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 BACKENDS = ("auto", "triton", "reference")
 _OPTIONS = {"dump_dir", "disable_passes", "cuda_graph", "static_outputs", "dot", "tune", "streams",
-            "fp32_precision"}
+            "fp32_precision", "max_batch_graphs"}
 
 
 TUNE_MODES = (False, True, "refresh")
@@ -47,6 +50,9 @@ def _check_args(module, precision: str, backend: str, options: dict) -> None:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; known options: {sorted(_OPTIONS)}")
     if options.get("tune", False) not in TUNE_MODES:
         raise ValueError(f"tune must be one of {TUNE_MODES}, got {options['tune']!r}")
+    graphs = options.get("max_batch_graphs", DEFAULT_MAX_PROGRAMS)
+    if not isinstance(graphs, int) or isinstance(graphs, bool) or graphs < 1:
+        raise ValueError(f"max_batch_graphs must be an int >= 1, got {graphs!r}")
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -60,9 +66,14 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _prepare(module: nn.Module, example_inputs, precision: str, backend: str, options: dict,
-             int8: dict | None = None):
+             int8: dict | None = None, batch_range: BatchRange | None = None):
+    """Capture, fuse, (int8: calibrate) and plan. With ``batch_range`` the example inputs are
+    regrouped to ``opt`` samples and everything but the plan happens at ``opt``; the plan is made
+    for ``max``. Returns (model copy, inputs, device, graph, ops in, pass results, plan, batching)."""
     _check_args(module, precision, backend, options)
     inputs = as_input_tuple(example_inputs)
+    if batch_range is not None:
+        inputs = rebatch_inputs(inputs, batch_range.opt)
     devices = {t.device for t in inputs}
     if len(devices) != 1:
         raise ValueError(f"all example inputs must be on one device, got {sorted(map(str, devices))}")
@@ -74,39 +85,65 @@ def _prepare(module: nn.Module, example_inputs, precision: str, backend: str, op
     if module.training:
         log.warning("torch_gie: %s is in training mode; compiling its eval-mode behaviour "
                     "(the module you passed is left unchanged)", type(module).__name__)
-    model = copy.deepcopy(module).eval()  # never mutate what the user gave us
+    with build_step("copying the model"):
+        model = copy.deepcopy(module).eval()  # never mutate what the user gave us
     for p in model.parameters():
         p.requires_grad_(False)
-    gm = capture(model, inputs)
+    with build_step("tracing the model on the example inputs"):
+        gm = capture(model, inputs)
     layers_in = count_compute_ops(gm)
     ctx = PassContext(disabled=frozenset(options.get("disable_passes", ())), dump_dir=options.get("dump_dir"))
-    results = run_passes(gm, ctx)
+    with build_step("running the graph passes"):
+        results = run_passes(gm, ctx)
+    batching = check_batch_polymorphic(gm, inputs, batch_range) if batch_range is not None else None
     streams = options.get("streams", True) and device.type == "cuda" and options.get("cuda_graph", True)
     if precision != "int8":
-        return model, inputs, device, gm, layers_in, results, make_plan(gm, PRECISIONS[precision], streams=streams)
+        plan = plan_for(gm, PRECISIONS[precision], streams, batching, batch_range)
+        return model, inputs, device, gm, layers_in, results, plan, batching
     # int8: layers that cannot run int8 run in fp16 on the GPU (fp32 on the CPU reference backend)
     order = [n for n in gm.graph.nodes if n.op != "output"]
     int8 = dict(int8 or {})
     budget = int8.pop("accuracy_budget", None)
-    precision_plan, qparams, kept = calibrate_int8(gm, order, inputs, keep_samples=SEARCH_SAMPLES if budget else 0,
-                                                   **int8)
+    with build_step("calibrating int8 ranges"):  # at the traced batch size (opt with batch_range)
+        precision_plan, qparams, kept = calibrate_int8(gm, order, inputs,
+                                                       keep_samples=SEARCH_SAMPLES if budget else 0, **int8)
     base = torch.float16 if device.type == "cuda" else torch.float32
     if budget is not None:  # calibrated ranges stay valid: quantization classes are structural
         fp16, search = search_fp16_layers(gm, order, inputs, kept, fp16_layers(order, int8.get("layer_precisions")),
                                           budget, qparams, base, device)
         precision_plan = plan_precision(gm, order, fp16)
         precision_plan.search = search
-    plan = make_plan(gm, base, streams=streams, precision=precision_plan)
+    plan = plan_for(gm, base, streams, batching, batch_range, precision_plan)
     plan.qparams = qparams
     attach_layer_quant(plan)
-    return model, inputs, device, gm, layers_in, results, plan
+    return model, inputs, device, gm, layers_in, results, plan, batching
+
+
+def plan_for(gm, dtype: torch.dtype, streams: bool, batching: GraphBatching | None,
+             batch_range: BatchRange | None, precision=None) -> Plan:
+    """``make_plan`` at the traced shapes, or with ``batch_range`` at its max (one arena every
+    batch size of the engine reuses)."""
+    if batching is None:
+        return make_plan(gm, dtype, streams=streams, precision=precision)
+    with traced_shapes_at(gm, batching, batch_range.max):
+        return make_plan(gm, dtype, streams=streams, precision=precision)
 
 
 def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backend: str = "auto",
+            batch_range: tuple[int, int, int] | None = None,
             calibration_data=None, calibrator=DEFAULT_CALIBRATOR, calibration_cache=None,
             layer_precisions: dict[str, str] | None = None, accuracy_budget: dict[str, float] | None = None,
             **options: Any) -> GIEModule:
     """Compile ``module`` for inputs shaped like ``example_inputs`` (a tensor or tuple of tensors).
+
+    batch_range: None (default) binds the engine to the example inputs' shapes. ``(min, opt, max)``
+    builds one engine for every batch size in [min, max] (dim 0 of every input; the other dims
+    stay fixed): traced, calibrated (int8) and tuned once at ``opt`` (the example inputs are
+    regrouped to ``opt`` samples, their own samples repeated or cut), with one activation arena
+    planned for ``max``. A batch size's program and CUDA graph are built on its first call, then
+    reused; at most ``max_batch_graphs`` (default 8) are kept, least recently used dropped (opt's
+    stays). A batch outside the range raises ValueError. CompileError if the model's code fixes
+    the batch size (e.g. a reshape to a literal batch).
 
     precision: "fp32" | "fp16" | "int8". int8 (see docs/int8.md): ``calibration_data`` is any
     iterable of input batches (a DataLoader works) the activation ranges are measured on;
@@ -122,10 +159,17 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
     ``dump_dir`` (write the graph after each pass), ``tune`` (False: use known timings only;
     True: also time layers no cache knows; "refresh": time every layer anew),
     ``streams`` (run independent branches concurrently inside the CUDA graph, default True),
-    ``fp32_precision`` ("tf32x3" default: fp32-accurate tensor-core dots; "ieee", "tf32").
+    ``fp32_precision`` ("tf32x3" default: fp32-accurate tensor-core dots; "ieee", "tf32"),
+    ``max_batch_graphs`` (with batch_range: batch sizes that keep a program and CUDA graph).
+
+    A build that runs out of memory raises ``torch_gie.OutOfMemoryError`` naming the build step
+    and the bytes asked for, with everything it had allocated freed.
     """
     _check_args(module, precision, backend, options)
     backend = _resolve_backend(backend, as_input_tuple(example_inputs)[0].device)  # fail before capture
+    batch = BatchRange.parse(batch_range) if batch_range is not None else None
+    if batch is None and "max_batch_graphs" in options:
+        raise ValueError("max_batch_graphs bounds the programs of a batch_range engine; pass batch_range=(min, opt, max)")
     if accuracy_budget is not None:
         if precision != "int8":
             raise ValueError(f"accuracy_budget applies to precision='int8', got precision={precision!r}")
@@ -135,28 +179,71 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
                              "(a calibration cache alone holds ranges, not samples)")
     int8 = dict(calibration_data=calibration_data, calibrator=calibrator, calibration_cache=calibration_cache,
                 layer_precisions=layer_precisions, accuracy_budget=accuracy_budget)
-    model, inputs, device, gm, layers_in, results, plan = _prepare(module, example_inputs, precision,
-                                                                    backend, options, int8)
-    warning = fallback_warning(gm)
-    if warning:
-        warnings.warn(warning, stacklevel=2)
+    try:
+        return _compile(module, example_inputs, precision, backend, options, int8, batch)
+    except OutOfMemoryError as exc:
+        release_failed_build(exc)  # the partial engine is freed before the caller sees the error
+        raise
+
+
+def _compile(module: nn.Module, example_inputs, precision: str, backend: str, options: dict, int8: dict,
+             batch: BatchRange | None) -> GIEModule:
+    # Everything the build allocates is a local of this frame or of the ones it calls, which
+    # ``release_failed_build`` clears when the build fails for lack of memory.
+    with build_step("building the engine"):  # steps not named further in
+        model, inputs, device, gm, layers_in, results, plan, batching = _prepare(
+            module, example_inputs, precision, backend, options, int8, batch)
+        warning = fallback_warning(gm)
+        if warning:
+            warnings.warn(warning, stacklevel=3)
+        tuner = None
+        if device.type == "cuda" and backend == "triton":  # known timings always apply; tune=True times new layers
+            tune = options.get("tune", False)
+            tuner = Tuner(time_new=bool(tune), refresh=tune == "refresh")
+        program = build_engine(gm, plan, inputs, device, backend, options, tuner=tuner, batch_range=batch,
+                               batching=batching)
+    report = build_report(model=type(module).__name__, layers_in=layers_in, results=results, gm=gm, plan=plan,
+                          steps=program.steps, precision=precision, backend=backend, device=str(device),
+                          batch_range=batch)
+    log.info("torch_gie: compiled %s: %d ops -> %d launches", report["model"], layers_in, report["launches"])
+    return GIEModule(program, inputs, report, static_outputs=options.get("static_outputs", False), options=options,
+                     batch_range=batch)
+
+
+def build_engine(gm, plan: Plan, inputs: tuple[torch.Tensor, ...], device: torch.device, backend: str,
+                 options: dict, *, tuner: Tuner | None = None, batch_range: BatchRange | None = None,
+                 batching: GraphBatching | None = None, configure=None) -> Program | BatchedProgram:
+    """Lower, allocate, warm up (tuning with ``tuner``) and capture: the program ``GIEModule``
+    runs. ``configure(program)`` runs after lowering, before the warm-up (``load`` sets the
+    saved kernel configs there). With ``batch_range``: the opt program is built and tuned, the
+    max program warmed up (layer workspaces reach their largest size), opt's CUDA graph captured;
+    other batch sizes are built on first use (``BatchedProgram``)."""
     lowering, fallback, converters = _lowering(backend, plan, device, options)
-    program = build_program(gm, plan, lowering, backend, device, fallback, converters)
-    tuner = None
-    if device.type == "cuda" and backend == "triton":  # known timings always apply; tune=True times new layers
-        tune = options.get("tune", False)
-        tuner = Tuner(time_new=bool(tune), refresh=tune == "refresh")
+    cuda_graph = device.type == "cuda" and options.get("cuda_graph", True)
+    storage = allocate_storage(plan, device)
+
+    def build(shapes=None, kernels=None) -> Program:
+        return build_program(gm, plan, lowering, backend, device, fallback, converters, storage=storage,
+                             shapes=shapes, kernels=kernels)
+
+    program = build(batching.at(batch_range.opt) if batch_range is not None else None)
+    if configure is not None:
+        configure(program)
     with torch.no_grad():
         program._load_inputs(inputs)
         program.warm_up(fallback, tuner)
         if tuner is not None:
             tuner.save()
-        if device.type == "cuda" and options.get("cuda_graph", True):
+    engine: Program | BatchedProgram = program
+    if batch_range is not None:
+        engine = BatchedProgram(program, batch_range, batching, build, lambda p: p.warm_up(fallback), cuda_graph,
+                                options.get("max_batch_graphs", DEFAULT_MAX_PROGRAMS))
+        if batch_range.max != batch_range.opt:
+            engine.prepare(batch_range.max)
+    if cuda_graph:
+        with torch.no_grad():
             program.capture_cuda_graph()
-    report = build_report(model=type(module).__name__, layers_in=layers_in, results=results, gm=gm, plan=plan,
-                          steps=program.steps, precision=precision, backend=backend, device=str(device))
-    log.info("torch_gie: compiled %s: %d ops -> %d launches", report["model"], layers_in, report["launches"])
-    return GIEModule(program, inputs, report, static_outputs=options.get("static_outputs", False), options=options)
+    return engine
 
 
 def explain(module: nn.Module, example_inputs, *, precision: str = "fp16", backend: str = "auto",
@@ -168,8 +255,8 @@ def explain(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
     calibration arguments of ``compile`` (it calibrates, to say which layers run int8)."""
     int8 = dict(calibration_data=calibration_data, calibrator=calibrator, calibration_cache=calibration_cache,
                 layer_precisions=layer_precisions)
-    model, inputs, device, gm, layers_in, results, plan = _prepare(module, example_inputs, precision,
-                                                                    backend, options, int8)
+    model, inputs, device, gm, layers_in, results, plan, _ = _prepare(module, example_inputs, precision,
+                                                                       backend, options, int8)
     program = build_program(gm, plan, lambda node: None, "none", torch.device("meta"), None,
                             reference.converters())
     report = build_report(model=type(module).__name__, layers_in=layers_in, results=results, gm=gm, plan=plan,

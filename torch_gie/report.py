@@ -104,7 +104,10 @@ def fallback_warning(gm: fx.GraphModule) -> str | None:
 
 
 def build_report(*, model: str, layers_in: int, results: list[PassResult], gm: fx.GraphModule,
-                 plan: Plan, steps: list[Step], precision: str, backend: str, device: str) -> dict[str, Any]:
+                 plan: Plan, steps: list[Step], precision: str, backend: str, device: str,
+                 batch_range=None) -> dict[str, Any]:
+    """The report dict. With a ``batch_range`` (a ``BatchRange``) the layers' shapes and launches
+    are those at ``opt``, and the arena is the one planned for ``max``."""
     by_name = {r.name: r for r in results}
     concat = by_name.get("eliminate_concat", PassResult())
     return {
@@ -112,6 +115,7 @@ def build_report(*, model: str, layers_in: int, results: list[PassResult], gm: f
         "precision": precision,
         "backend": backend,
         "device": device,
+        "batch_range": batch_range.as_tuple() if batch_range is not None else None,
         "layers_in": layers_in,
         "launches": sum(s.launches for s in steps),
         "concats_eliminated": concat.counts.get("eliminated", 0),
@@ -144,6 +148,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"torch_gie report: {report['model']} ({report['precision']}, {report['backend']} backend, "
         f"{report['device']})",
+        *([f"  batch range           : {report['batch_range'][0]}..{report['batch_range'][2]} "
+           f"(tuned for {report['batch_range'][1]}, arena planned for {report['batch_range'][2]})"]
+          if report.get("batch_range") else []),
         f"  ops in captured graph : {report['layers_in']}",
         f"  launches per forward  : {report['launches']}",
         "  fusions               : " + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())),

@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from .errors import is_out_of_memory
 from .runtime.steps import KernelStep
 from .timing import time_in_cuda_graph
 
@@ -111,6 +112,8 @@ class Tuner:
                 layer.config = config
                 ms = time_in_cuda_graph(lambda: step(env))
             except Exception as exc:  # a config may not fit this GPU (shared memory): skip it
+                if is_out_of_memory(exc):
+                    raise  # the GPU's memory, not this config: the build fails (naming the layer)
                 log.debug("config %s failed for %s: %s", config, step.name, exc)
                 continue
             if ms < best_ms:

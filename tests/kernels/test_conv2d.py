@@ -662,13 +662,18 @@ def test_few_channel_stem_every_input_layout(layout, dtype, config, device):
         config={**config, "BLOCK_K": 32}, nchw=layout == "nchw", x_slice=layout == "slice")
 
 
+@pytest.mark.parametrize("lanes", ["nan", "finite"])
 @pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fold_reads_channel_padded_input(dtype, split, device):
+def test_fold_reads_channel_padded_input(dtype, split, lanes, device):
     """RGB stored as 4 channels (the compiler's padded input buffer): the fold path loads whole
-    8-byte pixels and must ignore the padding lane, even when it holds NaN."""
+    8-byte pixels and must ignore the padding lane, even when it holds NaN; with
+    ``pad_lanes_finite`` (no select) any finite value there meets a zero weight."""
     buf = torch.randn(2, 4, 13, 11, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
-    buf[:, 3] = float("nan")
+    if lanes == "nan":
+        buf[:, 3] = float("nan")
+    else:
+        buf[:, 3] = 1000.0 * torch.rand(2, 13, 11, device=device).to(dtype) + 1
     x = buf[:, :3]
     wt = (torch.randn(20, 3, 7, 7, device=device) / 12).to(dtype)
     b = torch.randn(20, device=device)
@@ -676,6 +681,7 @@ def test_fold_reads_channel_padded_input(dtype, split, device):
     out = poisoned(tuple(ref.shape), dtype, device)
     cfg = {**SMALL_FOLD, "SPLIT_K": split} if split > 1 else SMALL_FOLD
     layer = Conv2d(wt, b, stride=2, padding=3, activation="relu", dtype=dtype, config=cfg)
+    layer.pad_lanes_finite = lanes == "finite"
     layer(x, [out])
     check(out, ref, dtype)
     assert 4 in layer._fold_weights  # the padded packing was used

@@ -11,6 +11,7 @@ from torch import fx
 
 from .. import ops
 from ..graph import spec
+from ..plan import pads_input_channels
 from ..kernels.conv2d import Conv2d
 from ..kernels.depthwise_conv2d import DepthwiseConv2d
 from ..kernels.elementwise import Activation, Add, ChannelAffine, Dequantize, Mul, Quantize
@@ -61,6 +62,8 @@ def _conv(node: fx.Node, dtype: torch.dtype, device: torch.device, options: dict
                 dilation=s.dilation, groups=s.groups, activation=ep.activation,
                 post_activation=ep.post_activation, act_slope=_on(s.act_slope, device), dtype=dtype,
                 input_hw=(h, w), batch=n, quant=quant, **_precision(dtype, options))
+    # The compiler's channel-padded network input holds zeros in its padding lanes.
+    layer.pad_lanes_finite = node.args[0].op == "placeholder" and pads_input_channels(node.args[0])
     gated, residual = s.input_gate, ep.residual
 
     def call(k, i, o):

@@ -130,22 +130,45 @@ def _gated(a, gate_rows, c, s_gc, mask, HAS_GATE: tl.constexpr, MASKED: tl.const
 @triton.jit
 def _accumulate(acc, a_rows, inside, b_cols, c, c_end, s_xc, gate_rows, s_gc,
                 HAS_GATE: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                QUANT: tl.constexpr, X_ZP: tl.constexpr):
+                QUANT: tl.constexpr, X_ZP: tl.constexpr, A_FILL: tl.constexpr):
     """acc += A[rows, channels c] @ B[channels c, cols] for one tap; a_rows/b_cols point at the
     tap's channel 0 for each output pixel / output channel, gate_rows at each pixel's image's
     gate for channel 0 (HAS_GATE). Unless EVEN_K, channels from c_end on count as zeros (their
-    weights do). Padding reads X_ZP: real zero (0 but for unsigned int8 codes)."""
+    weights do). Padding reads A_FILL: X_ZP, real zero (0 but for unsigned int8 codes), or 0 when
+    the kernel adds the zero point's share of the padding after the loop (_zero_point_padding)."""
     a_ptrs = a_rows[:, None] + (c * s_xc)[None, :]
     b_ptrs = b_cols[None, :] + c[:, None]
     if EVEN_K:
-        a = load_codes(a_ptrs, inside[:, None], X_ZP)
+        a = load_codes(a_ptrs, inside[:, None], A_FILL)
         a = _gated(a, gate_rows, c, s_gc, inside[:, None], HAS_GATE, False, QUANT, X_ZP)
         b = tl.load(b_ptrs)
     else:
-        a = load_codes(a_ptrs, inside[:, None] & (c < c_end)[None, :], X_ZP)
+        a = load_codes(a_ptrs, inside[:, None] & (c < c_end)[None, :], A_FILL)
         a = _gated(a, gate_rows, c, s_gc, (c < c_end)[None, :], HAS_GATE, True, QUANT, X_ZP)
         b = tl.load(b_ptrs, mask=(c < c_end)[:, None], other=0)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def _zero_point_padding(acc, wsum_ptr, co, oh, ow, H, W, C_out, KH: tl.constexpr, KW: tl.constexpr,
+                        STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr,
+                        PAD_W: tl.constexpr, BORDER_H: tl.constexpr, BORDER_W: tl.constexpr,
+                        DIL_H: tl.constexpr, DIL_W: tl.constexpr, X_ZP: tl.constexpr,
+                        BLOCK_M: tl.constexpr):
+    """The padding's share of an int8 sum whose padded taps were loaded as 0 instead of the zero
+    point X_ZP: acc[m, n] += X_ZP · wsum[tap, n] for every tap of pixel m that falls outside the
+    image (wsum: int32 [KH·KW, C_out], the per-tap sums of the weight codes). Exact in int32.
+    Loading padding as 0 is what lets the A tiles of a zero-point input move as asynchronous
+    copies (which fill masked lanes with zeros only): a select to X_ZP after the load would take
+    every tile through registers."""
+    for kh in tl.static_range(KH):
+        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+        for kw in tl.static_range(KW):
+            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+            inside = _inside(ih, iw, H, W, BORDER_H, BORDER_W, BLOCK_M)
+            wsum = tl.load(wsum_ptr + (kh * KW + kw) * C_out + co)
+            acc += tl.where(inside[:, None], 0, X_ZP * wsum[None, :])
+    return acc
 
 
 @triton.jit
@@ -153,9 +176,10 @@ def _conv2d_kernel(
     # pointers: input, packed weight [C_out, KH, KW, C_in_g], fp32 bias, fp32 combined scale
     # [C_out] (QUANT only), residual, outs[0], split-K workspace [SPLIT_K, M, C_out] (SPLIT_K > 1
     # only; fp32, int32 with QUANT), fp32 PReLU slope [C_out], input gate [N, C_in] (HAS_GATE
-    # only); x, gate, residual and outs[0] start at an aligned address a lead of a few elements
-    # before the view (aligned_base)
-    x_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, ws_ptr, slope_ptr, gate_ptr,
+    # only), int32 per-tap weight-code sums [KH·KW, C_out] (ZP_PADDING only); x, gate, residual
+    # and outs[0] start at an aligned address a lead of a few elements before the view
+    # (aligned_base)
+    x_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, ws_ptr, slope_ptr, gate_ptr, wsum_ptr,
     # sizes; channel counts per (super-)group and in all, in units of X_VEC (input channels) and
     # OUT_VEC (output channels)
     H, W, C_in_g, C_in, OH, OW, C_out_g, C_out, M,
@@ -180,15 +204,17 @@ def _conv2d_kernel(
     # tiling
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, FLAT_K: tl.constexpr, GATHER_K: tl.constexpr, FOLD_KW: tl.constexpr,
-    PIX: tl.constexpr, C_IN_G: tl.constexpr,
+    PIX: tl.constexpr, C_IN_G: tl.constexpr, PAD_LANES_FINITE: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_GATE: tl.constexpr,
     # alignment (elements per vector access) of the input and output operands; whether the
     # last super-group is partial (GROUPS_PER_TILE does not divide the groups)
     X_VEC: tl.constexpr, OUT_VEC: tl.constexpr, PAD_GROUPS: tl.constexpr,
     # int8 (quant_args): x holds codes (int8 dot, int32 accumulator) whose padding reads X_ZP;
-    # the residual holds codes (RES_QUANT); the output is requantized (OUT_QUANT)
+    # the residual holds codes (RES_QUANT); the output is requantized (OUT_QUANT). ZP_PADDING:
+    # the tap loops load padding as 0 and _zero_point_padding adds X_ZP's share after them;
+    # A_FILL is what their padding reads (0 then, else X_ZP)
     QUANT: tl.constexpr, X_ZP: tl.constexpr, RES_QUANT: tl.constexpr, RES_ZP: tl.constexpr,
-    OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr,
+    OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr, ZP_PADDING: tl.constexpr, A_FILL: tl.constexpr,
 ):
     C_in_g, C_in = C_in_g * X_VEC, C_in * X_VEC
     C_out_g, C_out = C_out_g * OUT_VEC, C_out * OUT_VEC
@@ -240,6 +266,9 @@ def _conv2d_kernel(
         num_j = tl.cdiv(KWC, BLOCK_K)
         iw0 = ow * STRIDE_W - PAD_W
         w_fold = w_ptr + co.to(tl.int64) * (KH * KWC)
+        # One group (the launcher folds only then): rows start at the image, not at a group's
+        # first channel, so the compiler sees runs aligned to PIX elements and vectorizes them.
+        x_img = x_ptr + x_lead * X_VEC + nb * s_xn
         t_lo, t_hi = _split_range(KH * num_j, 1, SPLIT_K)
         for t in range(t_lo, t_hi):
             kh = t // num_j
@@ -247,8 +276,11 @@ def _conv2d_kernel(
             ih = oh * STRIDE_H - PAD_H + kh * DIL_H
             iw = iw0[:, None] + (j // PIX)[None, :]
             a_mask = ((ih >= 0) & (ih < H))[:, None] & (j < KWC)[None, :] & (iw >= 0) & (iw < W)
-            a = load_codes((x_rows + ih * s_xh + iw0 * PIX)[:, None] + j[None, :], a_mask, X_ZP)
-            if PIX != C_IN_G:  # padding lanes: whatever they hold must not reach the sum
+            a = load_codes((x_img + ih * s_xh + iw0 * PIX)[:, None] + j[None, :], a_mask, X_ZP)
+            if PIX != C_IN_G and not PAD_LANES_FINITE:
+                # Padding lanes meet zero weights; only NaN/Inf there could reach the sum. A select
+                # here keeps the tile out of the asynchronous copy path (a synchronous load through
+                # registers), so it is skipped when the caller vouches for finite lanes.
                 a = tl.where(((j % PIX) < C_IN_G)[None, :], a, X_ZP)
             b = tl.load(w_fold[None, :] + (kh * KWC + j)[:, None], mask=(j < KWC)[:, None], other=0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
@@ -285,7 +317,7 @@ def _conv2d_kernel(
             inside = _inside(ih, iw, H, W, BORDER_H, BORDER_W, BLOCK_M)
             acc = _accumulate(acc, x_rows + ih * s_xh + iw * s_xw, inside, w_cols + tap * C_in_g,
                               (t - tap * num_kc) * BLOCK_K + offs_k, c_end, s_xc, gate_rows,
-                              s_gc, HAS_GATE, EVEN_K, DOT_PRECISION, QUANT, X_ZP)
+                              s_gc, HAS_GATE, EVEN_K, DOT_PRECISION, QUANT, X_ZP, A_FILL)
     else:
         # Taps unrolled, channel blocks in a runtime loop: rows, border mask and tap offsets
         # are computed once per tap; best when C_in_g spans several BLOCK_Ks. A split takes
@@ -301,8 +333,13 @@ def _conv2d_kernel(
                 for c0 in range(c_lo, c_hi, BLOCK_K):
                     acc = _accumulate(acc, a_rows, inside, b_cols, c0 + offs_k, c_end, s_xc,
                                       gate_rows, s_gc, HAS_GATE, EVEN_K, DOT_PRECISION, QUANT,
-                                      X_ZP)
+                                      X_ZP, A_FILL)
 
+    if ZP_PADDING:
+        if tl.program_id(2) == 0:  # once per output tile: split 0 of a split-K sum
+            acc = _zero_point_padding(acc, wsum_ptr, co, oh, ow, H, W, C_out, KH, KW, STRIDE_H,
+                                      STRIDE_W, PAD_H, PAD_W, BORDER_H, BORDER_W, DIL_H, DIL_W,
+                                      X_ZP, BLOCK_M)
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K > 1:
         # A partial sum, stored raw: the epilogue must see the whole sum (_split_k_reduce_kernel).
@@ -343,6 +380,11 @@ class Conv2d:
     ``quant.out_dtype`` when it is None (every segment alike); a residual holds codes under
     ``quant.residual``, or real fp16/fp32 values when it is None; a gate is real (fp16/fp32).
     Configs then have BLOCK_K >= 32 (``INT8_MIN_BLOCK_K``).
+
+    Input channels padded to the pixel stride (RGB stored as 4 channels) are masked out in the
+    kw-folding loads; setting ``pad_lanes_finite`` (the caller guarantees the padding lanes hold
+    finite values: they meet zero weights) skips that select, which lets the loads run as
+    asynchronous copies. int8 codes are always finite.
 
     A split-K config needs an fp32 workspace [SPLIT_K, N·OH·OW, C_out] (int32 for int8). It is
     allocated on the layer's device by the first call that needs more than the layer holds, and
@@ -405,6 +447,7 @@ class Conv2d:
             weight, w_scale = quantize_weight(weight)
             scale, folded = fold_zero_point(self.bias, weight, w_scale, quant.input)
             self.scale, self.bias = scale.to(weight.device), folded.to(weight.device)
+        self._padding_weight_sums = self._tap_sums(weight)
         self.weight = self._pack(weight)
         self._super_group_weights: dict[int, torch.Tensor] = {}  # GROUPS_PER_TILE -> weight
         self.configs = self._candidate_configs()
@@ -432,6 +475,7 @@ class Conv2d:
         """Kernels per call under the current config: a split-K config adds its reduction."""
         return 2 if self._config.get("SPLIT_K", 1) > 1 else 1
 
+    pad_lanes_finite = False  # see the class docstring
     _config_keys = CONFIG_KEYS
     _min_block = 16  # every tl.dot dimension must be >= 16
     _group_tiles = True  # GROUPS_PER_TILE configs (super-groups) are supported
@@ -524,15 +568,23 @@ class Conv2d:
             epilogue = {"HAS_BIAS": False, "HAS_RES": False, **act_constexprs(None, "ACT"),
                         **act_constexprs(None, "POST_ACT"), "NUM_SEG": 1}
         weight = self._fold_weight(pix) if fold else self._super_group_weights.get(gpt, self.weight)
+        # Zero-point padding as an epilogue term (the tap loops only; folded and gathered loads
+        # and gated ones select the zero point as they load).
+        zp_padding = self._padding_weight_sums is not None and not gather and gate is None
+        q_constexprs = {**q_constexprs, "ZP_PADDING": zp_padding,
+                        "A_FILL": 0 if zp_padding or not any(self.pads) else q_constexprs["X_ZP"]}
         _conv2d_kernel[grid](
             x, weight, bias, self.scale, res, out, ws, self.act_slope, gate,
+            self._padding_weight_sums if zp_padding else None,
             h, w, c_in_g // x_vec, self.in_channels // x_vec, oh, ow, c_out_g // out_vec,
             self.out_channels // out_vec, m, *in_scalars, *out_scalars, *q_scalars,
             **self._geometry(), **epilogue,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8,
             EVEN_K=c_in_g % cfg["BLOCK_K"] == 0 and not pad_groups, FLAT_K=cfg.get("FLAT_K", False),
             GATHER_K=gather and not fold, FOLD_KW=fold, PIX=pix if fold else 1,
-            C_IN_G=c_in_g if fold else 1, SPLIT_K=split, DOT_PRECISION=precision,
+            C_IN_G=c_in_g if fold else 1,
+            PAD_LANES_FINITE=fold and pix != self.in_channels and (self.quant is not None or self.pad_lanes_finite),
+            SPLIT_K=split, DOT_PRECISION=precision,
             HAS_GATE=gate is not None, X_VEC=x_vec, OUT_VEC=out_vec, PAD_GROUPS=pad_groups,
             **q_constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -540,6 +592,14 @@ class Conv2d:
             reduce_split_k(ws, self.bias, out, residual, self.act_slope, oh, ow, self.out_channels,
                            m, out_scalars, out_vec, split, num_seg, self._act_constexprs,
                            self.scale, self.quant)
+
+    def _tap_sums(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """int32 [KH·KW, C_out]: each tap's sum of weight codes per output channel, for the
+        zero-point padding term (``_zero_point_padding``); None when padding reads code 0
+        (float layers, signed inputs, no padding)."""
+        if self.quant is None or self.quant.input.zero_point == 0 or not any(self.pads):
+            return None
+        return codes.sum(1, dtype=torch.int32).flatten(1).t().contiguous()
 
     def _fold_weight(self, pix: int) -> torch.Tensor:
         """The packed weight with its channels padded to the input's pixel stride (zeros), made

@@ -75,9 +75,11 @@ def launches_kernel(node: fx.Node) -> bool:
 INPUT_CHANNEL_PAD = 4  # an RGB input stored as 4 channels: 8-byte pixels the first conv loads as vectors
 
 
-def _pad_input_channels(node: fx.Node) -> bool:
-    """Store an image input with fewer than 4 channels padded to 4 (zeros) when only convs read
-    it: the pixel stride becomes 8 bytes in fp16, so the stem conv's loads vectorize."""
+def pads_input_channels(node: fx.Node) -> bool:
+    """Store an image input with fewer than 4 channels padded to 4 when only convs read it: the
+    pixel stride becomes 8 bytes in fp16, so the stem conv's loads vectorize. The padding lanes
+    hold zeros for the engine's lifetime (a pinned buffer, allocated zeroed; inputs are copied
+    into its first channels only), which lets the conv skip masking them."""
     shape = node.meta.get("shape", ())
     return len(shape) == 4 and shape[1] < INPUT_CHANNEL_PAD and bool(node.users) and \
         all(is_canonical(u, ops.conv2d) and spec(u).groups == 1 for u in node.users)
@@ -135,7 +137,7 @@ def make_plan(gm: fx.GraphModule, dtype: torch.dtype, *, streams: bool = False,
             shape = tuple(root.meta["shape"])
             buf_dtype = torch.int8 if precision is not None and precision.is_int8_value(root) else dtype
             pinned = root.op == "placeholder"
-            if pinned and _pad_input_channels(root):
+            if pinned and pads_input_channels(root):
                 shape = (shape[0], INPUT_CHANNEL_PAD) + shape[2:]
             buffers[root] = Buffer(len(buffers), shape, buf_dtype, channels_last=len(shape) == 4 and nhwc[root],
                                    first=pos[_writer(node)], last=pos[_writer(node)], pinned=pinned)

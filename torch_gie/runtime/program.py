@@ -3,7 +3,8 @@ optimized graph; optionally captured once into a CUDA graph and replayed.
 
 ``build_program`` turns (graph, plan, lowering) into steps; ``Program.run`` copies the inputs
 into their static views, runs (or replays) the steps and returns the outputs, by default as
-fresh tensors in the original dtypes and layout.
+fresh tensors in the original dtypes and layout. The memory and execution context live in a
+``Storage`` that the programs of one engine share (one per batch size, see ``batched.py``).
 """
 from __future__ import annotations
 
@@ -14,15 +15,16 @@ import operator
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 
 from .. import ops
+from ..batch_range import BatchShapes
 from ..cuda_graphs import capture
-from ..errors import CompileError
+from ..errors import CompileError, OutOfMemoryError, build_step, is_out_of_memory
 from ..graph import cat_input_slot, is_canonical, is_fallback_compute, spec
 from ..plan import Plan
 from ..plan.memory import materialize
@@ -44,16 +46,50 @@ class Converters:
     dequantize: Callable[[Any, torch.dtype], Convert]
 
 
+def allocate(nbytes: int, device: torch.device) -> torch.Tensor:
+    """``nbytes`` uninitialized bytes on ``device``. Every buffer of the engine's own (the arena,
+    the static inputs) is allocated here: one place to see what a build asks for, and the seam
+    tests replace to simulate running out of memory."""
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+@dataclass
+class Storage:
+    """What the programs of one engine share: the activation arena, the pinned buffers (static
+    inputs, by buffer index), the constants converted once at build, and the execution context.
+    One re-entrant lock and, on CUDA, one stream serialize every call, whatever its batch size:
+    the programs of a ``batch_range`` engine all run on this one arena."""
+
+    arena: torch.Tensor
+    pinned: dict[int, torch.Tensor]
+    constants: dict[fx.Node, Any] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    stream: torch.cuda.Stream | None = None
+
+
+def allocate_storage(plan: Plan, device: torch.device) -> Storage:
+    """The arena and the zero-filled static-input buffers ``plan`` places values in."""
+    with build_step("allocating the activation arena", plan.arena_bytes):
+        arena = allocate(max(plan.arena_bytes, 1), device)
+    pinned = {}
+    for b in plan.buffers:
+        if b.pinned:
+            with build_step("allocating the static input buffers", b.nbytes):
+                pinned[b.index] = allocate(b.nbytes, device).zero_()
+    return Storage(arena, pinned, stream=torch.cuda.Stream(device) if device.type == "cuda" else None)
+
+
 class Program:
     def __init__(self, gm: fx.GraphModule, plan: Plan, steps: list[Step], env: list,
-                 ids: dict[fx.Node, int], arena: torch.Tensor, static_inputs: list[torch.Tensor]):
+                 ids: dict[fx.Node, int], storage: Storage, static_inputs: list[torch.Tensor]):
         self.gm, self.plan, self.steps, self.env, self.ids = gm, plan, steps, env, ids
-        self.arena, self.static_inputs = arena, static_inputs
+        self.storage, self.arena, self.static_inputs = storage, storage.arena, static_inputs
         self.input_loaders: list[Convert | None] = [None] * len(static_inputs)
         self.graph: torch.cuda.CUDAGraph | None = None
-        # One call at a time owns the static inputs, the arena and the graph (see ``run``).
-        self._lock = threading.Lock()
-        self._stream = torch.cuda.Stream(arena.device) if arena.device.type == "cuda" else None
+        self._held: list[torch.Tensor] = []  # what the captured graph writes to (``capture_cuda_graph``)
+        # One call at a time owns the static inputs, the arena and the graph (see ``run``); the
+        # lock and stream are the storage's, shared with the engine's other batch sizes.
+        self._lock, self._stream = storage.lock, storage.stream
 
     @property
     def launches(self) -> int:
@@ -139,10 +175,16 @@ class Program:
 
     def capture_cuda_graph(self) -> None:
         """Record the steps once into a CUDA graph (after a warm-up run compiled the kernels);
-        with a stream plan, independent branches become parallel branches of the graph."""
+        with a stream plan, independent branches become parallel branches of the graph.
+
+        The graph keeps every tensor its kernels held when it was recorded (``kernel_tensors``):
+        a layer may later replace a scratch workspace with a bigger one for a larger batch size
+        (``batched.py``), and this graph goes on writing the one it recorded."""
         self._recorded = {d for deps in self.plan.streams.waits.values() for d in deps}
         run = self._run_steps_on_streams if self.plan.streams.streams > 1 else self._run_steps
-        self.graph = capture(run)
+        with build_step("capturing the CUDA graph"):
+            self.graph = capture(run)
+        self._held = kernel_tensors(self.steps)
 
     def warm_up(self, fallback_lowering: Lowering | None, tuner=None) -> None:
         """Run every step once (tuning it first when a tuner is given); a kernel step that fails
@@ -151,8 +193,12 @@ class Program:
         for step in _progress(self.steps, "building kernels"):
             try:
                 if tuner is not None and isinstance(step, KernelStep):
-                    tuner.tune(step, self.env)
-                step(self.env)
+                    with build_step(f"tuning layer {step.name}"):
+                        tuner.tune(step, self.env)
+                with build_step(f"running layer {step.name}"):  # Triton compiles, workspaces
+                    step(self.env)
+            except OutOfMemoryError:
+                raise  # no fallback runs in less memory: the build fails, naming the step
             except Exception as exc:
                 if not isinstance(step, KernelStep) or fallback_lowering is None or step.backend == "reference":
                     raise CompileError(f"layer {step.name} ({step.op}) failed while building: "
@@ -225,6 +271,34 @@ def step_cost(step: KernelStep, env: list) -> tuple[int, int]:
     return total, flops
 
 
+def kernel_tensors(steps: list[Step]) -> list[torch.Tensor]:
+    """Every tensor the steps' kernel objects hold now (packed weights, scratch workspaces),
+    found through nested kernel objects and their dicts and lists."""
+    found: list[torch.Tensor] = []
+    seen: set[int] = set()
+
+    def walk(obj, depth: int) -> None:
+        if id(obj) in seen or depth > 4:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, depth + 1)
+        elif type(obj).__module__.startswith("torch_gie.") and hasattr(obj, "__dict__"):
+            for v in vars(obj).values():
+                walk(v, depth + 1)
+
+    for step in steps:
+        if isinstance(step, KernelStep):
+            walk(step.kernel, 0)
+    return found
+
+
 def _progress(items: list, what: str):
     """Iterate with a progress bar on a terminal when tqdm is installed (builds can take minutes)."""
     try:
@@ -248,7 +322,7 @@ def _lower(node: fx.Node, lowering: Lowering, backend: str, fallback: Lowering |
     try:
         return lowering(node), backend
     except Exception as exc:
-        if fallback is None:
+        if fallback is None or is_out_of_memory(exc):
             raise
         warnings.warn(f"torch_gie: no kernel for layer {node.name} ({node.target.__name__}): "
                       f"{type(exc).__name__}: {exc}; running it with PyTorch instead", stacklevel=3)
@@ -257,13 +331,19 @@ def _lower(node: fx.Node, lowering: Lowering, backend: str, fallback: Lowering |
 
 def build_program(gm: fx.GraphModule, plan: Plan, lowering: Lowering, backend: str,
                   device: torch.device, fallback: Lowering | None = None,
-                  converters: Converters | None = None) -> Program:
+                  converters: Converters | None = None, *, storage: Storage | None = None,
+                  shapes: BatchShapes | None = None,
+                  kernels: dict[fx.Node, tuple[Kernel, str]] | None = None) -> Program:
+    """The program running ``gm`` as ``plan`` places it. By default it allocates its own
+    storage and lowers every canonical node. The programs of a ``batch_range`` engine share one
+    ``storage`` (planned for the range's max) and the ``kernels`` (node -> (kernel, backend))
+    the first one lowered; ``shapes`` gives each value's rows at this program's batch size."""
     ids = {n: i for i, n in enumerate(gm.graph.nodes)}
     env: list = [None] * len(ids)
-    arena = torch.empty(max(plan.arena_bytes, 1), dtype=torch.uint8, device=device)
-    pinned = {b.index: torch.zeros(b.nbytes, dtype=torch.uint8, device=device) for b in plan.buffers if b.pinned}
+    storage = storage if storage is not None else allocate_storage(plan, device)
     for node, placement in plan.placements.items():
-        env[ids[node]] = materialize(arena, placement, pinned)
+        view = materialize(storage.arena, placement, storage.pinned)
+        env[ids[node]] = view if shapes is None else view[:shapes.rows(node)]  # rows are outermost
 
     steps: list[Step] = []
     converted: dict[tuple, int] = {}
@@ -308,23 +388,30 @@ def build_program(gm: fx.GraphModule, plan: Plan, lowering: Lowering, backend: s
         if node.op == "placeholder":
             static_inputs.append(env[ids[node]])
         elif node.op == "get_attr":
-            value = operator.attrgetter(node.target)(gm)
-            if isinstance(value, torch.Tensor) and plan.value_dtype(node) != value.dtype:
-                value = value.detach().to(device=device, dtype=plan.value_dtype(node))  # once, at build
-            env[ids[node]] = value
+            if node not in storage.constants:
+                value = operator.attrgetter(node.target)(gm)
+                if isinstance(value, torch.Tensor) and plan.value_dtype(node) != value.dtype:
+                    with build_step(f"converting constant {node.name}"):  # once, at build
+                        value = value.detach().to(device=device, dtype=plan.value_dtype(node))
+                storage.constants[node] = value
+            env[ids[node]] = storage.constants[node]
         elif is_canonical(node, ops.cat):
             copies = [(ids[node.args[i]], None, _slot_view(env[ids[node]], node, i))  # copy_ casts
                       for i in node.meta.get("cat_copies", range(len(node.args)))]
             if copies:
                 steps.append(CopyStep(node, copies))
         elif is_canonical(node) and node.target in ops.VIEW_OPS:
-            fn = functools.partial(node.target, spec(node))
+            fn = functools.partial(node.target, spec(node) if shapes is None else shapes.view_spec(node))
             steps.append(ViewStep(node, fn, ids[node.args[0]], ids[node]))
         elif is_canonical(node):
             outs = [env[ids[u]] for u in _segments(node)] if getattr(spec(node), "out_splits", None) \
                 else [env[ids[node]]]
             in_ids = [slot(i, want, torch.channels_last) for i, want in zip(node.args, _wanted_dtypes(node, plan))]
-            kernel, used = _lower(node, lowering, backend, fallback)
+            if kernels is not None:
+                kernel, used = kernels[node]
+            else:
+                with build_step(f"packing weights of layer {node.name}"):
+                    kernel, used = _lower(node, lowering, backend, fallback)
             steps.append(KernelStep(node, kernel, in_ids, outs, used))
         elif "segment_of" in node.meta:
             continue  # written by its merged conv
@@ -335,7 +422,7 @@ def build_program(gm: fx.GraphModule, plan: Plan, lowering: Lowering, backend: s
             steps.append(FallbackStep(node, _fallback_callable(gm, node), in_ids, ids[node],
                                       launches=1 if is_fallback_compute(node) else 0))
 
-    program = Program(gm, plan, steps, env, ids, arena, static_inputs)
+    program = Program(gm, plan, steps, env, ids, storage, static_inputs)
     placeholders = [n for n in plan.order if n.op == "placeholder"]
     program.input_loaders = [converters.quantize(plan.value_qparams(n)) if plan.value_dtype(n) == torch.int8
                              else None for n in placeholders]
