@@ -1,7 +1,11 @@
 """Per-layer micro-benchmark of the conv kernels against cuDNN at real network shapes (fp16,
 channels_last, H100-class GPU): depthwise 3x3/5x5 (MnasNet, EfficientNet-B0, MobileNetV3),
 narrow pointwise 1x1 (8..64 channels), grouped 3x3 (ResNeXt-50 32x4d, RegNetY-400MF) and a few
-ResNet-50 layers as a regression check, at batch 32 and 1.
+ResNet-50 layers as a regression check, at batch 32 and 1. ``--dtype int8`` runs the same
+layers as int8 convs (unsigned input codes with zero point -128, as after a ReLU; unsigned output
+codes; ``resnet50_res`` adds bottleneck 1x1s with their int8 residual) and checks them against
+the integer emulation of ``torch_gie.quantize.arith`` (codes at most one apart on at most 1%);
+the fp16 time of the same layer's default-tuned best is in the row too, so int8's gain shows.
 
 Every candidate config (the first --max-configs, as the tuner would) is first checked against
 an fp32 F.conv2d reference on a NaN-poisoned output, then timed as the compiled forward runs it
@@ -29,9 +33,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from torch_gie.kernels.conv2d import Conv2d  # noqa: E402
 from torch_gie.kernels.depthwise_conv2d import DepthwiseConv2d  # noqa: E402
+from torch_gie.quantize import arith  # noqa: E402
+from torch_gie.quantize.arith import LayerQuant  # noqa: E402
 from torch_gie.testing import rel_err  # noqa: E402
 from torch_gie.timing import time_in_cuda_graph  # noqa: E402
 
+DEVICE = "cuda"  # make_case builds here (a CPU smoke run of the harness sets "cpu")
 MEMORY_BW = 3.0e12  # bytes/s: the floor's assumed HBM bandwidth (H100 SXM reaches ~3.0-3.3)
 
 # kind -> [(name, C_in, C_out, k, stride, H, groups)]; padding is k // 2, square images.
@@ -58,6 +65,10 @@ LAYERS: dict[str, list[tuple]] = {
         ("regnet.g3_48_s2_112", 48, 48, 3, 2, 112, 6), ("regnet.g3_104_28", 104, 104, 3, 1, 28, 13),
         ("regnet.g3_208_14", 208, 208, 3, 1, 14, 26), ("regnet.g3_440_7", 440, 440, 3, 1, 7, 55),
     ],
+    "resnet50_res": [  # bottleneck conv3 1x1s with their identity (a residual add in the epilogue)
+        ("r50.c1_64_256_56_res", 64, 256, 1, 1, 56, 1), ("r50.c1_128_512_28_res", 128, 512, 1, 1, 28, 1),
+        ("r50.c1_256_1024_14_res", 256, 1024, 1, 1, 14, 1),
+    ],
     "resnet50": [
         ("r50.c1_64_64_56", 64, 64, 1, 1, 56, 1), ("r50.c3_64_64_56", 64, 64, 3, 1, 56, 1),
         ("r50.c1_256_128_56", 256, 128, 1, 1, 56, 1), ("r50.c3_128_128_s2_56", 128, 128, 3, 2, 56, 1),
@@ -66,44 +77,88 @@ LAYERS: dict[str, list[tuple]] = {
 }
 
 
-def make_case(c_in: int, c_out: int, k: int, s: int, h: int, g: int, batch: int) -> dict:
-    """Inputs, bound layer, fp32 reference and the layer's byte/flop counts."""
-    dev = torch.device("cuda")
+def make_case(c_in: int, c_out: int, k: int, s: int, h: int, g: int, batch: int, residual: bool = False,
+              dtype: torch.dtype = torch.float16) -> dict:
+    """Inputs, bound layer, reference and the layer's byte/flop counts: fp16 against fp32
+    F.conv2d, int8 against the integer emulation (``make_int8_case``)."""
+    dev = torch.device(DEVICE)
     x = torch.randn(batch, c_in, h, h, device=dev).to(torch.float16, memory_format=torch.channels_last)
     w = (torch.randn(c_out, c_in // g, k, k, device=dev) / (c_in // g * k * k) ** 0.5).half()
     b = torch.randn(c_out, device=dev) * 0.1
     cls = DepthwiseConv2d if g == c_in and g > 1 else Conv2d
-    layer = cls(w, b, stride=s, padding=k // 2, groups=g, dtype=torch.float16, input_hw=(h, h), batch=batch)
     ref = F.conv2d(x.float(), w.float(), b, s, k // 2, 1, g)
+    res = torch.randn(ref.shape, device=dev).to(torch.float16, memory_format=torch.channels_last) if residual else None
+    if dtype == torch.int8:
+        return make_int8_case(cls, x, w, b, ref, res, s, k // 2, g, (h, h), batch)
+    layer = cls(w, b, stride=s, padding=k // 2, groups=g, dtype=torch.float16, input_hw=(h, h), batch=batch)
+    if res is not None:
+        ref = ref + res.float()
     out = torch.empty(ref.shape, dtype=torch.float16, device=dev).contiguous(memory_format=torch.channels_last)
-    bytes_moved = (x.numel() + out.numel() + w.numel()) * 2
+    bytes_moved = (x.numel() + out.numel() * (2 if residual else 1) + w.numel()) * 2
     flops = 2 * out.numel() * (c_in // g) * k * k
-    return {"x": x, "w": w, "b": b.half(), "layer": layer, "ref": ref, "out": out, "bytes": bytes_moved,
-            "flops": flops, "stride": s, "pad": k // 2, "groups": g}
+    return {"x": x, "w": w, "b": b.half(), "layer": layer, "ref": ref, "out": out, "res": res,
+            "bytes": bytes_moved, "flops": flops, "stride": s, "pad": k // 2, "groups": g}
+
+
+def make_int8_case(cls, x, w, b, ref, res, stride, pad, groups, hw, batch) -> dict:
+    """The layer in int8 as a compiled ReLU network runs it: unsigned input codes (zero point
+    -128) and unsigned output codes; conv + bias -> ReLU, or with a residual (a bottleneck's
+    conv3) conv + bias + int8 identity -> ReLU. The reference is the integer emulation
+    (``arith.conv2d_int8``) with the same epilogue, requantized."""
+    cl = torch.channels_last
+    x_qp = arith.qparams_for_range(0.0, float(x.float().relu().amax()), non_negative=True)
+    codes = arith.quantize(x.float().relu(), x_qp).contiguous(memory_format=cl)
+    res_qp = res_codes = None
+    if res is not None:
+        res_qp = arith.qparams_for_range(-float(res.abs().amax()), float(res.abs().amax()))
+        res_codes = arith.quantize(res.float(), res_qp).contiguous(memory_format=cl)
+    w_codes, w_scale = arith.quantize_weight(w.float())
+    combined, folded = arith.fold_zero_point(b, w_codes, w_scale, x_qp)
+    y = arith.conv2d_int8(codes, x_qp, w_codes, combined, folded, (stride, stride), (pad,) * 4, (1, 1), groups)
+    y = F.relu(y if res_codes is None else y + arith.dequantize(res_codes, res_qp))
+    out_qp = arith.qparams_for_range(0.0, 0.9 * float(y.amax()), non_negative=True)
+    act = {"activation": "relu"} if res is None else {"post_activation": "relu"}
+    layer = cls(w.float(), b, stride=stride, padding=pad, groups=groups, dtype=torch.int8,
+                quant=LayerQuant(x_qp, out_qp, res_qp), input_hw=hw, batch=batch, **act)
+    out = torch.empty(ref.shape, dtype=torch.int8, device=x.device).contiguous(memory_format=cl)
+    bytes_moved = codes.numel() + out.numel() * (2 if res is not None else 1) + w.numel()
+    return {"x": codes, "w": w, "b": b.half(), "layer": layer, "ref": arith.requantize(y, out_qp), "out": out,
+            "res": res_codes, "bytes": bytes_moved, "flops": 2 * out.numel() * w[0].numel(), "stride": stride,
+            "pad": pad, "groups": groups}
 
 
 def check_and_time(case: dict, config: dict) -> dict:
     """One config: correctness on a poisoned output, then CUDA-graph replay time."""
-    layer, x, out = case["layer"], case["x"], case["out"]
+    layer, x, out, res = case["layer"], case["x"], case["out"], case["res"]
     layer.config = config
-    out.fill_(float("nan"))
-    layer(x, [out])
-    torch.cuda.synchronize()
-    err = rel_err(out, case["ref"]) if torch.isfinite(out).all() else float("inf")
-    if not err < 1e-2:
-        return {"config": config, "error": f"rel_err {err:.3g}"}
-    return {"config": config, "us": 1e3 * time_in_cuda_graph(lambda: layer(x, [out])), "rel_err": err}
+    if out.dtype == torch.int8:
+        out.fill_(93)  # a poison the reference codes rarely hold in bulk
+        layer(x, [out], res)
+        torch.cuda.synchronize()
+        diff = (out.int() - case["ref"].int()).abs()
+        if diff.max().item() > 1 or (diff != 0).float().mean().item() > 0.01:
+            return {"config": config, "error": f"codes up to {diff.max().item()} apart on "
+                                                f"{(diff != 0).float().mean().item():.2%} of elements"}
+        err = (diff != 0).float().mean().item()
+    else:
+        out.fill_(float("nan"))
+        layer(x, [out], res)
+        torch.cuda.synchronize()
+        err = rel_err(out, case["ref"]) if torch.isfinite(out).all() else float("inf")
+        if not err < 1e-2:
+            return {"config": config, "error": f"rel_err {err:.3g}"}
+    return {"config": config, "us": 1e3 * time_in_cuda_graph(lambda: layer(x, [out], res)), "rel_err": err}
 
 
 def time_cudnn(case: dict) -> float:
-    x, w, b = case["x"], case["w"], case["b"]
+    w, b = case["w"], case["b"]
+    x = case["x"] if case["x"].dtype == torch.float16 else case["x"].half()  # cuDNN in fp16 for int8 rows
     return 1e3 * time_in_cuda_graph(lambda: F.conv2d(x, w, b, case["stride"], case["pad"], 1, case["groups"]))
 
 
-def bench_layer(kind: str, spec: tuple, batch: int, max_configs: int, deadline: float) -> dict:
-    """Every candidate (up to max_configs) in order while time.time() < deadline, at least one."""
-    name, c_in, c_out, k, s, h, g = spec
-    case = make_case(c_in, c_out, k, s, h, g, batch)
+def time_configs(case: dict, max_configs: int, deadline: float) -> tuple[list[dict], int, dict | None]:
+    """(results, candidates, best) for the first max_configs candidates, timed in order while
+    time.time() < deadline (at least one)."""
     configs = case["layer"].configs[:max_configs]
     results = []
     for config in configs:
@@ -114,12 +169,27 @@ def bench_layer(kind: str, spec: tuple, batch: int, max_configs: int, deadline: 
         except Exception as exc:  # a config may not compile or fit this GPU: report, go on
             results.append({"config": config, "error": f"{type(exc).__name__}: {exc}"[:300]})
     timed = [r for r in results if "us" in r]
-    best = min(timed, key=lambda r: r["us"]) if timed else None
+    return results, len(configs), (min(timed, key=lambda r: r["us"]) if timed else None)
+
+
+def bench_layer(kind: str, spec: tuple, batch: int, max_configs: int, deadline: float,
+                dtype: torch.dtype = torch.float16) -> dict:
+    """Every candidate (up to max_configs) in order while time.time() < deadline, at least one.
+    int8 rows also time the fp16 layer's candidates (its best is ``fp16_us``)."""
+    name, c_in, c_out, k, s, h, g = spec
+    residual = name.endswith("_res")
+    case = make_case(c_in, c_out, k, s, h, g, batch, residual, dtype)
+    results, n_configs, best = time_configs(case, max_configs, deadline)
     cudnn = time_cudnn(case)
     floor = 1e6 * case["bytes"] / MEMORY_BW
     row = {"kind": kind, "layer": name, "batch": batch, "c_in": c_in, "c_out": c_out, "k": k, "stride": s,
            "h": h, "groups": g, "bytes": case["bytes"], "flops": case["flops"], "floor_us": floor,
-           "cudnn_us": cudnn, "configs": results, "all_configs_timed": len(results) == len(configs)}
+           "cudnn_us": cudnn, "configs": results, "all_configs_timed": len(results) == n_configs,
+           "dtype": str(dtype)[6:]}
+    if dtype == torch.int8:
+        fp16 = time_configs(make_case(c_in, c_out, k, s, h, g, batch, residual), max_configs,
+                            time.time() + 2 * (deadline - time.time()))[2]
+        row["fp16_us"] = None if fp16 is None else fp16["us"]
     if best is not None:
         row.update(best_us=best["us"], best_config=best["config"], default_us=results[0].get("us"),
                    floor_fraction=floor / best["us"], tflops=case["flops"] / best["us"] / 1e6)
@@ -128,7 +198,7 @@ def bench_layer(kind: str, spec: tuple, batch: int, max_configs: int, deadline: 
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'layer':28} {'batch':>5} {'ours us':>9} {'dflt us':>9} {'cuDNN us':>9} {'floor us':>9} "
-            f"{'floor/ours':>10} {'TFLOP/s':>8} {'cfgs':>4}  best config")
+            f"{'floor/ours':>10} {'TFLOP/s':>8} {'fp16 us':>8} {'cfgs':>4}  best config")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "best_us" not in r:
@@ -136,8 +206,9 @@ def format_table(rows: list[dict]) -> str:
             continue
         cfg = {k: v for k, v in r["best_config"].items() if v not in (False, None)}
         dflt = f"{r['default_us']:9.1f}" if r["default_us"] else f"{'-':>9}"
+        fp16 = f"{r['fp16_us']:8.1f}" if r.get("fp16_us") else f"{'-':>8}"
         lines.append(f"{r['layer']:28} {r['batch']:>5} {r['best_us']:9.1f} {dflt} {r['cudnn_us']:9.1f} "
-                     f"{r['floor_us']:9.1f} {r['floor_fraction']:10.2f} {r['tflops']:8.1f} "
+                     f"{r['floor_us']:9.1f} {r['floor_fraction']:10.2f} {r['tflops']:8.1f} {fp16} "
                      f"{len(r['configs']):>4}  {cfg}")
     return "\n".join(lines)
 
@@ -147,6 +218,7 @@ def main() -> None:
     p.add_argument("--out", required=True, help="JSON output path")
     p.add_argument("--kinds", default=",".join(LAYERS), help=f"comma list of {list(LAYERS)}")
     p.add_argument("--batches", default="32,1")
+    p.add_argument("--dtype", default="float16", choices=["float16", "int8"])
     p.add_argument("--max-configs", type=int, default=8, help="candidates timed per layer (the tuner's 8)")
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="seconds of config timing shared out over the layers (Triton compiles "
@@ -166,7 +238,7 @@ def main() -> None:
         # This layer's share of the budget, and whatever earlier layers left unused.
         deadline = start + args.budget_s * (i + 1) / len(todo)
         try:
-            row = bench_layer(kind, spec, batch, args.max_configs, deadline)
+            row = bench_layer(kind, spec, batch, args.max_configs, deadline, getattr(torch, args.dtype))
         except Exception:
             row = {"kind": kind, "layer": spec[0], "batch": batch, "cudnn_us": float("nan"),
                    "error": traceback.format_exc()[-2000:]}

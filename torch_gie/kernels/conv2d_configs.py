@@ -172,12 +172,21 @@ def _grouped_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int, g
     return _with_gpt(_unsplit_default(gpt * c_out_g, gpt * c_in_g, dtype, taps), gpt)
 
 
+MAX_INT8_STAGES = 8  # int8 stages of up to 24 KB (a 128x128x64 tile): 8 fit Hopper's shared memory
+MAX_INT8_TILE = 256 * 128  # int32 accumulator elements: 128 registers a thread at 8 warps
+
+
 def _int8_tilings(cands: list[dict], c_in_g: int, taps: int) -> list[dict]:
     """fp16 tilings -> int8 ones: BLOCK_K doubled (half the bytes per element), capped at the
     K it covers (a tap's channels per super-group, or all of K when gathered), and at least
     INT8_MIN_BLOCK_K; duplicates dropped. Split-K tilings keep their BLOCK_K, so each split
     keeps the K iterations its split count was chosen for, and so do kw-folding ones (a kernel
-    row of KW·C_in_g values, 21 for a 7x7 on RGB, fits one 32-wide step)."""
+    row of KW·C_in_g values, 21 for a 7x7 on RGB, fits one 32-wide step).
+    Where the cap stops BLOCK_K from doubling (64 channels per tap: ResNet's first stage), an
+    int8 stage holds half an fp16 stage's bytes, so a memory- or latency-bound layer would keep
+    half as many bytes in flight. Such a tiling is followed by one that restores them: twice
+    the stages when the K loop has several steps, else twice the pixel rows (and warps) while
+    the accumulator stays within MAX_INT8_TILE."""
     out = []
     for cfg in cands:
         k_width = cfg.get("GROUPS_PER_TILE", 1) * c_in_g
@@ -185,9 +194,15 @@ def _int8_tilings(cands: list[dict], c_in_g: int, taps: int) -> list[dict]:
             k_width *= taps
         keep = cfg.get("SPLIT_K", 1) > 1 or cfg.get("FOLD_KW", False)
         bk = cfg["BLOCK_K"] if keep else min(2 * cfg["BLOCK_K"], 128, triton.next_power_of_2(k_width))
-        cfg = {**cfg, "BLOCK_K": max(INT8_MIN_BLOCK_K, bk)}
-        if cfg not in out:
-            out.append(cfg)
+        tilings = [{**cfg, "BLOCK_K": max(INT8_MIN_BLOCK_K, bk)}]
+        if not keep and bk < 2 * cfg["BLOCK_K"]:
+            steps = taps * triton.cdiv(k_width, bk)
+            if steps > 1 and 2 * cfg["num_stages"] <= MAX_INT8_STAGES:
+                tilings.append({**tilings[0], "num_stages": 2 * cfg["num_stages"]})
+            elif steps == 1 and cfg["BLOCK_M"] * cfg["BLOCK_N"] <= MAX_INT8_TILE // 2:
+                tilings.append({**tilings[0], "BLOCK_M": 2 * cfg["BLOCK_M"],
+                                "num_warps": min(8, 2 * cfg["num_warps"])})
+        out += [t for t in tilings if t not in out]
     return out
 
 
