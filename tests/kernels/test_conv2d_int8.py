@@ -261,7 +261,8 @@ def test_configs_offer_int8_tiles():
 def test_capped_int8_tiles_keep_fp16_bytes_in_flight():
     """Where BLOCK_K cannot double (64 channels per tap), each int8 tiling is followed by one
     with fp16's bytes in flight: twice the stages for a multi-step K loop, twice the rows (and
-    warps) for a single step, the accumulator at most MAX_INT8_TILE; uncapped layers get none."""
+    warps) for a single step, the accumulator at most MAX_INT8_TILE; uncapped layers get none.
+    A split-K default is followed by itself with BLOCK_K doubled and half the splits."""
     from torch_gie.kernels.conv2d_configs import MAX_INT8_STAGES, MAX_INT8_TILE
     three = conv2d_configs(64, 64, torch.int8, 9, 8 * 56 * 56)
     assert three[1] == {**three[0], "num_stages": 2 * three[0]["num_stages"]}
@@ -269,8 +270,10 @@ def test_capped_int8_tiles_keep_fp16_bytes_in_flight():
     one = conv2d_configs(64, 64, torch.int8, 1, 8 * 56 * 56)
     assert one[1] == {**one[0], "BLOCK_M": 2 * one[0]["BLOCK_M"], "num_warps": 8}
     assert all(c["BLOCK_M"] * c["BLOCK_N"] <= max(MAX_INT8_TILE, 512 * 64) for c in one)
-    wide = conv2d_configs(256, 256, torch.int8, 9, 8 * 14 * 14)  # BLOCK_K doubles: nothing added
-    fp16 = conv2d_configs(256, 256, torch.float16, 9, 8 * 14 * 14)
+    split = conv2d_configs(512, 512, torch.int8, 9, 49)  # batch 1: a split-K default
+    assert split[1] == {**split[0], "BLOCK_K": 2 * split[0]["BLOCK_K"], "SPLIT_K": split[0]["SPLIT_K"] // 2}
+    wide = conv2d_configs(256, 256, torch.int8, 9, 128 * 14 * 14)  # BLOCK_K doubles: nothing added
+    fp16 = conv2d_configs(256, 256, torch.float16, 9, 128 * 14 * 14)
     assert len(wide) <= len(fp16) and all(c["num_stages"] == f["num_stages"] for c, f in zip(wide, fp16))
 
 

@@ -11,7 +11,6 @@ from torch import fx
 
 from .. import ops
 from ..graph import spec
-from ..plan import pads_input_channels
 from ..kernels.conv2d import Conv2d
 from ..kernels.depthwise_conv2d import DepthwiseConv2d
 from ..kernels.elementwise import Activation, Add, ChannelAffine, Dequantize, Mul, Quantize
@@ -19,6 +18,7 @@ from ..kernels.gemm import Linear
 from ..kernels.layer_norm import LayerNorm
 from ..kernels.pool2d import AdaptivePool2d, Pool2d
 from ..kernels.squeeze_excitation import SqueezeExcitation
+from ..plan import pads_input_channels
 from ..quantize.arith import LayerQuant
 from ..runtime.program import Converters
 from ..runtime.steps import Kernel

@@ -181,7 +181,9 @@ def _int8_tilings(cands: list[dict], c_in_g: int, taps: int) -> list[dict]:
     K it covers (a tap's channels per super-group, or all of K when gathered), and at least
     INT8_MIN_BLOCK_K; duplicates dropped. Split-K tilings keep their BLOCK_K, so each split
     keeps the K iterations its split count was chosen for, and so do kw-folding ones (a kernel
-    row of KW·C_in_g values, 21 for a 7x7 on RGB, fits one 32-wide step).
+    row of KW·C_in_g values, 21 for a 7x7 on RGB, fits one 32-wide step). A split-K default is
+    followed by itself with BLOCK_K doubled and half the splits: each split keeps its K steps,
+    and half as many int32 partial sums go through the workspace and the reduction.
     Where the cap stops BLOCK_K from doubling (64 channels per tap: ResNet's first stage), an
     int8 stage holds half an fp16 stage's bytes, so a memory- or latency-bound layer would keep
     half as many bytes in flight. Such a tiling is followed by one that restores them: twice
@@ -195,6 +197,10 @@ def _int8_tilings(cands: list[dict], c_in_g: int, taps: int) -> list[dict]:
         keep = cfg.get("SPLIT_K", 1) > 1 or cfg.get("FOLD_KW", False)
         bk = cfg["BLOCK_K"] if keep else min(2 * cfg["BLOCK_K"], 128, triton.next_power_of_2(k_width))
         tilings = [{**cfg, "BLOCK_K": max(INT8_MIN_BLOCK_K, bk)}]
+        split = cfg.get("SPLIT_K", 1)
+        if split > 1 and not out and 2 * cfg["BLOCK_K"] <= min(128, triton.next_power_of_2(k_width)):
+            unsplit = {k: v for k, v in cfg.items() if k != "SPLIT_K"}
+            tilings.append(_with_split({**unsplit, "BLOCK_K": 2 * cfg["BLOCK_K"]}, split // 2))
         if not keep and bk < 2 * cfg["BLOCK_K"]:
             steps = taps * triton.cdiv(k_width, bk)
             if steps > 1 and 2 * cfg["num_stages"] <= MAX_INT8_STAGES:
