@@ -233,7 +233,7 @@ def test_chunk_items_unpacked_become_slices_of_the_input():
     (fn(lambda s, x: x.transpose(1, -1)), ops.permute, ops.PermuteSpec((0, 3, 2, 1))),
     (fn(lambda s, x: torch.transpose(x, 2, 3)), ops.permute, ops.PermuteSpec((0, 1, 3, 2))),
     (fn(lambda s, x: x.view(x.size(0), -1)), ops.reshape, ops.ReshapeSpec((2, C * 30))),
-    (fn(lambda s, x: x.reshape(2, C, 30)), ops.reshape, ops.ReshapeSpec((2, C, 30))),
+    (fn(lambda s, x: x.reshape(2, C, 30)), ops.reshape, ops.ReshapeSpec((2, C, 30), literal_leading=True)),
     (fn(lambda s, x: x.unsqueeze(-1)), ops.reshape, ops.ReshapeSpec((2, C, 5, 6, 1))),
     (fn(lambda s, x: x.contiguous()), ops.identity, ops.IdentitySpec("contiguous")),
     (fn(lambda s, x: x.flatten(1)), ops.flatten, ops.FlattenSpec(1)),

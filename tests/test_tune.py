@@ -21,7 +21,7 @@ def test_shipped_cache_covers_benchmark_layers(name, batch, monkeypatch):
     kwargs = {"init_weights": True} if name == "googlenet" else {}
     model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
     x = torch.randn(batch, 3, 224, 224)
-    _, _, device, gm, _, _, plan = _prepare(model, x, "fp16", "triton", {})
+    _, _, device, gm, _, _, plan, _ = _prepare(model, x, "fp16", "triton", {})
     lowering, fallback, converters = _lowering("triton", plan, device, {})
     program = build_program(gm, plan, lowering, "triton", device, fallback, converters)
     for step in program.steps:  # views (the classifier's flatten) fill env when they run; no kernels do

@@ -13,4 +13,5 @@ from .runtime.module import GIEModule
 from .serialize import load, save
 
 __version__ = "0.1.0"
-__all__ = ["compile", "explain", "CompileError", "OutOfMemoryError", "GIEModule", "format_report", "save", "load", "__version__"]
+__all__ = ["compile", "explain", "CompileError", "OutOfMemoryError", "GIEModule", "format_report", "save", "load",
+           "__version__"]

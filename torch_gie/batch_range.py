@@ -114,20 +114,32 @@ class BatchShapes:
         return spec(node)
 
 
+class _Refused(Exception):
+    """Stops a probe that found a value that cannot follow the batch (``_Probe.refused`` says why)."""
+
+
 class _Probe(GraphRunner):
     """Runs the graph on fake tensors (shapes only) at another batch and records every tensor
-    result's shape. A reshape of a value whose rows changed reshapes to (-1, *traced[1:]): the
-    traced target holds the example's batch as a literal."""
+    result's shape. A reshape of a value whose rows changed reshapes to (-1, *traced[1:]): its
+    traced target holds the example's batch as a number, where the model's code computed it
+    (``x.size(0)``) or left it to be inferred (-1). One whose code gave a literal leading size
+    is refused: that size does not follow the batch."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
         self.shapes: dict[fx.Node, tuple[int, ...]] = {}
+        self.refused: str | None = None  # why the graph cannot follow the batch
 
     def run_node(self, n: fx.Node):
         if is_canonical(n, ops.reshape):
             (x,) = self.fetch_args_kwargs_from_env(n)[0]
             traced = tuple(n.meta["shape"])
             grew = tuple(x.shape) != tuple(n.args[0].meta["shape"])
+            if grew and spec(n).literal_leading:
+                self.refused = (f"batch_range: {n.name} reshapes to a literal leading size ({traced[0]}) in the "
+                                "model's code, which fixes the batch size; write it as x.reshape(x.size(0), ...) "
+                                "or x.reshape(-1, ...), or compile without batch_range (one engine per batch size)")
+                raise _Refused
             result = x.reshape((-1,) + traced[1:] if grew and traced else traced)
         else:
             result = super().run_node(n)
@@ -144,6 +156,8 @@ def _probe(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], batch: int) -> di
                      for t in inputs]
             probe.run(*fakes)
     except Exception as exc:  # whatever the model's own code raises at that batch
+        if probe.refused is not None:  # raised here, without the interpreter's notes on the node
+            raise CompileError(probe.refused) from None
         raise CompileError(f"batch_range: the compiled graph does not run at batch {batch}: "
                            f"{type(exc).__name__}: {exc}. The model's code fixes the batch size; compile "
                            f"without batch_range (one engine per batch size)") from exc

@@ -441,7 +441,21 @@ def _reshape(node: fx.Node, x) -> Canonical:
     out_shape = _shape(node)
     if out_shape is None or _shape(x) is None:
         raise _NotCanonical("reshape of a non-tensor")
-    return ops.reshape, [x], ops.ReshapeSpec(out_shape)
+    return ops.reshape, [x], ops.ReshapeSpec(out_shape, literal_leading=_literal_leading(node))
+
+
+def _literal_leading(node: fx.Node) -> bool:
+    """Whether a view/reshape names its leading size as a literal int in the model's code; the
+    other forms ((un)squeeze, view_as, reshape_as) take their sizes from their operands."""
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        target = node.args[1:] or (node.kwargs.get("size", node.kwargs.get("shape")),)
+    elif node.op == "call_function" and node.target is torch.reshape:
+        target = node.args[1:] or (node.kwargs.get("shape"),)
+    else:
+        return False
+    if len(target) == 1 and isinstance(target[0], (tuple, list)):
+        target = tuple(target[0])
+    return bool(target) and isinstance(target[0], int) and target[0] != -1
 
 
 # ---------------------------------------------------------------------------------------------

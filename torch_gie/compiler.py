@@ -6,6 +6,7 @@ import copy
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -169,7 +170,8 @@ def compile(module: nn.Module, example_inputs, *, precision: str = "fp16", backe
     backend = _resolve_backend(backend, as_input_tuple(example_inputs)[0].device)  # fail before capture
     batch = BatchRange.parse(batch_range) if batch_range is not None else None
     if batch is None and "max_batch_graphs" in options:
-        raise ValueError("max_batch_graphs bounds the programs of a batch_range engine; pass batch_range=(min, opt, max)")
+        raise ValueError("max_batch_graphs bounds the programs of a batch_range engine; "
+                         "pass batch_range=(min, opt, max) too")
     if accuracy_budget is not None:
         if precision != "int8":
             raise ValueError(f"accuracy_budget applies to precision='int8', got precision={precision!r}")
@@ -212,10 +214,11 @@ def _compile(module: nn.Module, example_inputs, precision: str, backend: str, op
 
 def build_engine(gm, plan: Plan, inputs: tuple[torch.Tensor, ...], device: torch.device, backend: str,
                  options: dict, *, tuner: Tuner | None = None, batch_range: BatchRange | None = None,
-                 batching: GraphBatching | None = None, configure=None) -> Program | BatchedProgram:
+                 batching: GraphBatching | None = None,
+                 configure: Callable[[Program, Any], None] | None = None) -> Program | BatchedProgram:
     """Lower, allocate, warm up (tuning with ``tuner``) and capture: the program ``GIEModule``
-    runs. ``configure(program)`` runs after lowering, before the warm-up (``load`` sets the
-    saved kernel configs there). With ``batch_range``: the opt program is built and tuned, the
+    runs. ``configure(program, fallback_lowering)`` runs after lowering, before the warm-up
+    (``load`` sets the saved kernel configs there). With ``batch_range``: the opt program is built and tuned, the
     max program warmed up (layer workspaces reach their largest size), opt's CUDA graph captured;
     other batch sizes are built on first use (``BatchedProgram``)."""
     lowering, fallback, converters = _lowering(backend, plan, device, options)
@@ -228,7 +231,7 @@ def build_engine(gm, plan: Plan, inputs: tuple[torch.Tensor, ...], device: torch
 
     program = build(batching.at(batch_range.opt) if batch_range is not None else None)
     if configure is not None:
-        configure(program)
+        configure(program, fallback)
     with torch.no_grad():
         program._load_inputs(inputs)
         program.warm_up(fallback, tuner)
@@ -247,21 +250,23 @@ def build_engine(gm, plan: Plan, inputs: tuple[torch.Tensor, ...], device: torch
 
 
 def explain(module: nn.Module, example_inputs, *, precision: str = "fp16", backend: str = "auto",
-            dot: str | None = None, calibration_data=None, calibrator=DEFAULT_CALIBRATOR,
-            calibration_cache=None, layer_precisions: dict[str, str] | None = None,
+            dot: str | None = None, batch_range: tuple[int, int, int] | None = None, calibration_data=None,
+            calibrator=DEFAULT_CALIBRATOR, calibration_cache=None, layer_precisions: dict[str, str] | None = None,
             **options: Any) -> dict[str, Any]:
     """The compile report without building kernels; ``dot="graph.dot"`` also writes the optimized
     graph for Graphviz (and an SVG beside it when ``dot`` is installed). int8 takes the
-    calibration arguments of ``compile`` (it calibrates, to say which layers run int8)."""
+    calibration arguments of ``compile`` (it calibrates, to say which layers run int8); with
+    ``batch_range`` the graph is checked for it and the arena planned for its max."""
     int8 = dict(calibration_data=calibration_data, calibrator=calibrator, calibration_cache=calibration_cache,
                 layer_precisions=layer_precisions)
-    model, inputs, device, gm, layers_in, results, plan, _ = _prepare(module, example_inputs, precision,
-                                                                       backend, options, int8)
+    batch = BatchRange.parse(batch_range) if batch_range is not None else None
+    model, inputs, device, gm, layers_in, results, plan, batching = _prepare(module, example_inputs, precision,
+                                                                              backend, options, int8, batch)
     program = build_program(gm, plan, lambda node: None, "none", torch.device("meta"), None,
-                            reference.converters())
+                            reference.converters(), shapes=batching.at(batch.opt) if batch is not None else None)
     report = build_report(model=type(module).__name__, layers_in=layers_in, results=results, gm=gm, plan=plan,
                           steps=program.steps, precision=precision, backend=_resolve_backend(backend, device),
-                          device=str(device))
+                          device=str(device), batch_range=batch)
     if dot:
         report["dot"] = write_dot(gm, dot)
     return report

@@ -245,7 +245,10 @@ class PermuteSpec:
 
 @dataclass
 class ReshapeSpec:
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # the traced result's shape (sizes the model's code computed are concrete)
+    # The model's code gave the leading size as a literal (``x.view(3, -1)``), not computed or
+    # inferred (``x.view(x.size(0), -1)``, ``x.view(-1, 512)``): it does not follow the batch.
+    literal_leading: bool = False
 
 
 @dataclass

@@ -22,13 +22,13 @@ from torch import fx
 
 import torch_gie
 
-from .compiler import _lowering, _resolve_backend
+from .batch_range import BatchRange, check_batch_polymorphic
+from .compiler import _resolve_backend, build_engine, plan_for
+from .errors import OutOfMemoryError, release_failed_build
 from .passes import PassResult
-from .plan import make_plan
 from .plan.precision import PrecisionPlan
 from .report import build_report
 from .runtime.module import GIEModule
-from .runtime.program import build_program
 from .runtime.steps import KernelStep
 from .serialize_values import (
     CANONICAL,
@@ -47,7 +47,7 @@ FORMAT = "torch_gie.engine"
 FORMAT_VERSION = 1
 _META_KEYS = ("shape", "dtype", "spec", "slot", "segment_of", "cat_copies", "source", "fallback_reason",
               "tensor_valued", "quant")
-_SAVED_OPTIONS = ("cuda_graph", "streams", "fp32_precision", "tune", "disable_passes")
+_SAVED_OPTIONS = ("cuda_graph", "streams", "fp32_precision", "tune", "disable_passes", "max_batch_graphs")
 _REBUILD = "rebuild it on this machine: torch_gie.compile(model, example_inputs, ...) then torch_gie.save"
 
 def _encode_graph(gm: fx.GraphModule, enc: Encoder, configs: dict[str, dict]) -> dict:
@@ -128,7 +128,9 @@ def save(module: GIEModule, path: str | os.PathLike) -> None:
         "device": _device_info(program.arena.device),
         "build": {"precision": report["precision"], "backend": report["backend"],
                   "plan_dtype": str(program.plan.dtype)[6:], "static_outputs": module.static_outputs,
-                  "options": {k: enc(options[k]) for k in _SAVED_OPTIONS if k in options}},
+                  "options": {k: enc(options[k]) for k in _SAVED_OPTIONS if k in options},
+                  # inputs and graph shapes are at opt; the loader re-plans the arena for max
+                  "batch_range": list(module.batch_range.as_tuple()) if module.batch_range is not None else None},
         "inputs": [{"shape": list(shape), "dtype": str(dtype)[6:]} for shape, dtype, _ in module._signature],
         "graph": graph,
         "int8": _int8_header(program.plan, enc),
@@ -254,7 +256,19 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None) -> G
     """Rebuild the module ``save`` wrote, on ``device`` (default: the kind it was built for; a CUDA
     engine loads only on the GPU model it was built on). No tracing, calibration or tuning: the
     graph, int8 parameters and kernel configs come from the file. ValueError for a damaged,
-    foreign or incompatible file."""
+    foreign or incompatible file. A ``batch_range`` engine loads as one again (its arena planned
+    for max, its other batch sizes built on first use). ``torch_gie.OutOfMemoryError`` (naming the
+    step) if it does not fit, with what it had allocated freed."""
+    try:
+        return _load(path, device)
+    except OutOfMemoryError as exc:
+        release_failed_build(exc)  # as compile does: nothing of the partial engine stays allocated
+        raise
+
+
+def _load(path: str | os.PathLike, device: torch.device | str | None) -> GIEModule:
+    # The decoded weights and the partial engine are locals of this frame and the ones it calls,
+    # which ``release_failed_build`` clears when the load runs out of memory.
     header, data = _read(path)
     try:
         device = _target_device(header["device"], device)
@@ -267,31 +281,35 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None) -> G
         if header["int8"] is not None:
             precision, qparams = _precision_plan(header["int8"], dec.nodes, dec)
         inputs = tuple(torch.zeros(i["shape"], dtype=DTYPES[i["dtype"]], device=device) for i in header["inputs"])
+        batch = BatchRange.parse(tuple(build["batch_range"])) if build.get("batch_range") is not None else None
         meta_report = header["report"]
         passes = dec(meta_report["passes"])
         fusions = dec(meta_report["fusions"])
     except (KeyError, TypeError, IndexError, AttributeError) as exc:
         raise ValueError(f"{os.fspath(path)}: malformed engine header ({type(exc).__name__}: {exc})") from exc
-    streams = options.get("streams", True) and device.type == "cuda" and options.get("cuda_graph", True)
-    plan = make_plan(gm, DTYPES[build["plan_dtype"]], streams=streams, precision=precision)
-    plan.qparams = qparams  # node.meta["quant"] came with the graph: no calibration
-    lowering, fallback, converters = _lowering(backend, plan, device, options)
-    program = build_program(gm, plan, lowering, backend, device, fallback, converters)
-    _apply_kernel_choices(program, choices, fallback)
-    with torch.no_grad():  # as compile does, with the saved configs instead of a tuner
-        program._load_inputs(inputs)
-        program.warm_up(fallback)
-        if device.type == "cuda" and options.get("cuda_graph", True):
-            program.capture_cuda_graph()
+    program, plan = _build(gm, header, inputs, device, backend, options, precision, qparams, choices, batch)
     results = [PassResult(p["name"], {k: v for k, v in p.items() if k not in ("name", "ms")},
                           [f for f in fusions if f.get("pass") == p["name"]], p["ms"] / 1e3) for p in passes]
     report = build_report(model=meta_report["model"], layers_in=meta_report["layers_in"], results=results, gm=gm,
                           plan=plan, steps=program.steps, precision=build["precision"], backend=backend,
-                          device=str(device))
+                          device=str(device), batch_range=batch)
     report["loaded_from"] = os.fspath(path)
     report["engine"] = {"format_version": header["format_version"], "built_with": header["versions"]}
     log.info("torch_gie: loaded %s from %s", report["model"], os.fspath(path))
-    return GIEModule(program, inputs, report, static_outputs=build["static_outputs"], options=options)
+    return GIEModule(program, inputs, report, static_outputs=build["static_outputs"], options=options,
+                     batch_range=batch)
+
+
+def _build(gm, header: dict, inputs, device, backend: str, options: dict, precision, qparams, choices, batch):
+    """Plan and build as ``compile`` does, with the saved configs instead of a tuner."""
+    build = header["build"]
+    batching = check_batch_polymorphic(gm, inputs, batch) if batch is not None else None
+    streams = options.get("streams", True) and device.type == "cuda" and options.get("cuda_graph", True)
+    plan = plan_for(gm, DTYPES[build["plan_dtype"]], streams, batching, batch, precision)
+    plan.qparams = qparams  # node.meta["quant"] came with the graph: no calibration
+    program = build_engine(gm, plan, inputs, device, backend, options, batch_range=batch, batching=batching,
+                           configure=lambda p, fallback: _apply_kernel_choices(p, choices, fallback))
+    return program, plan
 
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..batch_range import BatchRange, GraphBatching
-from ..errors import OutOfMemoryError, release_failed_build
+from ..errors import OutOfMemoryError, build_step, release_failed_build
 from .program import Program
 from .steps import Kernel, KernelStep
 
@@ -86,35 +86,31 @@ class BatchedProgram:
             if program is not None:
                 self._programs.move_to_end(batch)
                 return program
-            program = self._new_program(batch)
-            self._programs[batch] = program
-            while len(self._programs) > self.max_programs:
-                self._evict()
-            return program
+            return self._add(batch, capture=self._cuda_graph)
 
     def prepare(self, batch: int) -> None:
         """Build ``batch``'s program and run it once, without capturing it. The build prepares
         the max batch this way first, so the layers' scratch workspaces reach their largest size
         before any graph records them."""
         with self._lock:
-            self._programs[batch] = self._make(batch, capture=False)
-            self._programs.move_to_end(batch)
-            while len(self._programs) > self.max_programs:
-                self._evict()
+            self._add(batch, capture=False)
 
-    def _new_program(self, batch: int) -> Program:
+    def _add(self, batch: int, capture: bool) -> Program:
         try:
-            return self._make(batch, capture=self._cuda_graph)
+            program = self._make(batch, capture)
         except OutOfMemoryError as exc:
             # Name the batch, and free the half-built program now: the error the caller may keep
             # must not keep the program's frames (its graph's pool, its buffers) alive.
-            error = OutOfMemoryError(f"{exc.step} (building the program for batch {batch})", exc.nbytes,
-                                     exc.detail)
+            error = OutOfMemoryError(f"{exc.step}, for batch size {batch}", exc.nbytes, exc.detail)
             release_failed_build(exc)
             raise error from None
+        self._programs[batch] = program
+        while len(self._programs) > self.max_programs:
+            self._evict()
+        return program
 
     def _make(self, batch: int, capture: bool) -> Program:
-        with torch.no_grad(), self._on_stream():
+        with build_step("building a batch size's program"), torch.no_grad(), self._on_stream():
             program = self._build(self.batching.at(batch), self.kernels())
             self._warm_up(program)
             if capture:
@@ -123,12 +119,9 @@ class BatchedProgram:
         return program
 
     def _evict(self) -> None:
-        """Drop the least recently used program other than opt's; its CUDA graph (and the graph's
-        memory pool) goes with it."""
+        """Drop the least recently used program other than opt's, and its CUDA graph."""
         victim = next(b for b in self._programs if b != self.batch_range.opt)
-        program = self._programs.pop(victim)
-        program.graph = None
-        program._held = []
+        self._programs.pop(victim).drop_cuda_graph()
 
     @contextmanager
     def _on_stream(self) -> Iterator[None]:

@@ -186,6 +186,10 @@ class Program:
             self.graph = capture(run)
         self._held = kernel_tensors(self.steps)
 
+    def drop_cuda_graph(self) -> None:
+        """Free the captured graph (its memory pool goes with it) and what it kept alive."""
+        self.graph, self._held = None, []
+
     def warm_up(self, fallback_lowering: Lowering | None, tuner=None) -> None:
         """Run every step once (tuning it first when a tuner is given); a kernel step that fails
         is replaced by ``fallback_lowering`` for that layer, with a warning (a layer Triton
@@ -343,7 +347,9 @@ def build_program(gm: fx.GraphModule, plan: Plan, lowering: Lowering, backend: s
     storage = storage if storage is not None else allocate_storage(plan, device)
     for node, placement in plan.placements.items():
         view = materialize(storage.arena, placement, storage.pinned)
-        env[ids[node]] = view if shapes is None else view[:shapes.rows(node)]  # rows are outermost
+        if shapes is not None and view.dim():
+            view = view[:shapes.rows(node)]  # the first rows of the max-size buffer: rows are outermost
+        env[ids[node]] = view
 
     steps: list[Step] = []
     converted: dict[tuple, int] = {}
