@@ -62,8 +62,11 @@ def _conv(node: fx.Node, dtype: torch.dtype, device: torch.device, options: dict
                 dilation=s.dilation, groups=s.groups, activation=ep.activation,
                 post_activation=ep.post_activation, act_slope=_on(s.act_slope, device), dtype=dtype,
                 input_hw=(h, w), batch=n, quant=quant, **_precision(dtype, options))
-    # The compiler's channel-padded network input holds zeros in its padding lanes.
-    layer.pad_lanes_finite = node.args[0].op == "placeholder" and pads_input_channels(node.args[0])
+    # The compiler's channel-padded network input holds zeros in its padding lanes. Set only when
+    # true: the attribute then joins the tuner's layer signature of the stem alone, and every
+    # other layer keeps its timing-cache key.
+    if node.args[0].op == "placeholder" and pads_input_channels(node.args[0]):
+        layer.pad_lanes_finite = True
     gated, residual = s.input_gate, ep.residual
 
     def call(k, i, o):
