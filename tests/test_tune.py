@@ -34,3 +34,24 @@ def test_shipped_cache_covers_benchmark_layers(name, batch, monkeypatch):
     assert {s.op for s in steps} == {"conv2d", "linear"} and not missing
     for s in steps:  # every shipped config still validates for its layer (else the tuner drops it)
         s.kernel.layer.config = cache[H100 + signature(s, program.env)]
+
+
+def test_configs_to_run_are_what_tune_launches(monkeypatch, tmp_path):
+    """What the parallel pre-compilation compiles per layer: the cached config, else the
+    candidates tune() times (tune=True), else the layer's own (tune=False)."""
+    from torch_gie.kernels.conv2d import Conv2d
+    from torch_gie.tune import Tuner
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+
+    class Node:
+        name, target = "conv", type("op", (), {"__name__": "conv2d"})
+
+    layer = Conv2d(torch.randn(64, 64, 3, 3), padding=1, input_hw=(56, 56), batch=8)
+    step = KernelStep(Node(), type("K", (), {"layer": layer})(), [0], [torch.empty(8, 64, 56, 56)], "triton")
+    env = [torch.empty(8, 64, 56, 56).contiguous(memory_format=torch.channels_last)]
+    timing = Tuner(str(tmp_path / "t.json"), max_configs=3)
+    assert timing.configs_to_run(step, env) == layer.configs[:3]
+    assert Tuner(str(tmp_path / "t.json"), time_new=False).configs_to_run(step, env) == [layer.config]
+    timing.cache[timing.prefix + signature(step, env)] = layer.configs[2]
+    assert timing.configs_to_run(step, env) == [layer.configs[2]]

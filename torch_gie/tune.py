@@ -88,15 +88,33 @@ class Tuner:
         self.max_configs = max_configs  # kernels list their configs best-guess first
         self.timed = self.reused = 0
 
+    def _known(self, step: KernelStep, env: list) -> tuple[str, dict | None]:
+        """(cache key, the config a cache holds for this layer or None; always None when
+        refreshing)."""
+        sig = signature(step, env)
+        key = self.prefix + sig
+        known = None if self.refresh else self.cache.get(key) or self.shipped.get(key) or \
+            next((self.shipped[p + sig] for p in self.fallback_prefixes if p + sig in self.shipped), None)
+        return key, known
+
+    def configs_to_run(self, step: KernelStep, env: list) -> list[dict]:
+        """The configs ``tune`` will launch for this layer: the cached one, or the candidates it
+        times, or the layer's own (``torch_gie.precompile`` compiles them ahead)."""
+        layer = getattr(step.kernel, "layer", None)
+        configs = getattr(layer, "configs", None)
+        if not configs or len(configs) < 2:
+            return [layer.config] if getattr(layer, "config", None) else []
+        _, known = self._known(step, env)
+        if known is not None:
+            return [known]
+        return list(configs[:self.max_configs]) if self.time_new else [layer.config]
+
     def tune(self, step: KernelStep, env: list) -> None:
         layer = getattr(step.kernel, "layer", None)
         configs = getattr(layer, "configs", None)
         if not configs or len(configs) < 2:
             return
-        sig = signature(step, env)
-        key = self.prefix + sig
-        known = None if self.refresh else self.cache.get(key) or self.shipped.get(key) or \
-            next((self.shipped[p + sig] for p in self.fallback_prefixes if p + sig in self.shipped), None)
+        key, known = self._known(step, env)
         if known is not None:
             try:
                 layer.config = known

@@ -54,6 +54,7 @@ from torch_gie.kernels.conv_epilogue import (
     segment_args,
     store_segments,
 )
+from torch_gie.kernels.launch import compiling_only, config_override, launch
 from torch_gie.kernels.layer_args import (
     IntPair,
     Padding,
@@ -476,6 +477,13 @@ class Conv2d:
         return 2 if self._config.get("SPLIT_K", 1) > 1 else 1
 
     pad_lanes_finite = False  # see the class docstring
+    supports_compile_only = True  # its launches honour kernels.launch.compile_only
+
+    def _launch_config(self) -> dict:
+        """The config this launch uses: the layer's, or another one a ``compile_only`` thread is
+        compiling (the layer itself is left as it is)."""
+        override = config_override()
+        return self._config if override is None else override
     _config_keys = CONFIG_KEYS
     _min_block = 16  # every tl.dot dimension must be >= 16
     _group_tiles = True  # GROUPS_PER_TILE configs (super-groups) are supported
@@ -535,7 +543,7 @@ class Conv2d:
 
     def _launch(self, x, out, residual, res_strides, num_seg, seg, oh, ow, gate=None) -> None:
         n, _, h, w = x.shape
-        cfg, m = self._config, n * oh * ow
+        cfg, m = self._launch_config(), n * oh * ow
         split, gpt = cfg.get("SPLIT_K", 1), cfg.get("GROUPS_PER_TILE", 1)
         # The kernel sees cdiv(groups, gpt) (super-)groups of gpt times the channels, the last
         # one partial when gpt does not divide the groups.
@@ -563,7 +571,7 @@ class Conv2d:
         q_scalars, q_constexprs = quant_args(self.quant)
         if split > 1:
             # The epilogue moves to the reduction: one partial kernel serves every epilogue.
-            ws = self._split_k_workspace(split * m * self.out_channels, x.device)
+            ws = self._split_k_workspace(split * m * self.out_channels, x.device, compiling_only())
             bias, res = None, None
             epilogue = {"HAS_BIAS": False, "HAS_RES": False, **act_constexprs(None, "ACT"),
                         **act_constexprs(None, "POST_ACT"), "NUM_SEG": 1}
@@ -573,7 +581,7 @@ class Conv2d:
         zp_padding = self._padding_weight_sums is not None and not gather and gate is None
         q_constexprs = {**q_constexprs, "ZP_PADDING": zp_padding,
                         "A_FILL": 0 if zp_padding or not any(self.pads) else q_constexprs["X_ZP"]}
-        _conv2d_kernel[grid](
+        launch(_conv2d_kernel, grid,
             x, weight, bias, self.scale, res, out, ws, self.act_slope, gate,
             self._padding_weight_sums if zp_padding else None,
             h, w, c_in_g // x_vec, self.in_channels // x_vec, oh, ow, c_out_g // out_vec,
@@ -611,13 +619,17 @@ class Conv2d:
             cache[pix] = pad_channels(self.weight, pix)
         return cache[pix]
 
-    def _split_k_workspace(self, numel: int, device: torch.device) -> torch.Tensor:
+    def _split_k_workspace(self, numel: int, device: torch.device, compile_only: bool = False) -> torch.Tensor:
         """The layer's split-K workspace, replaced only when too small (see the class
         docstring: never during CUDA graph capture once a warm-up call has sized it). int32 for
-        int8 layers: fp32 partial sums would round above 2**24."""
+        int8 layers: fp32 partial sums would round above 2**24. A launch that only compiles
+        gets a one-element stand-in (the kernel specializes on its dtype and alignment) and
+        leaves the layer's workspace alone."""
+        dtype = torch.int32 if self.quant is not None else torch.float32
+        if compile_only:
+            return torch.empty(1, dtype=dtype, device=device)
         ws = self._workspace
         if ws is None or ws.numel() < numel or ws.device != device:
-            dtype = torch.int32 if self.quant is not None else torch.float32
             ws = self._workspace = torch.empty(numel, dtype=dtype, device=device)
         return ws
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from torch_gie.kernels.epilogue import activate_channels
+from torch_gie.kernels.launch import launch
 from torch_gie.kernels.layer_args import aligned_base, vector_width
 from torch_gie.kernels.quant import dequantize, requantize
 from torch_gie.quantize.arith import LayerQuant
@@ -224,7 +225,7 @@ def reduce_split_k(ws, bias, out, residual, slope, oh, ow, c_out, m, scalars, ve
     grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
     ws_vec = vector_width(ws.element_size(), [m * c_out])
     q_scalars, q_constexprs = quant_args(quant)
-    _split_k_reduce_kernel[grid](
+    launch(_split_k_reduce_kernel, grid,
         ws, bias, scale, residual, out, slope, oh, ow, c_out // vec, m, m * c_out // ws_vec,
         *scalars, *q_scalars,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, **activations, NUM_SEG=num_seg,

@@ -25,6 +25,7 @@ from torch_gie.kernels.conv_epilogue import (
     quant_args,
     store_segments,
 )
+from torch_gie.kernels.launch import launch
 from torch_gie.kernels.quant import load_codes
 
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_C", "num_warps", "num_stages")
@@ -176,13 +177,13 @@ class DepthwiseConv2d(Conv2d):
 
     def _launch(self, x, out, residual, res_strides, num_seg, seg, oh, ow, gate=None) -> None:
         n, _, h, w = x.shape
-        cfg, m = self._config, n * oh * ow
+        cfg, m = self._launch_config(), n * oh * ow
         grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(self.out_channels, cfg["BLOCK_C"]))
         out, residual, out_scalars, out_vec = epilogue_args(
             out, residual, res_strides, num_seg, seg, (self.out_channels,))
         x, _, in_scalars, x_vec = input_args(x, None, (self.in_channels,))
         q_scalars, q_constexprs = quant_args(self.quant)
-        _depthwise_conv2d_kernel[grid](
+        launch(_depthwise_conv2d_kernel, grid,
             x, self.weight, self.bias, self.scale, residual, out, self.act_slope,
             h, w, oh, ow, self.out_channels // out_vec, m, *in_scalars[:5], *out_scalars, *q_scalars,
             MULT=self.out_channels // self.in_channels, **self._geometry(),

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .. import ops
+from .. import ops, precompile
 from ..batch_range import BatchShapes
 from ..cuda_graphs import capture
 from ..errors import CompileError, OutOfMemoryError, build_step, is_out_of_memory
@@ -193,7 +193,13 @@ class Program:
     def warm_up(self, fallback_lowering: Lowering | None, tuner=None) -> None:
         """Run every step once (tuning it first when a tuner is given); a kernel step that fails
         is replaced by ``fallback_lowering`` for that layer, with a warning (a layer Triton
-        cannot compile must not sink the model)."""
+        cannot compile must not sink the model). On a GPU the kernels these launches need are
+        first compiled in parallel threads (``torch_gie.precompile``)."""
+        device = self.arena.device
+        if precompile.enabled(device):
+            layer_config = lambda step: [step.kernel.layer.config]  # noqa: E731
+            precompile.precompile(self.steps, self.env, tuner.configs_to_run if tuner is not None
+                                  else layer_config, device)
         for step in _progress(self.steps, "building kernels"):
             try:
                 if tuner is not None and isinstance(step, KernelStep):
