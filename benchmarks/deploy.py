@@ -25,14 +25,23 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch_gie  # noqa: E402
 
 _CHILD = r"""
-import sys, time
+import json, logging, sys, time
 t0 = time.perf_counter()
 import torch, torch_gie
+t_import = time.perf_counter()
+notes = []  # torch_gie's own account of the load: reading/decoding vs building, warm-up vs capture
+handler = logging.Handler()
+handler.emit = lambda record: notes.append(record.getMessage())
+logging.getLogger("torch_gie").addHandler(handler)
+logging.getLogger("torch_gie").setLevel(logging.INFO)
 engine = torch_gie.load(sys.argv[1])
+t_load = time.perf_counter()
 x, want = torch.load(sys.argv[2], weights_only=True)
 out = engine(x.to(sys.argv[3]))
 ok = torch.equal(out.cpu(), want)
-print(f"{time.perf_counter() - t0:.3f} {ok}")
+t_out = time.perf_counter()
+print(json.dumps({"total_s": t_out - t0, "import_s": t_import - t0, "load_s": t_load - t_import,
+                  "first_call_s": t_out - t_load, "identical": ok, "log": notes}))
 """
 
 
@@ -77,9 +86,11 @@ def fresh_process_load(engine, x: torch.Tensor, cold: bool) -> dict:
         wall = time.perf_counter() - t0
         if done.returncode:
             return {"cold": cold, "error": done.stderr.strip().splitlines()[-1][:300]}
-        inside, ok = done.stdout.split()[-2:]
-        return {"cold": cold, "process_s": wall, "load_to_output_s": float(inside), "identical": ok == "True",
-                "file_mib": os.path.getsize(path) / 2**20}
+        child = json.loads(done.stdout.strip().splitlines()[-1])
+        return {"cold": cold, "process_s": wall, "load_to_output_s": child["total_s"] - child["import_s"],
+                "identical": child["identical"], "file_mib": os.path.getsize(path) / 2**20,
+                "import_s": child["import_s"], "load_s": child["load_s"], "first_call_s": child["first_call_s"],
+                "log": child["log"]}
 
 
 def main() -> None:
@@ -110,13 +121,17 @@ def main() -> None:
     print("| threads | calls/s | calls | wrong |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['threads']} | {r['calls_per_s']:.1f} | {r['calls']} | {r['wrong']} |")
-    print("\n| Triton cache | process start to first output s | load + first call s | identical |\n|---|---|---|---|")
+    print("\n| Triton cache | process start to first output s | load + first call s | import s | load s | "
+          "first call s | identical |\n|---|---|---|---|---|---|---|")
     for r in loads:
         if "error" in r:
-            print(f"| {'cold' if r['cold'] else 'warm'} | error: {r['error']} | | |")
+            print(f"| {'cold' if r['cold'] else 'warm'} | error: {r['error']} | | | | | |")
         else:
             print(f"| {'cold' if r['cold'] else 'warm'} | {r['process_s']:.2f} | {r['load_to_output_s']:.2f} | "
-                  f"{r['identical']} |")
+                  f"{r['import_s']:.2f} | {r['load_s']:.2f} | {r['first_call_s']:.2f} | {r['identical']} |")
+    for r in loads:  # torch_gie's own breakdown of each load (reading vs building, warm-up vs capture)
+        for line in r.get("log", []):
+            print(f"{'cold' if r['cold'] else 'warm'}: {line}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -221,6 +222,7 @@ def build_engine(gm, plan: Plan, inputs: tuple[torch.Tensor, ...], device: torch
     (``load`` sets the saved kernel configs there). With ``batch_range``: the opt program is built and tuned, the
     max program warmed up (layer workspaces reach their largest size), opt's CUDA graph captured;
     other batch sizes are built on first use (``BatchedProgram``)."""
+    start = time.perf_counter()
     lowering, fallback, converters = _lowering(backend, plan, device, options)
     cuda_graph = device.type == "cuda" and options.get("cuda_graph", True)
     storage = allocate_storage(plan, device)
@@ -232,11 +234,13 @@ def build_engine(gm, plan: Plan, inputs: tuple[torch.Tensor, ...], device: torch
     program = build(batching.at(batch_range.opt) if batch_range is not None else None)
     if configure is not None:
         configure(program, fallback)
+    lowered = time.perf_counter()
     with torch.no_grad():
         program._load_inputs(inputs)
         program.warm_up(fallback, tuner)
         if tuner is not None:
             tuner.save()
+    warmed = time.perf_counter()
     engine: Program | BatchedProgram = program
     if batch_range is not None:
         engine = BatchedProgram(program, batch_range, batching, build, lambda p: p.warm_up(fallback), cuda_graph,
@@ -246,6 +250,11 @@ def build_engine(gm, plan: Plan, inputs: tuple[torch.Tensor, ...], device: torch
     if cuda_graph:
         with torch.no_grad():
             program.capture_cuda_graph()
+    # Where a build or a load spends its time (a cold load is mostly Triton compiling in warm-up).
+    log.info("torch_gie: engine built in %.2f s (lowering and arena %.2f s, warm-up%s %.2f s, "
+             "the rest%s %.2f s)", time.perf_counter() - start, lowered - start,
+             " and tuning" if tuner is not None else "", warmed - lowered,
+             " incl. CUDA graph capture" if cuda_graph else "", time.perf_counter() - warmed)
     return engine
 
 

@@ -15,6 +15,7 @@ import logging
 import operator
 import os
 import struct
+import time
 from importlib import metadata
 
 import torch
@@ -269,6 +270,7 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None) -> G
 def _load(path: str | os.PathLike, device: torch.device | str | None) -> GIEModule:
     # The decoded weights and the partial engine are locals of this frame and the ones it calls,
     # which ``release_failed_build`` clears when the load runs out of memory.
+    start = time.perf_counter()
     header, data = _read(path)
     try:
         device = _target_device(header["device"], device)
@@ -287,6 +289,7 @@ def _load(path: str | os.PathLike, device: torch.device | str | None) -> GIEModu
         fusions = dec(meta_report["fusions"])
     except (KeyError, TypeError, IndexError, AttributeError) as exc:
         raise ValueError(f"{os.fspath(path)}: malformed engine header ({type(exc).__name__}: {exc})") from exc
+    decoded = time.perf_counter()
     program, plan = _build(gm, header, inputs, device, backend, options, precision, qparams, choices, batch)
     results = [PassResult(p["name"], {k: v for k, v in p.items() if k not in ("name", "ms")},
                           [f for f in fusions if f.get("pass") == p["name"]], p["ms"] / 1e3) for p in passes]
@@ -295,7 +298,9 @@ def _load(path: str | os.PathLike, device: torch.device | str | None) -> GIEModu
                           device=str(device), batch_range=batch)
     report["loaded_from"] = os.fspath(path)
     report["engine"] = {"format_version": header["format_version"], "built_with": header["versions"]}
-    log.info("torch_gie: loaded %s from %s", report["model"], os.fspath(path))
+    log.info("torch_gie: loaded %s from %s in %.2f s (reading, checking and decoding %.2f s, building "
+             "%.2f s)", report["model"], os.fspath(path), time.perf_counter() - start, decoded - start,
+             time.perf_counter() - decoded)
     return GIEModule(program, inputs, report, static_outputs=build["static_outputs"], options=options,
                      batch_range=batch)
 
