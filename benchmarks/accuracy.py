@@ -139,9 +139,10 @@ def ptq_logits(bundle: str | None, engine: str, qconfig: tq.QConfig, calib: torc
 
 
 def gie_logits(model: torch.nn.Module, calib: torch.Tensor, crops: torch.Tensor, device: str, backend: str,
-               batch: int, options: dict, fp_stand_in: bool) -> torch.Tensor:
+               batch: int, options: dict, fp_stand_in: bool, row: dict | None = None) -> torch.Tensor:
     """torch_gie int8 (or, with fp_stand_in, fp32 without the int8 options) compiled for one batch
-    shape; calibration batches have that shape too."""
+    shape; calibration batches have that shape too. An accuracy-budget build's search (the
+    layers it kept in fp16, what it measured on the calibration crops) goes into ``row``."""
     model = model.to(device)
     example = crops[:batch].to(device)
     if fp_stand_in:
@@ -150,6 +151,8 @@ def gie_logits(model: torch.nn.Module, calib: torch.Tensor, crops: torch.Tensor,
         calibration = [calib[i:i + batch].to(device) for i in range(0, calib.shape[0] - batch + 1, batch)]
         compiled = torch_gie.compile(model, example, precision="int8", calibration_data=calibration,
                                      backend=backend, **options)
+        if row is not None and compiled.report().get("int8_search"):
+            row["int8_search"] = compiled.report()["int8_search"]
     return run_batched(compiled, crops, batch, device, pad=True)
 
 
@@ -286,8 +289,8 @@ def main() -> None:
                "backend": args.backend, "options": {k: repr(v) for k, v in options.items()}}
         if args.fp_stand_in:
             row["note"] = "compiled in fp32: checks the harness, not int8"
-        result["rows"].append(_measure(row, ref, lambda o=options: gie_logits(
-            model, calib, crops, args.device, args.backend, args.batch, o, args.fp_stand_in)))
+        result["rows"].append(_measure(row, ref, lambda o=options, r=row: gie_logits(
+            model, calib, crops, args.device, args.backend, args.batch, o, args.fp_stand_in, r)))
         save()
     save()
     fp = result["fp32"]
