@@ -3,6 +3,7 @@ static buffers and the CUDA graph are serialized by the program's lock and strea
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -11,12 +12,17 @@ import torchvision
 import torch_gie
 
 
-def _hammer(module, inputs, expected, calls: int) -> list[float]:
+def _hammer(module, inputs, expected, calls: int | None = None, seconds: float | None = None) -> list[float]:
+    """Every thread calls ``module`` on its own input ``calls`` times, or until ``seconds`` have
+    passed (at least once); the relative error of every output against its thread's expected one."""
     errors: list[float] = []
     lock = threading.Lock()
+    deadline = time.monotonic() + (seconds or 0.0)
 
     def worker(i: int) -> None:
-        for _ in range(calls):
+        done = 0
+        while (done < calls) if calls is not None else (done == 0 or time.monotonic() < deadline):
+            done += 1
             out = module(inputs[i])
             err = ((out - expected[i]).abs().max() / expected[i].abs().max()).item()
             with lock:
@@ -44,6 +50,17 @@ def test_threads_share_one_engine_cpu():
     engine = torch_gie.compile(model, inputs[0], precision="fp32", backend="reference")
     errors = _hammer(engine, inputs, expected, calls=5)
     assert len(errors) == 40 and max(errors) < 1e-4
+
+
+def test_eight_threads_for_ten_seconds_cpu():
+    """Issue 9's acceptance on CPU: 8 threads share one engine for 10 s; no deadlock, every
+    output its own input's."""
+    model, inputs, expected = _case("cpu", batch=1)
+    engine = torch_gie.compile(model, inputs[0], precision="fp32", backend="reference")
+    start = time.monotonic()
+    errors = _hammer(engine, inputs, expected, seconds=10.0)
+    assert time.monotonic() - start < 60, "the threads did not finish: a deadlock or a starved thread"
+    assert len(errors) >= 8 and max(errors) < 1e-4
 
 
 @pytest.mark.gpu
