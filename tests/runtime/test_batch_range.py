@@ -289,6 +289,27 @@ def test_threads_with_different_batch_sizes_share_one_engine(engine):
     assert len(errors) == 12 and max(errors) < 1e-5
 
 
+def test_every_batch_size_gets_its_cuda_graph_on_first_use_max_included(monkeypatch):
+    """The build prepares max without capturing it (workspaces grow first); its first call must
+    capture it like any other batch size's. CPU stand-in: capture records a replayable fake."""
+    from torch_gie.runtime.program import Program
+
+    class Recorded:
+        def __init__(self, program):
+            self.replay = program._run_steps
+
+    monkeypatch.setattr(Program, "capture_cuda_graph", lambda self: setattr(self, "graph", Recorded(self)))
+    model = _resnet()
+    compiled = torch_gie.compile(model, torch.randn(4, 3, 32, 32), precision="fp32", backend="reference",
+                                 batch_range=(2, 4, 8))
+    batched = compiled._program
+    batched._cuda_graph = True  # as on CUDA
+    for batch in (8, 3, 4):
+        x = torch.randn(batch, 3, 32, 32)
+        assert rel_err(compiled(x), _eager(model, x)) < 1e-5, batch
+        assert isinstance(batched.program(batch).graph, Recorded), batch
+
+
 @pytest.mark.gpu
 def test_gpu_triton_batch_sizes_match_eager_and_reuse_their_cuda_graphs():
     model = _resnet("cuda")

@@ -83,15 +83,18 @@ class BatchedProgram:
         """The program for ``batch``, built (and captured) now if no program holds it."""
         with self._lock:
             program = self._programs.get(batch)
-            if program is not None:
-                self._programs.move_to_end(batch)
-                return program
-            return self._add(batch, capture=self._cuda_graph)
+            if program is None:
+                return self._add(batch, capture=self._cuda_graph)
+            self._programs.move_to_end(batch)
+            if self._cuda_graph and program.graph is None:  # prepared (max) but not captured yet
+                with build_step("capturing a batch size's CUDA graph"), torch.no_grad(), self._on_stream():
+                    program.capture_cuda_graph()
+            return program
 
     def prepare(self, batch: int) -> None:
-        """Build ``batch``'s program and run it once, without capturing it. The build prepares
-        the max batch this way first, so the layers' scratch workspaces reach their largest size
-        before any graph records them."""
+        """Build ``batch``'s program and run it once, without capturing it (its first call does).
+        The build prepares the max batch this way first, so the layers' scratch workspaces reach
+        their largest size before any graph records them."""
         with self._lock:
             self._add(batch, capture=False)
 
