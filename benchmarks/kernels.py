@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from torch_gie.kernels import conv2d  # noqa: E402
 from torch_gie.kernels.conv2d import Conv2d  # noqa: E402
 from torch_gie.kernels.depthwise_conv2d import DepthwiseConv2d  # noqa: E402
 from torch_gie.quantize import arith  # noqa: E402
@@ -219,6 +220,8 @@ def main() -> None:
     p.add_argument("--kinds", default=",".join(LAYERS), help=f"comma list of {list(LAYERS)}")
     p.add_argument("--batches", default="32,1")
     p.add_argument("--dtype", default="float16", choices=["float16", "int8"])
+    p.add_argument("--prefetch-res-steps", type=int, default=None,
+                   help="override conv2d.PREFETCH_RESIDUAL_MAX_STEPS (0: the residual always loads after the K loop)")
     p.add_argument("--max-configs", type=int, default=8, help="candidates timed per layer (the tuner's 8)")
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="seconds of config timing shared out over the layers (Triton compiles "
@@ -229,8 +232,11 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = False  # the fp32 reference stays fp32
     torch.manual_seed(0)
+    if args.prefetch_res_steps is not None:
+        conv2d.PREFETCH_RESIDUAL_MAX_STEPS = args.prefetch_res_steps
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": __import__("triton").__version__, "max_configs": args.max_configs}
+           "triton": __import__("triton").__version__, "max_configs": args.max_configs,
+           "prefetch_res_steps": conv2d.PREFETCH_RESIDUAL_MAX_STEPS}
     rows, start = [], time.time()
     todo = [(kind, batch, spec) for kind in args.kinds.split(",")
             for batch in (int(b) for b in args.batches.split(",")) for spec in LAYERS[kind]]

@@ -258,23 +258,23 @@ def test_configs_offer_int8_tiles():
         layer.config = {**SMALL, "BLOCK_K": 16}
 
 
-def test_capped_int8_tiles_keep_fp16_bytes_in_flight():
-    """Where BLOCK_K cannot double (64 channels per tap), each int8 tiling is followed by one
-    with fp16's bytes in flight: twice the stages for a multi-step K loop, twice the rows (and
-    warps) for a single step, the accumulator at most MAX_INT8_TILE; uncapped layers get none.
-    A split-K default is followed by itself with BLOCK_K doubled and half the splits."""
-    from torch_gie.kernels.conv2d_configs import MAX_INT8_STAGES, MAX_INT8_TILE
-    three = conv2d_configs(64, 64, torch.int8, 9, 8 * 56 * 56)
-    assert three[1] == {**three[0], "num_stages": 2 * three[0]["num_stages"]}
-    assert all(c["num_stages"] <= MAX_INT8_STAGES for c in three)
-    one = conv2d_configs(64, 64, torch.int8, 1, 8 * 56 * 56)
-    assert one[1] == {**one[0], "BLOCK_M": 2 * one[0]["BLOCK_M"], "num_warps": 8}
-    assert all(c["BLOCK_M"] * c["BLOCK_N"] <= max(MAX_INT8_TILE, 512 * 64) for c in one)
-    split = conv2d_configs(512, 512, torch.int8, 9, 49)  # batch 1: a split-K default
-    assert split[1] == {**split[0], "BLOCK_K": 2 * split[0]["BLOCK_K"], "SPLIT_K": split[0]["SPLIT_K"] // 2}
-    wide = conv2d_configs(256, 256, torch.int8, 9, 128 * 14 * 14)  # BLOCK_K doubles: nothing added
-    fp16 = conv2d_configs(256, 256, torch.float16, 9, 128 * 14 * 14)
-    assert len(wide) <= len(fp16) and all(c["num_stages"] == f["num_stages"] for c, f in zip(wide, fp16))
+def test_int8_candidates_put_narrow_tiles_first():
+    """int8 tilings are fp16's with BLOCK_K doubled where K allows, each once; the ones with at
+    most INT8_WIDE_TILE accumulators lead (in fp16's order), wider ones follow."""
+    from torch_gie.kernels.conv2d_configs import INT8_WIDE_TILE
+    for args in ((64, 64, 9, 8 * 56 * 56), (256, 64, 1, 128 * 56 * 56), (512, 512, 9, 49), (2048, 1024, 1, 128 * 49),
+                 (64, 3, 49, 128 * 112 * 112)):
+        int8 = conv2d_configs(*args[:2], torch.int8, *args[2:])
+        fp16 = conv2d_configs(*args[:2], torch.float16, *args[2:])
+        wide = [c["BLOCK_M"] * c["BLOCK_N"] > INT8_WIDE_TILE for c in int8]
+        assert wide == sorted(wide), args  # no narrow tile after a wide one
+        assert len(int8) <= len(fp16) and len(int8) == len({str(c) for c in int8}), args
+        shapes = lambda cs: {(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]) for c in cs}  # noqa: E731
+        assert shapes(int8) == shapes(fp16), args  # the same tiles, nothing invented
+    capped = conv2d_configs(64, 64, torch.int8, 9, 8 * 56 * 56)  # 64 channels: BLOCK_K stays 64
+    assert max(c["BLOCK_K"] for c in capped) == 64
+    doubled = conv2d_configs(256, 256, torch.int8, 9, 128 * 14 * 14)
+    assert max(c["BLOCK_K"] for c in doubled) == 128
 
 
 def test_int8_layer_is_distinct_for_the_tuner():

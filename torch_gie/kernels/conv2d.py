@@ -48,6 +48,7 @@ from torch_gie.kernels.conv2d_weights import pack_conv_weight, pack_super_groups
 from torch_gie.kernels.conv_epilogue import (
     conv_epilogue,
     epilogue_args,
+    load_residual,
     output_pixels,
     quant_args,
     reduce_split_k,
@@ -172,6 +173,11 @@ def _zero_point_padding(acc, wsum_ptr, co, oh, ow, H, W, C_out, KH: tl.constexpr
     return acc
 
 
+# A residual is loaded before the K loop when each program runs at most this many K steps (0:
+# never). Module-level so a benchmark can time both (benchmarks/kernels.py --prefetch-res).
+PREFETCH_RESIDUAL_MAX_STEPS = 2
+
+
 @triton.jit
 def _conv2d_kernel(
     # pointers: input, packed weight [C_out, KH, KW, C_in_g], fp32 bias, fp32 combined scale
@@ -216,6 +222,7 @@ def _conv2d_kernel(
     # A_FILL is what their padding reads (0 then, else X_ZP)
     QUANT: tl.constexpr, X_ZP: tl.constexpr, RES_QUANT: tl.constexpr, RES_ZP: tl.constexpr,
     OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr, ZP_PADDING: tl.constexpr, A_FILL: tl.constexpr,
+    PREFETCH_RES: tl.constexpr,
 ):
     C_in_g, C_in = C_in_g * X_VEC, C_in * X_VEC
     C_out_g, C_out = C_out_g * OUT_VEC, C_out * OUT_VEC
@@ -253,6 +260,11 @@ def _conv2d_kernel(
     w_cols = w_ptr + co.to(tl.int64) * (KH * KW * C_in_g)
     offs_k = tl.arange(0, BLOCK_K)
 
+    # A short K loop leaves the residual's load exposed after it; issued first, it overlaps
+    # the loop's loads (PREFETCH_RES, chosen by the launcher).
+    res_tile = 0
+    if PREFETCH_RES:
+        res_tile = load_residual(res_ptr, r_lead, nb, oh, ow, co, s_rn, s_rc, s_rh, s_rw, OUT_VEC)
     if QUANT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # exact: no rounding before the scale
     else:
@@ -350,7 +362,7 @@ def _conv2d_kernel(
         acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, scale_ptr, res_ptr, slope_ptr, r_lead,
                             s_rn, s_rc, s_rh, s_rw, res_scale, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA,
                             HAS_RES, POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA, OUT_VEC, QUANT,
-                            RES_QUANT, RES_ZP)
+                            RES_QUANT, RES_ZP, res_tile, PREFETCH_RES)
         store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o0,
                        seg_o1, seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c,
                        s2h, s2w, s3n, s3c, s3h, s3w, out_inv_scale, NUM_SEG, OUT_VEC, OUT_QUANT,
@@ -581,6 +593,11 @@ class Conv2d:
         zp_padding = self._padding_weight_sums is not None and not gather and gate is None
         q_constexprs = {**q_constexprs, "ZP_PADDING": zp_padding,
                         "A_FILL": 0 if zp_padding or not any(self.pads) else q_constexprs["X_ZP"]}
+        # K steps each program takes: with at most PREFETCH_RESIDUAL_MAX_STEPS the residual is
+        # loaded before the loop (a bottleneck's 1x1 conv3 over 64..256 channels is one or two).
+        k_steps = (triton.cdiv(self.kernel_size[0] * self.kernel_size[1] * c_in_g, cfg["BLOCK_K"]) if gather
+                   else self.kernel_size[0] * self.kernel_size[1] * triton.cdiv(c_in_g, cfg["BLOCK_K"]))
+        prefetch = res is not None and triton.cdiv(k_steps, split) <= PREFETCH_RESIDUAL_MAX_STEPS
         launch(_conv2d_kernel, grid,
             x, weight, bias, self.scale, res, out, ws, self.act_slope, gate,
             self._padding_weight_sums if zp_padding else None,
@@ -594,7 +611,7 @@ class Conv2d:
             PAD_LANES_FINITE=fold and pix != self.in_channels and (self.quant is not None or self.pad_lanes_finite),
             SPLIT_K=split, DOT_PRECISION=precision,
             HAS_GATE=gate is not None, X_VEC=x_vec, OUT_VEC=out_vec, PAD_GROUPS=pad_groups,
-            **q_constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **q_constexprs, PREFETCH_RES=prefetch, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if split > 1:
             reduce_split_k(ws, self.bias, out, residual, self.act_slope, oh, ow, self.out_channels,

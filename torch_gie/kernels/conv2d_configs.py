@@ -172,8 +172,7 @@ def _grouped_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int, g
     return _with_gpt(_unsplit_default(gpt * c_out_g, gpt * c_in_g, dtype, taps), gpt)
 
 
-MAX_INT8_STAGES = 8  # int8 stages of up to 24 KB (a 128x128x64 tile): 8 fit Hopper's shared memory
-MAX_INT8_TILE = 256 * 128  # int32 accumulator elements: 128 registers a thread at 8 warps
+INT8_WIDE_TILE = 128 * 64  # int32 accumulators from which an int8 tiling tunes after the narrower ones
 
 
 def _int8_tilings(cands: list[dict], c_in_g: int, taps: int) -> list[dict]:
@@ -181,14 +180,13 @@ def _int8_tilings(cands: list[dict], c_in_g: int, taps: int) -> list[dict]:
     K it covers (a tap's channels per super-group, or all of K when gathered), and at least
     INT8_MIN_BLOCK_K; duplicates dropped. Split-K tilings keep their BLOCK_K, so each split
     keeps the K iterations its split count was chosen for, and so do kw-folding ones (a kernel
-    row of KW·C_in_g values, 21 for a 7x7 on RGB, fits one 32-wide step). A split-K default is
-    followed by itself with BLOCK_K doubled and half the splits: each split keeps its K steps,
-    and half as many int32 partial sums go through the workspace and the reduction.
-    Where the cap stops BLOCK_K from doubling (64 channels per tap: ResNet's first stage), an
-    int8 stage holds half an fp16 stage's bytes, so a memory- or latency-bound layer would keep
-    half as many bytes in flight. Such a tiling is followed by one that restores them: twice
-    the stages when the K loop has several steps, else twice the pixel rows (and warps) while
-    the accumulator stays within MAX_INT8_TILE."""
+    row of KW·C_in_g values, 21 for a 7x7 on RGB, fits one 32-wide step).
+    Order: tiles of at most INT8_WIDE_TILE accumulators (4 warps) first, the wider 8-warp ones
+    after them (the tuner times only the first few). Measured on the H200 at ResNet-50's shapes
+    (benchmarks/NOTES.md, item 30), int8 128x128 8-warp tiles lost to 4-warp ones on every 1x1
+    and 64-channel 3x3 layer at batch 128 and 1, by up to 2x on bottleneck 1x1s with an int8
+    residual; fp16's tiles cannot be reused in fp16's order. (Twice the stages or twice the rows
+    where BLOCK_K cannot double, tried to keep fp16's bytes in flight, lost everywhere: gone.)"""
     out = []
     for cfg in cands:
         k_width = cfg.get("GROUPS_PER_TILE", 1) * c_in_g
@@ -196,20 +194,11 @@ def _int8_tilings(cands: list[dict], c_in_g: int, taps: int) -> list[dict]:
             k_width *= taps
         keep = cfg.get("SPLIT_K", 1) > 1 or cfg.get("FOLD_KW", False)
         bk = cfg["BLOCK_K"] if keep else min(2 * cfg["BLOCK_K"], 128, triton.next_power_of_2(k_width))
-        tilings = [{**cfg, "BLOCK_K": max(INT8_MIN_BLOCK_K, bk)}]
-        split = cfg.get("SPLIT_K", 1)
-        if split > 1 and not out and 2 * cfg["BLOCK_K"] <= min(128, triton.next_power_of_2(k_width)):
-            unsplit = {k: v for k, v in cfg.items() if k != "SPLIT_K"}
-            tilings.append(_with_split({**unsplit, "BLOCK_K": 2 * cfg["BLOCK_K"]}, split // 2))
-        if not keep and bk < 2 * cfg["BLOCK_K"]:
-            steps = taps * triton.cdiv(k_width, bk)
-            if steps > 1 and 2 * cfg["num_stages"] <= MAX_INT8_STAGES:
-                tilings.append({**tilings[0], "num_stages": 2 * cfg["num_stages"]})
-            elif steps == 1 and cfg["BLOCK_M"] * cfg["BLOCK_N"] <= MAX_INT8_TILE // 2:
-                tilings.append({**tilings[0], "BLOCK_M": 2 * cfg["BLOCK_M"],
-                                "num_warps": min(8, 2 * cfg["num_warps"])})
-        out += [t for t in tilings if t not in out]
-    return out
+        tiling = {**cfg, "BLOCK_K": max(INT8_MIN_BLOCK_K, bk)}
+        if tiling not in out:
+            out.append(tiling)
+    narrow = [c for c in out if c["BLOCK_M"] * c["BLOCK_N"] <= INT8_WIDE_TILE]
+    return narrow + [c for c in out if c not in narrow]
 
 
 def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16,
@@ -222,8 +211,7 @@ def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.
     gets smaller tiles instead, split-K when even those leave SMs idle. Grouped convs tile
     super-groups (``group_tile_options``). int8 takes fp16's tiling (``_int8_tilings``)."""
     if dtype == torch.int8:
-        return _int8_tilings([default_conv2d_config(c_out_g, c_in_g, torch.float16, taps, m, groups)],
-                             c_in_g, taps)[0]
+        return conv2d_configs(c_out_g, c_in_g, torch.int8, taps, m, groups)[0]
     base = _grouped_default(c_out_g, c_in_g, dtype, taps, groups)
     few = _few_tile_configs(base, c_out_g, c_in_g, dtype, taps, m, groups)
     return few[0] if few else base

@@ -107,17 +107,26 @@ def quant_args(quant: LayerQuant | None) -> tuple[list[float], dict]:
 
 
 @triton.jit
+def load_residual(res_ptr, r_lead, nb, oh, ow, co, s_rn, s_rc, s_rh, s_rw, VEC: tl.constexpr):
+    """The residual tile [rows (nb, oh, ow), columns co]; unmasked: the caller wraps
+    out-of-range rows and columns onto valid ones. Lead and pixel strides in units of VEC."""
+    rows = (r_lead + nb * s_rn + oh * s_rh + ow * s_rw) * VEC
+    return tl.load(res_ptr + rows[:, None] + (co * s_rc)[None, :])
+
+
+@triton.jit
 def conv_epilogue(acc, co, nb, oh, ow, bias_ptr, scale_ptr, res_ptr, slope_ptr, r_lead, s_rn, s_rc,
                   s_rh, s_rw, res_scale, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                   ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr, HAS_RES: tl.constexpr,
                   POST_ACT: tl.constexpr, POST_ACT_ALPHA: tl.constexpr,
                   POST_ACT_BETA: tl.constexpr, VEC: tl.constexpr, QUANT: tl.constexpr,
-                  RES_QUANT: tl.constexpr, RES_ZP: tl.constexpr):
+                  RES_QUANT: tl.constexpr, RES_ZP: tl.constexpr, res_tile, RES_LOADED: tl.constexpr):
     """(acc + bias[co]) -> act -> + residual[nb, co, oh, ow] -> post_act, all in fp32.
     co: [BLOCK_N] global output channels; nb (int64), oh, ow: [BLOCK_M] pixel coordinates,
     all in range (the caller wraps the tile's overhang), so nothing here needs a mask. The
-    residual's lead and pixel strides are in units of VEC elements. QUANT: acc is an int32 sum
-    of codes, scaled by scale_ptr[co] first; RES_QUANT: the residual holds codes (res_scale,
+    residual's lead and pixel strides are in units of VEC elements; RES_LOADED: the caller
+    loaded it already (``res_tile``, from ``load_residual``). QUANT: acc is an int32 sum of
+    codes, scaled by scale_ptr[co] first; RES_QUANT: the residual holds codes (res_scale,
     RES_ZP)."""
     if QUANT:
         acc = acc.to(tl.float32) * tl.load(scale_ptr + co)[None, :]
@@ -125,9 +134,10 @@ def conv_epilogue(acc, co, nb, oh, ow, bias_ptr, scale_ptr, res_ptr, slope_ptr, 
         acc += tl.load(bias_ptr + co).to(tl.float32)[None, :]
     acc = activate_channels(acc, co, slope_ptr, ACT, ACT_ALPHA, ACT_BETA)
     if HAS_RES:
-        # Unmasked: the caller wraps out-of-range rows and columns onto valid ones.
-        rows = (r_lead + nb * s_rn + oh * s_rh + ow * s_rw) * VEC
-        res = tl.load(res_ptr + rows[:, None] + (co * s_rc)[None, :])
+        if RES_LOADED:
+            res = res_tile
+        else:
+            res = load_residual(res_ptr, r_lead, nb, oh, ow, co, s_rn, s_rc, s_rh, s_rw, VEC)
         if RES_QUANT:
             acc += dequantize(res, res_scale, RES_ZP)
         else:
@@ -205,7 +215,7 @@ def _split_k_reduce_kernel(
         acc += tl.load(ptrs)
     acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, scale_ptr, res_ptr, slope_ptr, r_lead, s_rn,
                         s_rc, s_rh, s_rw, res_scale, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES,
-                        POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA, VEC, QUANT, RES_QUANT, RES_ZP)
+                        POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA, VEC, QUANT, RES_QUANT, RES_ZP, 0, False)
     store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o0, seg_o1,
                    seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
                    s3n, s3c, s3h, s3w, out_inv_scale, NUM_SEG, VEC, OUT_QUANT, OUT_ZP)

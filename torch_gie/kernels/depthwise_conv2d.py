@@ -145,7 +145,7 @@ def _depthwise_conv2d_kernel(
 
     acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, scale_ptr, res_ptr, slope_ptr, r_lead, s_rn,
                         s_rc, s_rh, s_rw, res_scale, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES,
-                        POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA, OUT_VEC, QUANT, RES_QUANT, RES_ZP)
+                        POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA, OUT_VEC, QUANT, RES_QUANT, RES_ZP, 0, False)
     store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o0, seg_o1,
                    seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
                    s3n, s3c, s3h, s3w, out_inv_scale, NUM_SEG, OUT_VEC, OUT_QUANT, OUT_ZP)
