@@ -75,6 +75,8 @@ def precompile(steps: Sequence, env: list, configs_for: Callable[[KernelStep], l
     if not jobs:
         return 0
 
+    failures: list[str] = []
+
     def run(job) -> bool:
         step, config = job
         try:
@@ -82,13 +84,15 @@ def precompile(steps: Sequence, env: list, configs_for: Callable[[KernelStep], l
                 step(env)
             return True
         except Exception as exc:  # the real launch compiles it again and reports what failed
-            log.debug("precompile: %s with %s: %s: %s", step.name, config, type(exc).__name__, exc)
+            failures.append(f"{step.name} with {config}: {type(exc).__name__}: {exc}")
+            log.debug("precompile: %s", failures[-1])
             return False
 
     start = time.perf_counter()
     first = run(jobs[0])  # Triton's lazy one-time set-up (driver, launcher) happens once, here
     with ThreadPoolExecutor(compile_threads(), thread_name_prefix="torch_gie_compile") as pool:
         done = int(first) + sum(pool.map(run, jobs[1:]))
-    log.info("torch_gie: compiled %d kernel launches in %.1f s on %d threads", done,
-             time.perf_counter() - start, compile_threads())
+    log.info("torch_gie: compiled %d of %d kernel launches in %.1f s on %d threads%s", done, len(jobs),
+             time.perf_counter() - start, compile_threads(),
+             f" ({len(failures)} left to their launch; the first: {failures[0][:300]})" if failures else "")
     return done
