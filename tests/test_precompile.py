@@ -105,3 +105,40 @@ def test_compile_only_launches_compile_with_the_override_and_touch_nothing(monke
     assert out.isnan().all() and layer.config == before and layer._workspace is None
     with pytest.raises(AssertionError, match="real launch"):
         layer(x, [out])  # outside compile_only the launch is real again
+
+
+def test_a_build_hands_every_kernel_layer_its_configs(monkeypatch):
+    """The warm-up asks the tuner (or the layer) for each layer's configs; a call that raised
+    was skipped silently (the first GPU run compiled nothing in parallel), so here it must not."""
+    import torch_gie
+    from torch_gie.runtime import program as program_module
+    from torch_gie.tune import Tuner
+    asked: list[tuple[str, list]] = []
+
+    def record(steps, env, configs_for, device):
+        for step in steps:
+            if getattr(getattr(getattr(step, "kernel", None), "layer", None), "supports_compile_only", False):
+                asked.append((step.name, configs_for(step)))  # raises here if the call is wrong
+        return 0
+
+    class CachedTuner(Tuner):  # the real configs_to_run; the timing cache stood in for
+        def __init__(self):
+            self.max_configs, self.time_new = 8, True
+
+        def _known(self, step, env):
+            return None, None
+
+        def tune(self, step, env):
+            pass
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3),
+                                torch.nn.Conv2d(32, 32, 1), torch.nn.ReLU(), torch.nn.Conv2d(32, 16, 3, stride=2)).eval()
+    engine = torch_gie.compile(model, torch.randn(1, 3, 12, 12), precision="fp16", backend="triton")
+    monkeypatch.setattr(program_module.precompile, "enabled", lambda device: True)
+    monkeypatch.setattr(program_module.precompile, "precompile", record)
+    engine._program.warm_up(None, None)  # the layers' own configs
+    assert len(asked) == 4 and all(len(configs) == 1 for _, configs in asked)
+    asked.clear()
+    engine._program.warm_up(None, CachedTuner())  # the tuner's: the candidates it would time
+    assert len(asked) == 4 and all(configs and all("BLOCK_M" in c for c in configs) for _, configs in asked)
+    assert max(len(configs) for _, configs in asked) > 1

@@ -197,9 +197,11 @@ class Program:
         first compiled in parallel threads (``torch_gie.precompile``)."""
         device = self.arena.device
         if precompile.enabled(device):
-            layer_config = lambda step: [step.kernel.layer.config]  # noqa: E731
-            precompile.precompile(self.steps, self.env, tuner.configs_to_run if tuner is not None
-                                  else layer_config, device)
+            if tuner is not None:
+                configs_for = lambda step: tuner.configs_to_run(step, self.env)  # noqa: E731
+            else:
+                configs_for = lambda step: [step.kernel.layer.config]  # noqa: E731
+            precompile.precompile(self.steps, self.env, configs_for, device)
         for step in _progress(self.steps, "building kernels"):
             try:
                 if tuner is not None and isinstance(step, KernelStep):
