@@ -131,8 +131,9 @@ def test_a_build_hands_every_kernel_layer_its_configs(monkeypatch):
         def tune(self, step, env):
             pass
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3),
-                                torch.nn.Conv2d(32, 32, 1), torch.nn.ReLU(), torch.nn.Conv2d(32, 16, 3, stride=2)).eval()
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.Conv2d(32, 32, 1),
+                          nn.ReLU(), nn.Conv2d(32, 16, 3, stride=2)).eval()
     engine = torch_gie.compile(model, torch.randn(1, 3, 12, 12), precision="fp16", backend="triton")
     monkeypatch.setattr(program_module.precompile, "enabled", lambda device: True)
     monkeypatch.setattr(program_module.precompile, "precompile", record)
