@@ -56,6 +56,8 @@ def make_variant(variant: str, model: torch.nn.Module, x: torch.Tensor, batch: i
     if variant == "eager_fp32":
         fn = lambda: model(x)  # noqa: E731
     elif variant == "gie_dynamo":  # torch.compile(backend="torch_gie"): the same engine through Dynamo
+        from torch_gie.dynamo_backend import register
+        register()  # a no-op where pip installed the entry point
         compiled = torch.compile(model, backend="torch_gie",
                                  options={"precision": "fp16", "tune": "refresh" if ARGS.retune else ARGS.tune})
         for _ in range(2):

@@ -71,3 +71,20 @@ def test_a_graph_torch_gie_cannot_build_runs_eagerly_with_a_warning(engine_calls
         out, ref = compiled(x), model(x)
     assert any("running this graph eagerly" in str(w.message) for w in caught)
     assert _rel(out, ref) < 1e-6 and not engine_calls
+
+
+def test_register_adds_the_name_where_no_entry_point_did(monkeypatch):
+    """A source tree on PYTHONPATH has no installed entry point: ``register()`` adds the name;
+    a second call (or an installed entry point) leaves it as it is."""
+    from torch._dynamo import list_backends
+    from torch._dynamo.backends import registry
+
+    from torch_gie import dynamo_backend
+    list_backends(exclude_tags=())  # discover entry points first, as torch.compile would
+    monkeypatch.delitem(registry._BACKENDS, "torch_gie", raising=False)
+    monkeypatch.delitem(registry._COMPILER_FNS, "torch_gie", raising=False)  # loaded by an earlier test
+    assert "torch_gie" not in list_backends(exclude_tags=())
+    dynamo_backend.register()
+    dynamo_backend.register()
+    assert "torch_gie" in list_backends(exclude_tags=())
+    assert registry.lookup_backend("torch_gie") is dynamo_backend.torch_gie_backend

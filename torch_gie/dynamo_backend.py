@@ -10,7 +10,8 @@ graph torch_gie cannot build (a graph break's fragment without tensors, an unsup
 fails, another batch size than the engine's) runs eagerly, with a warning.
 
 Options: ``torch.compile(model, backend="torch_gie", options={"precision": "fp16", ...})``,
-the keyword arguments of ``torch_gie.compile``.
+the keyword arguments of ``torch_gie.compile``. Where the package runs from a source tree that
+was never pip-installed (no entry point), ``torch_gie.dynamo_backend.register()`` adds the name.
 """
 from __future__ import annotations
 
@@ -81,3 +82,11 @@ def torch_gie_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwarg
 
     run.engine = engine  # for reports: torch.compile(...)'s graphs keep theirs here
     return run
+
+
+def register() -> None:
+    """Make ``backend="torch_gie"`` known to torch.compile without the installed entry point (a
+    source tree on PYTHONPATH); a no-op when the name is known already."""
+    from torch._dynamo import list_backends, register_backend
+    if "torch_gie" not in list_backends(exclude_tags=()):
+        register_backend(torch_gie_backend, name="torch_gie")
