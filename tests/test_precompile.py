@@ -72,7 +72,7 @@ def test_only_on_a_gpu_and_thread_count_from_the_environment(monkeypatch):
     monkeypatch.setenv(pc.ENV_THREADS, "0")
     assert not pc.enabled(torch.device("cuda"))
     monkeypatch.delenv(pc.ENV_THREADS)
-    assert pc.compile_threads() == pc.DEFAULT_THREADS
+    assert pc.compile_threads() == pc.DEFAULT_THREADS >= 1  # on by default where there are cores
 
 
 def test_compile_only_launches_compile_with_the_override_and_touch_nothing(monkeypatch):
