@@ -1,7 +1,8 @@
 """What a deployed engine meets: malformed inputs at call time (a clear error or a correct
 result, never a silent wrong one), a model changed after compile (the engine keeps its own
-copy), and many forwards and builds (no memory growth)."""
+copy), and many forwards, builds and save/load cycles (no memory growth)."""
 import gc
+import os
 import tracemalloc
 
 import pytest
@@ -107,5 +108,86 @@ def test_many_forwards_do_not_grow_gpu_memory():
     before = torch.cuda.memory_allocated()
     for _ in range(10_000):
         compiled(x)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before < 1 << 20
+
+
+def _small_model() -> torch.nn.Module:
+    nn = torch.nn
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux) for the resident set size")
+def test_ten_thousand_forwards_and_a_hundred_build_save_load_cycles_keep_memory_flat(tmp_path):
+    """Issue 9's robustness figures on CPU: 10,000 forwards of one engine, then 100 cycles of
+    build, save, load, call and free: neither Python's traced allocations nor the process's
+    resident memory grows beyond noise once the first cycles have warmed the caches up."""
+    model, x = _small_model(), torch.randn(2, 3, 16, 16)
+    path = tmp_path / "engine.gie"
+
+    def cycle() -> torch.Tensor:
+        engine = torch_gie.compile(model, x, precision="fp32", backend="reference")
+        torch_gie.save(engine, path)
+        loaded = torch_gie.load(path)
+        out = loaded(x)
+        del engine, loaded
+        return out
+
+    ref = cycle()
+    engine = torch_gie.compile(model, x, precision="fp32", backend="reference")
+    for _ in range(100):
+        engine(x)
+    gc.collect()
+    tracemalloc.start()
+    traced0, rss0 = tracemalloc.get_traced_memory()[0], _rss_bytes()
+    for _ in range(10_000):
+        out = engine(x)
+    gc.collect()
+    traced1, rss1 = tracemalloc.get_traced_memory()[0], _rss_bytes()
+    assert _close(out, ref)
+    for _ in range(10):  # warm-up cycles: caches of torch, fx and the allocator fill here
+        cycle()
+    gc.collect()
+    traced2, rss2 = tracemalloc.get_traced_memory()[0], _rss_bytes()
+    for _ in range(100):
+        assert _close(cycle(), ref)
+    gc.collect()
+    traced3, rss3 = tracemalloc.get_traced_memory()[0], _rss_bytes()
+    tracemalloc.stop()
+    assert traced1 - traced0 < 256 * 1024, f"10,000 forwards grew traced memory by {traced1 - traced0} bytes"
+    assert rss1 - rss0 < 16 * 2**20, f"10,000 forwards grew the resident set by {rss1 - rss0} bytes"
+    assert traced3 - traced2 < 2 * 2**20, f"100 cycles grew traced memory by {traced3 - traced2} bytes"
+    assert rss3 - rss2 < 32 * 2**20, f"100 cycles grew the resident set by {rss3 - rss2} bytes"
+
+
+@pytest.mark.gpu
+def test_a_hundred_build_save_load_cycles_leave_no_gpu_memory(tmp_path):
+    """The GPU half: after 100 cycles of build, save, load, call and free, the caching
+    allocator holds no more than before them (CUDA graphs and arenas are all released)."""
+    model, x = _small_model().cuda(), torch.randn(8, 3, 32, 32, device="cuda")
+    path = tmp_path / "engine.gie"
+
+    def cycle() -> None:
+        engine = torch_gie.compile(model, x, precision="fp16")
+        torch_gie.save(engine, path)
+        loaded = torch_gie.load(path)
+        loaded(x)
+        del engine, loaded
+
+    for _ in range(3):
+        cycle()
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(100):
+        cycle()
+    gc.collect()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before < 1 << 20
