@@ -82,6 +82,11 @@ def precompile(steps: Sequence, env: list, configs_for: Callable[[KernelStep], l
         try:
             with _on(device), compile_only(config):
                 step(env)
+                if device.type == "cuda":
+                    # A launch that only compiles may still prepare a layer's operand (the stem's
+                    # channel-padded weight) with a copy on this thread's stream; finish it before
+                    # the build's own stream can read that operand.
+                    torch.cuda.current_stream(device).synchronize()
             return True
         except Exception as exc:  # the real launch compiles it again and reports what failed
             failures.append(f"{step.name} with {config}: {type(exc).__name__}: {exc}")
