@@ -52,6 +52,7 @@ from torch_gie.kernels.conv_epilogue import (
     output_pixels,
     quant_args,
     reduce_split_k,
+    saturation_implied,
     segment_args,
     store_segments,
 )
@@ -574,8 +575,9 @@ class Conv2d:
             and x.stride(1) == 1 and self.in_channels <= pix <= max(8, self.in_channels) \
             and gate is None
         gather = cfg.get("GATHER_K", False) or cfg.get("FOLD_KW", False)
-        epilogue = {"HAS_BIAS": self.bias is not None, "HAS_RES": residual is not None,
-                    **self._act_constexprs, "NUM_SEG": num_seg}
+        acts = saturation_implied(self._act_constexprs, self.quant, residual is not None)
+        epilogue = {"HAS_BIAS": self.bias is not None, "HAS_RES": residual is not None, **acts,
+                    "NUM_SEG": num_seg}
         out, residual, out_scalars, out_vec = epilogue_args(
             out, residual, res_strides, num_seg, seg, (c_out_g, self.out_channels))
         x, gate, in_scalars, x_vec = input_args(x, gate, (c_in_g, self.in_channels))
@@ -615,7 +617,7 @@ class Conv2d:
         )
         if split > 1:
             reduce_split_k(ws, self.bias, out, residual, self.act_slope, oh, ow, self.out_channels,
-                           m, out_scalars, out_vec, split, num_seg, self._act_constexprs,
+                           m, out_scalars, out_vec, split, num_seg, acts,
                            self.scale, self.quant)
 
     def _tap_sums(self, codes: torch.Tensor) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from torch_gie.activations import activation_code
 from torch_gie.kernels.epilogue import activate_channels
 from torch_gie.kernels.launch import launch
 from torch_gie.kernels.layer_args import aligned_base, vector_width
@@ -104,6 +105,20 @@ def quant_args(quant: LayerQuant | None) -> tuple[list[float], dict]:
             {"QUANT": True, "X_ZP": quant.input.zero_point, "RES_QUANT": res is not None,
              "RES_ZP": 0 if res is None else res.zero_point, "OUT_QUANT": out is not None,
              "OUT_ZP": 0 if out is None else out.zero_point})
+
+
+def saturation_implied(acts: dict, quant: LayerQuant | None, has_residual: bool) -> dict:
+    """The activation constexprs a kernel needs before requantizing: with unsigned output codes
+    (zero point -128) the lower saturation clamps at 0, so a ReLU applied last (POST_ACT, or ACT
+    when no residual or post-activation follows it) is implied and dropped, exactly."""
+    if quant is None or quant.output is None or quant.output.zero_point != -128:
+        return acts
+    relu, identity = activation_code("relu"), activation_code(None)
+    if acts["POST_ACT"] == relu:
+        return {**acts, "POST_ACT": identity}
+    if acts["POST_ACT"] == identity and not has_residual and acts["ACT"] == relu:
+        return {**acts, "ACT": identity}
+    return acts
 
 
 @triton.jit

@@ -23,6 +23,7 @@ from torch_gie.kernels.conv_epilogue import (
     epilogue_args,
     output_pixels,
     quant_args,
+    saturation_implied,
     store_segments,
 )
 from torch_gie.kernels.launch import launch
@@ -187,8 +188,8 @@ class DepthwiseConv2d(Conv2d):
             x, self.weight, self.bias, self.scale, residual, out, self.act_slope,
             h, w, oh, ow, self.out_channels // out_vec, m, *in_scalars[:5], *out_scalars, *q_scalars,
             MULT=self.out_channels // self.in_channels, **self._geometry(),
-            HAS_BIAS=self.bias is not None, HAS_RES=residual is not None, **self._act_constexprs,
-            NUM_SEG=num_seg,
+            HAS_BIAS=self.bias is not None, HAS_RES=residual is not None,
+            **saturation_implied(self._act_constexprs, self.quant, residual is not None), NUM_SEG=num_seg,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], X_VEC=x_vec, OUT_VEC=out_vec,
             **q_constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )

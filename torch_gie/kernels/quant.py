@@ -19,12 +19,16 @@ def round_half_even(y):
 
 @triton.jit
 def requantize(y, inv_scale, zero_point):
-    """fp32 values -> int8 codes: clamp(rint(y * inv_scale) + zero_point, -128, 127)."""
+    """fp32 values -> int8 codes: clamp(rint(y * inv_scale) + zero_point, -128, 127).
+    Clamped before rounding, to the integer bounds [-128 - z, 127 - z]: rounding is monotonic
+    and keeps integers, so this equals clamping after, with one clamp instead of two (the
+    bounds also keep the rounding trick exact; a NaN lands on the lower bound either way, as
+    PTX max returns the other operand)."""
     q = y.to(tl.float32) * inv_scale
-    q = tl.minimum(tl.maximum(q, -512.0), 512.0)  # keeps the rounding trick exact
-    q = round_half_even(q) + zero_point
-    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
-    return q.to(tl.int8)
+    q = tl.minimum(tl.maximum(q, -128.0 - zero_point), 127.0 - zero_point)
+    # round_half_even(q) + zero_point in two adds: q + M is M + rint(q) exactly, and M - z is an
+    # exact fp32 integer, so the difference is rint(q) + z exactly.
+    return ((q + _ROUND_MAGIC) - (_ROUND_MAGIC - zero_point)).to(tl.int8)
 
 
 @triton.jit
