@@ -2,7 +2,8 @@
 channels_last (cudnn.benchmark), torch.compile (default; "reduce-overhead" for batch <= 8) and
 torch_gie fp32/fp16/int8 (int8 calibrated on other random images), on torchvision models at
 several batch sizes. ``--variants ...,gie_dynamo`` adds torch_gie through
-``torch.compile(backend="torch_gie")``.
+``torch.compile(backend="torch_gie")`` (``gie_dynamo_lean``: without Dynamo's guards on module
+attributes); ``gie_int8_mixed --layer-precisions FILE`` int8 with the layers FILE pins to fp16.
 
 Reports images/s, p50/p99 latency (CUDA events, warm-up, median of many runs), build time and
 relative error against the fp32 eager output (tf32 off), writes JSON and a markdown table under
@@ -55,11 +56,13 @@ def make_variant(variant: str, model: torch.nn.Module, x: torch.Tensor, batch: i
     t0 = time.perf_counter()
     if variant == "eager_fp32":
         fn = lambda: model(x)  # noqa: E731
-    elif variant == "gie_dynamo":  # torch.compile(backend="torch_gie"): the same engine through Dynamo
+    elif variant in ("gie_dynamo", "gie_dynamo_lean"):  # torch.compile(backend="torch_gie")
         from torch_gie.dynamo_backend import register
         register()  # a no-op where pip installed the entry point
-        compiled = torch.compile(model, backend="torch_gie",
-                                 options={"precision": "fp16", "tune": "refresh" if ARGS.retune else ARGS.tune})
+        options = {"precision": "fp16", "tune": "refresh" if ARGS.retune else ARGS.tune}
+        if variant == "gie_dynamo_lean":  # no guards on module attributes (the README says why)
+            options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+        compiled = torch.compile(model, backend="torch_gie", options=options)
         for _ in range(2):
             compiled(x)
         fn = lambda: compiled(x)  # noqa: E731
@@ -83,11 +86,28 @@ def make_variant(variant: str, model: torch.nn.Module, x: torch.Tensor, batch: i
             g = torch.Generator("cuda").manual_seed(7)
             kwargs["calibration_data"] = [torch.randn((min(batch, 32),) + tuple(x.shape[1:]), device="cuda",
                                                       generator=g) for _ in range(4)]
+        if variant == "gie_int8_mixed":
+            kwargs["layer_precisions"] = layer_precisions(ARGS.layer_precisions)
         gie = torch_gie.compile(model, x, precision=precision, tune=tune, **kwargs)
         fn = lambda: gie(x)  # noqa: E731
         fn.gie = gie
     torch.cuda.synchronize()
     return fn, time.perf_counter() - t0
+
+
+def layer_precisions(path: str | None) -> dict[str, str]:
+    """``--layer-precisions``: a JSON {"layer": "fp16", ...}, or a benchmarks/accuracy.py result
+    whose accuracy-budget row lists the layers its search kept in fp16."""
+    if not path:
+        raise SystemExit("variant gie_int8_mixed needs --layer-precisions FILE")
+    with open(path) as f:
+        data = json.load(f)
+    if "rows" in data:
+        found = [r["int8_search"]["fp16_layers"] for r in data["rows"] if r.get("int8_search")]
+        if not found:
+            raise SystemExit(f"{path}: no row with an accuracy-budget search (int8_search)")
+        return {name: "fp16" for name in found[0]}
+    return data
 
 
 def bench_one(name: str, batch: int, variants: list[str]) -> list[dict]:
@@ -158,6 +178,8 @@ def main() -> None:
     p.add_argument("--tune", action="store_true", help="let torch_gie fp16 time configs of layers no cache knows")
     p.add_argument("--retune", action="store_true", help="torch_gie fp16 re-times every layer (tune='refresh')")
     p.add_argument("--layers", action="store_true", help="record torch_gie's per-layer times")
+    p.add_argument("--layer-precisions", help="variant gie_int8_mixed: layers pinned to fp16 (JSON, or an "
+                   "accuracy.py result with an accuracy-budget row)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ARGS = p.parse_args()
     if not torch.cuda.is_available():

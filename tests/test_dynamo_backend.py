@@ -41,6 +41,20 @@ def test_resnet_runs_as_one_engine(engine_calls):
     assert len(engine_calls) == 1 and engine_calls[0].report()["fallback_ops"] == []
 
 
+def test_without_module_guards_the_engine_serves_every_call(engine_calls):
+    """The README's batch-1 recipe: Dynamo's guards on module attributes skipped. The engine keeps
+    its own weights either way, so the only change is that Dynamo stops re-checking them."""
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18(num_classes=10).eval(), torch.randn(2, 3, 32, 32)
+    options = {**REFERENCE, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    compiled = torch.compile(model, backend="torch_gie", options=options)
+    with torch.no_grad():
+        ref = model(x)
+        outs = [compiled(torch.randn_like(x)) for _ in range(2)] + [compiled(x)]
+    assert _rel(outs[-1], ref) < 1e-5
+    assert len(engine_calls) == 3 and len({id(e) for e in engine_calls}) == 1
+
+
 class WithGraphBreak(nn.Module):
     def __init__(self):
         super().__init__()
