@@ -217,3 +217,18 @@ def test_gpu_resnet50_batch_512_out_of_memory_frees_everything():
         torch.cuda.empty_cache()
     y = torch_gie.compile(model, x[:8], precision="fp16")(x[:8])  # the process builds fine afterwards
     assert torch.isfinite(y).all()
+
+
+def test_running_out_while_tracing_names_the_step(monkeypatch):
+    """The fp32 run that records shapes (ShapeProp, which wraps failures in a RuntimeError) runs
+    out of memory at a big batch: an OutOfMemoryError naming the tracing step and the bytes, not
+    a CompileError about the model (found on the H200: the batch-512 GPU test below)."""
+    model, x = _case()
+
+    def batch_norm_out_of_memory(self, inp):
+        raise _oom("1.53 GiB")
+    monkeypatch.setattr(nn.BatchNorm2d, "forward", batch_norm_out_of_memory)
+    with pytest.raises(torch_gie.OutOfMemoryError) as info:
+        torch_gie.compile(model, x, precision="fp32", backend="reference")
+    assert info.value.step == "tracing the model on the example inputs"
+    assert info.value.nbytes == round(1.53 * 2**30)

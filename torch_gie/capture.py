@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from . import ops
 from .activations import Act
-from .errors import CompileError
+from .errors import CompileError, out_of_memory_in
 
 log = logging.getLogger(__name__)
 
@@ -716,6 +716,9 @@ def capture(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Gra
     try:
         ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:
+        oom = out_of_memory_in(exc)
+        if oom is not None:  # the caller's build_step names the step and the bytes
+            raise oom from None
         raise CompileError(f"{type(module).__name__} failed on the example inputs "
                            f"({', '.join(str(tuple(t.shape)) for t in example_inputs)}): "
                            f"{type(exc).__name__}: {exc}") from exc

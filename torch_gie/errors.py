@@ -52,6 +52,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
+def out_of_memory_in(exc: BaseException) -> BaseException | None:
+    """The out-of-memory error ``exc`` is or wraps (torch.fx's ShapeProp, for one, re-raises a
+    failure as a RuntimeError whose cause is the original), else None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if is_out_of_memory(exc):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @contextmanager
 def build_step(step: str, nbytes: int | None = None) -> Iterator[None]:
     """Turn an out-of-memory failure inside the block into ``OutOfMemoryError(step, nbytes)``
