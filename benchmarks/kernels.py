@@ -75,7 +75,18 @@ LAYERS: dict[str, list[tuple]] = {
         ("r50.c1_256_128_56", 256, 128, 1, 1, 56, 1), ("r50.c3_128_128_s2_56", 128, 128, 3, 2, 56, 1),
         ("r50.c3_512_512_7", 512, 512, 3, 1, 7, 1), ("r50.c1_1024_2048_s2_14", 1024, 2048, 1, 2, 14, 1),
     ],
+    "compute": [  # compute-bound layers of other families (GoogLeNet, Wide ResNet, VGG, ConvNeXt's MLP)
+        ("gl.c3_64_192_56", 64, 192, 3, 1, 56, 1), ("wrn.c3_128_128_56", 128, 128, 3, 1, 56, 1),
+        ("wrn.c3_256_256_28", 256, 256, 3, 1, 28, 1), ("vgg.c3_256_256_56", 256, 256, 3, 1, 56, 1),
+        ("vgg.c3_512_512_28", 512, 512, 3, 1, 28, 1), ("incv3.c3_64_96_35", 64, 96, 3, 1, 35, 1),
+        ("cnx.pw_96_384_56", 96, 384, 1, 1, 56, 1), ("cnx.pw_384_96_56", 384, 96, 1, 1, 56, 1),
+    ],
 }
+# --sweep: tilings timed beyond the candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), each
+# with every BLOCK_K the dtype allows, to find what the candidate lists miss.
+SWEEP_TILES = ((128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (128, 256, 8, 3), (256, 128, 8, 3),
+               (128, 64, 4, 3), (128, 64, 4, 5), (64, 128, 4, 3), (256, 64, 8, 3), (64, 256, 8, 3),
+               (128, 64, 8, 4), (64, 64, 4, 5))
 
 
 def make_case(c_in: int, c_out: int, k: int, s: int, h: int, g: int, batch: int, residual: bool = False,
@@ -157,10 +168,41 @@ def time_cudnn(case: dict) -> float:
     return 1e3 * time_in_cuda_graph(lambda: F.conv2d(x, w, b, case["stride"], case["pad"], 1, case["groups"]))
 
 
-def time_configs(case: dict, max_configs: int, deadline: float) -> tuple[list[dict], int, dict | None]:
-    """(results, candidates, best) for the first max_configs candidates, timed in order while
-    time.time() < deadline (at least one)."""
-    configs = case["layer"].configs[:max_configs]
+def sweep_configs(case: dict, c_in: int, k: int) -> list[dict]:
+    """SWEEP_TILES with BLOCK_K 32..64 (fp16) or 32..128 (int8) up to the channels, plus, for
+    multi-tap int8 convs of at most 64 channels, K gathered across taps at BLOCK_K 128 (two
+    taps per step)."""
+    int8 = case["out"].dtype == torch.int8
+    bks = [bk for bk in ((32, 64, 128) if int8 else (32, 64)) if bk <= max(32, c_in)]
+    out = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st,
+            "FLAT_K": k > 1, "GATHER_K": False} for bm, bn, w, st in SWEEP_TILES for bk in bks]
+    if int8 and k > 1 and c_in <= 64:
+        out += [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "num_warps": w, "num_stages": st,
+                 "FLAT_K": False, "GATHER_K": True} for bm, bn, w, st in SWEEP_TILES[:6]]
+    return [c for c in out if c not in case["layer"].configs]
+
+
+def precompile(case: dict, configs: list[dict], threads: int = 16) -> None:
+    """Compile every config's kernel in parallel threads (Triton's compiler releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch_gie.kernels.launch import compile_only
+
+    def one(config):
+        try:
+            with compile_only(config):
+                case["layer"](case["x"], [case["out"]], case["res"])
+        except Exception:  # reported when the config is timed
+            pass
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, configs))
+
+
+def time_configs(case: dict, max_configs: int, deadline: float,
+                 configs: list[dict] | None = None) -> tuple[list[dict], int, dict | None]:
+    """(results, candidates, best) for the first max_configs candidates (or ``configs``), timed
+    in order while time.time() < deadline (at least one)."""
+    configs = case["layer"].configs[:max_configs] if configs is None else configs
     results = []
     for config in configs:
         if results and time.time() >= deadline:
@@ -174,19 +216,30 @@ def time_configs(case: dict, max_configs: int, deadline: float) -> tuple[list[di
 
 
 def bench_layer(kind: str, spec: tuple, batch: int, max_configs: int, deadline: float,
-                dtype: torch.dtype = torch.float16) -> dict:
+                dtype: torch.dtype = torch.float16, sweep: bool = False) -> dict:
     """Every candidate (up to max_configs) in order while time.time() < deadline, at least one.
-    int8 rows also time the fp16 layer's candidates (its best is ``fp16_us``)."""
+    int8 rows also time the fp16 layer's candidates (its best is ``fp16_us``). ``sweep``: then
+    the SWEEP_TILES configs the candidates lack (``sweep_us``, ``sweep_config``: their best)."""
     name, c_in, c_out, k, s, h, g = spec
     residual = name.endswith("_res")
     case = make_case(c_in, c_out, k, s, h, g, batch, residual, dtype)
+    if sweep:
+        precompile(case, case["layer"].configs[:max_configs])
     results, n_configs, best = time_configs(case, max_configs, deadline)
+    sweep_row = {}
+    if sweep and g == 1:
+        extra = sweep_configs(case, c_in, k)
+        precompile(case, extra)
+        swept = time_configs(case, len(extra), float("inf"), extra)
+        sweep_row = {"sweep": swept[0]}
+        if swept[2] is not None:
+            sweep_row.update(sweep_us=swept[2]["us"], sweep_config=swept[2]["config"])
     cudnn = time_cudnn(case)
     floor = 1e6 * case["bytes"] / MEMORY_BW
     row = {"kind": kind, "layer": name, "batch": batch, "c_in": c_in, "c_out": c_out, "k": k, "stride": s,
            "h": h, "groups": g, "bytes": case["bytes"], "flops": case["flops"], "floor_us": floor,
            "cudnn_us": cudnn, "configs": results, "all_configs_timed": len(results) == n_configs,
-           "dtype": str(dtype)[6:]}
+           "dtype": str(dtype)[6:], **sweep_row}
     if dtype == torch.int8:
         fp16 = time_configs(make_case(c_in, c_out, k, s, h, g, batch, residual), max_configs,
                             time.time() + 2 * (deadline - time.time()))[2]
@@ -199,7 +252,7 @@ def bench_layer(kind: str, spec: tuple, batch: int, max_configs: int, deadline: 
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'layer':28} {'batch':>5} {'ours us':>9} {'dflt us':>9} {'cuDNN us':>9} {'floor us':>9} "
-            f"{'floor/ours':>10} {'TFLOP/s':>8} {'fp16 us':>8} {'cfgs':>4}  best config")
+            f"{'floor/ours':>10} {'TFLOP/s':>8} {'fp16 us':>8} {'cfgs':>4} {'sweep us':>8}  best config")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "best_us" not in r:
@@ -208,9 +261,13 @@ def format_table(rows: list[dict]) -> str:
         cfg = {k: v for k, v in r["best_config"].items() if v not in (False, None)}
         dflt = f"{r['default_us']:9.1f}" if r["default_us"] else f"{'-':>9}"
         fp16 = f"{r['fp16_us']:8.1f}" if r.get("fp16_us") else f"{'-':>8}"
+        sweep = f"{r['sweep_us']:8.1f}" if r.get("sweep_us") else f"{'-':>8}"
         lines.append(f"{r['layer']:28} {r['batch']:>5} {r['best_us']:9.1f} {dflt} {r['cudnn_us']:9.1f} "
                      f"{r['floor_us']:9.1f} {r['floor_fraction']:10.2f} {r['tflops']:8.1f} {fp16} "
-                     f"{len(r['configs']):>4}  {cfg}")
+                     f"{len(r['configs']):>4} {sweep}  {cfg}")
+        if r.get("sweep_us") and r["sweep_us"] < r["best_us"]:
+            swept = {k: v for k, v in r["sweep_config"].items() if v not in (False, None)}
+            lines.append(f"{'':28} {'':>5} sweep's best {r['sweep_us']:.1f} us: {swept}")
     return "\n".join(lines)
 
 
@@ -226,6 +283,9 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="seconds of config timing shared out over the layers (Triton compiles "
                         "dominate a first run); each layer times at least its default")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time SWEEP_TILES configs the candidates lack (ungrouped convs), "
+                        "compiled in parallel first")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
@@ -244,7 +304,8 @@ def main() -> None:
         # This layer's share of the budget, and whatever earlier layers left unused.
         deadline = start + args.budget_s * (i + 1) / len(todo)
         try:
-            row = bench_layer(kind, spec, batch, args.max_configs, deadline, getattr(torch, args.dtype))
+            row = bench_layer(kind, spec, batch, args.max_configs, deadline, getattr(torch, args.dtype),
+                              args.sweep)
         except Exception:
             row = {"kind": kind, "layer": spec[0], "batch": batch, "cudnn_us": float("nan"),
                    "error": traceback.format_exc()[-2000:]}

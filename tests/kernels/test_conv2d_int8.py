@@ -258,19 +258,20 @@ def test_configs_offer_int8_tiles():
         layer.config = {**SMALL, "BLOCK_K": 16}
 
 
-def test_int8_candidates_put_narrow_tiles_first():
-    """int8 tilings are fp16's with BLOCK_K doubled where K allows, each once; the ones with at
-    most INT8_WIDE_TILE accumulators lead (in fp16's order), wider ones follow."""
-    from torch_gie.kernels.conv2d_configs import INT8_WIDE_TILE
+def test_int8_candidates_put_four_warp_tiles_first():
+    """int8 tilings are fp16's with BLOCK_K doubled where K allows, each once; the 4-warp ones
+    lead (in fp16's order), 8-warp ones follow."""
     for args in ((64, 64, 9, 8 * 56 * 56), (256, 64, 1, 128 * 56 * 56), (512, 512, 9, 49), (2048, 1024, 1, 128 * 49),
                  (64, 3, 49, 128 * 112 * 112)):
         int8 = conv2d_configs(*args[:2], torch.int8, *args[2:])
         fp16 = conv2d_configs(*args[:2], torch.float16, *args[2:])
-        wide = [c["BLOCK_M"] * c["BLOCK_N"] > INT8_WIDE_TILE for c in int8]
-        assert wide == sorted(wide), args  # no narrow tile after a wide one
+        eight = [c["num_warps"] > 4 for c in int8]
+        assert eight == sorted(eight), args  # no 4-warp tile after an 8-warp one
         assert len(int8) <= len(fp16) and len(int8) == len({str(c) for c in int8}), args
         shapes = lambda cs: {(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]) for c in cs}  # noqa: E731
         assert shapes(int8) == shapes(fp16), args  # the same tiles, nothing invented
+        four = [c for c in fp16 if c["num_warps"] <= 4]
+        assert int8[0]["BLOCK_M"] == four[0]["BLOCK_M"] and int8[0]["BLOCK_N"] == four[0]["BLOCK_N"], args
     capped = conv2d_configs(64, 64, torch.int8, 9, 8 * 56 * 56)  # 64 channels: BLOCK_K stays 64
     assert max(c["BLOCK_K"] for c in capped) == 64
     doubled = conv2d_configs(256, 256, torch.int8, 9, 128 * 14 * 14)

@@ -93,7 +93,8 @@ def group_tile_options(c_out_g: int, c_in_g: int, groups: int) -> list[int]:
     return fit + narrow[-1:] if len(fit) < 3 or not fit else fit
 
 
-def _unsplit_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int) -> dict:
+def _unsplit_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int,
+                     grouped: bool = False) -> dict:
     fp16 = dtype == torch.float16
     if taps > 1 and c_in_g < GATHER_BELOW:
         bn = min(128, max(16, triton.next_power_of_2(c_out_g)))
@@ -102,7 +103,10 @@ def _unsplit_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int) -
     bk = min(64 if fp16 else 32, max(16, triton.next_power_of_2(c_in_g)))
     bm = 128 if fp16 else 64  # fp32 runs on FMA (ieee) or tf32 with twice the smem per tile
     warps = 8 if bm * bn >= 128 * 128 else 4
-    stages = 4 if fp16 and bn * bk <= 64 * 64 else 3
+    # Three stages: at the compute-heavy layers of six families on the H200 (NOTES 49) three beat
+    # four and five for every ungrouped tiling timed both ways, in fp16 and int8 (up to 1.4x:
+    # one program more fits per SM). Super-groups keep the four they were tuned with.
+    stages = 4 if grouped and fp16 and bn * bk <= 64 * 64 else 3
     return _cfg(bm, bn, bk, warps, stages, taps > 1)
 
 
@@ -169,10 +173,7 @@ def _grouped_default(c_out_g: int, c_in_g: int, dtype: torch.dtype, taps: int, g
     """The unsplit default for ``gpt`` groups per tile (default: the best-guess option), tiled
     for the super-group's channel counts."""
     gpt = group_tile_options(c_out_g, c_in_g, groups)[0] if gpt is None else gpt
-    return _with_gpt(_unsplit_default(gpt * c_out_g, gpt * c_in_g, dtype, taps), gpt)
-
-
-INT8_WIDE_TILE = 128 * 64  # int32 accumulators from which an int8 tiling tunes after the narrower ones
+    return _with_gpt(_unsplit_default(gpt * c_out_g, gpt * c_in_g, dtype, taps, groups > 1), gpt)
 
 
 def _int8_tilings(cands: list[dict], c_in_g: int, taps: int) -> list[dict]:
@@ -181,12 +182,13 @@ def _int8_tilings(cands: list[dict], c_in_g: int, taps: int) -> list[dict]:
     INT8_MIN_BLOCK_K; duplicates dropped. Split-K tilings keep their BLOCK_K, so each split
     keeps the K iterations its split count was chosen for, and so do kw-folding ones (a kernel
     row of KW·C_in_g values, 21 for a 7x7 on RGB, fits one 32-wide step).
-    Order: tiles of at most INT8_WIDE_TILE accumulators (4 warps) first, the wider 8-warp ones
-    after them (the tuner times only the first few). Measured on the H200 at ResNet-50's shapes
-    (benchmarks/NOTES.md, item 30), int8 128x128 8-warp tiles lost to 4-warp ones on every 1x1
-    and 64-channel 3x3 layer at batch 128 and 1, by up to 2x on bottleneck 1x1s with an int8
-    residual; fp16's tiles cannot be reused in fp16's order. (Twice the stages or twice the rows
-    where BLOCK_K cannot double, tried to keep fp16's bytes in flight, lost everywhere: gone.)"""
+    Order: 4-warp tilings first, the 8-warp ones after them (the tuner times only the first
+    few). Measured on the H200 (benchmarks/NOTES.md, items 30 and 49), int8 128x128 8-warp tiles
+    lost to 4-warp ones on every 1x1 and 64-channel 3x3 layer of ResNet-50 at batch 128 and 1, by
+    up to 2x on bottleneck 1x1s with an int8 residual, while 128x128 with 4 warps was the best
+    tiling of 5 of 9 compute-heavy int8 layers; fp16's tiles cannot be reused in fp16's order.
+    (Twice the stages or twice the rows where BLOCK_K cannot double, tried to keep fp16's bytes
+    in flight, lost everywhere: gone.)"""
     out = []
     for cfg in cands:
         k_width = cfg.get("GROUPS_PER_TILE", 1) * c_in_g
@@ -197,8 +199,8 @@ def _int8_tilings(cands: list[dict], c_in_g: int, taps: int) -> list[dict]:
         tiling = {**cfg, "BLOCK_K": max(INT8_MIN_BLOCK_K, bk)}
         if tiling not in out:
             out.append(tiling)
-    narrow = [c for c in out if c["BLOCK_M"] * c["BLOCK_N"] <= INT8_WIDE_TILE]
-    return narrow + [c for c in out if c not in narrow]
+    four_warps = [c for c in out if c["num_warps"] <= 4]
+    return four_warps + [c for c in out if c not in four_warps]
 
 
 def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16,
@@ -250,7 +252,8 @@ def conv2d_configs(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16
                 cands.append(cfg)
     bk_max = 64 if dtype == torch.float16 else 32  # fp32 tiles cost twice the shared memory
     for bm, bn, bk, warps, stages in (
-        (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4),
+        (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+        (128, 128, 32, 8, 4),
         (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 4, 3), (128, 16, 16, 4, 3),
         (64, 16, 16, 4, 3), (32, 16, 16, 2, 2),
     ):
