@@ -1,6 +1,8 @@
 """Micro-benchmark of the memory-bound kernels real networks need beside convs: global average
 pooling, the squeeze-and-excitation excitation and multiply, and LayerNorm, on the layer shapes
-of efficientnet_b0, mobilenet_v3_large, regnet_y_400mf, convnext_tiny and vit_b_16 (224x224).
+of efficientnet_b0, mobilenet_v3_large, regnet_y_400mf, convnext_tiny and vit_b_16 (224x224), and
+int8 max pooling on GoogLeNet's and ResNet's shapes (there "torch us" is our own kernel that
+compares one code at a time, the path channel rows that are not whole 4-byte words take).
 
 Each case is checked against PyTorch (our output poisoned with NaN first), then timed as a compiled
 forward runs it (``timing.time_in_cuda_graph``: calls captured in a CUDA graph), next to the PyTorch
@@ -26,10 +28,12 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from torch_gie.activations import apply_activation  # noqa: E402
+from torch_gie.kernels import pool2d  # noqa: E402
 from torch_gie.kernels.elementwise import ChannelScale  # noqa: E402
 from torch_gie.kernels.global_pool import GlobalPool2d  # noqa: E402
 from torch_gie.kernels.layer_norm import LayerNorm  # noqa: E402
 from torch_gie.kernels.squeeze_excitation import SqueezeExcitation  # noqa: E402
+from torch_gie.quantize.arith import LayerQuant, QParams  # noqa: E402
 from torch_gie.testing import rel_err  # noqa: E402
 from torch_gie.timing import time_in_cuda_graph  # noqa: E402
 
@@ -149,6 +153,37 @@ def layer_norm_case(label: str, n: int, shape, dim: int) -> Case:
     return Case("layer_norm", label, n, lambda: layer(x, out), theirs, out, ref, _nbytes(x, out), layer)
 
 
+# int8 max pools (C, H, W, kernel, stride, padding, ceil_mode, how many the network has).
+INT8_MAX_POOLS = {
+    "googlenet": [((64, 112, 112), 3, 2, 0, True, 1), ((192, 56, 56), 3, 2, 0, True, 1),
+                  ((192, 28, 28), 3, 1, 1, True, 1), ((256, 28, 28), 3, 1, 1, True, 1),
+                  ((480, 28, 28), 3, 2, 0, True, 1), ((480, 14, 14), 3, 1, 1, True, 1),
+                  ((512, 14, 14), 3, 1, 1, True, 3), ((528, 14, 14), 3, 1, 1, True, 1),
+                  ((832, 14, 14), 2, 2, 0, True, 1), ((832, 7, 7), 3, 1, 1, True, 2)],
+    "resnet50": [((64, 112, 112), 3, 2, 1, False, 1)],
+}
+
+
+def int8_max_pool_case(label: str, n: int, chw, k: int, s: int, p: int, ceil_mode: bool) -> Case:
+    g = torch.Generator(device=DEVICE).manual_seed(6)
+    x = torch.randint(-128, 128, (n, *chw), generator=g, device=DEVICE, dtype=torch.int32)
+    x = x.to(torch.int8).contiguous(memory_format=torch.channels_last)
+    qp = QParams(0.05, -128)
+    layer = pool2d.Pool2d("max", k, s, p, ceil_mode=ceil_mode, dtype=torch.int8, quant=LayerQuant(qp, qp))
+    ref = F.max_pool2d(x.float(), k, s, p, ceil_mode=ceil_mode)
+    out = torch.empty(ref.shape, dtype=torch.int8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    word_vec = pool2d._word_vec
+
+    def one_code_at_a_time():
+        pool2d._word_vec = lambda *tensors: 0
+        try:
+            layer(x, out)
+        finally:
+            pool2d._word_vec = word_vec
+    return Case("int8_max_pool", label, n, lambda: layer(x, out), one_code_at_a_time, out, ref,
+                _nbytes(x, out), layer)
+
+
 def make_cases(batch: int) -> list[Case]:
     cases = []
     for net, layers in SE_LAYERS.items():
@@ -168,12 +203,16 @@ def make_cases(batch: int) -> list[Case]:
                                         batch, chw))
     for net, shape, dim in LAYER_NORMS:
         cases.append(layer_norm_case(f"{net} ln {'x'.join(map(str, shape))} dim {dim}", batch, shape, dim))
+    for net, pools in INT8_MAX_POOLS.items():
+        for chw, k, s, p, ceil_mode, count in pools:
+            cases.append(int8_max_pool_case(f"{net} int8 maxpool {k}x{k}/{s} {'x'.join(map(str, chw))} (x{count})",
+                                            batch, chw, k, s, p, ceil_mode))
     return cases
 
 
 def check(case: Case) -> str:
     """'ok', or what went wrong: our output against the fp32 reference, every element written."""
-    case.out.fill_(float("nan"))
+    case.out.fill_(float("nan") if case.out.is_floating_point() else 93)  # int8: a poison code
     case.ours()
     if case.out.is_cuda:
         torch.cuda.synchronize()

@@ -136,7 +136,7 @@ def _partials_reduce_kernel(
 
 
 @cache
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # an H100's count: CPU (interpreter) runs then split as the GPU would
@@ -185,7 +185,7 @@ def spatial_split(n: int, c: int, hw: int, device: torch.device) -> SpatialSplit
     programs = n * triton.cdiv(c, block_c)
     split = 1
     if tiles > SpatialSplit.MAX_UNSPLIT_TILES:
-        want = triton.cdiv(SpatialSplit.PROGRAMS_PER_SM * _sm_count(device), max(programs, 1))
+        want = triton.cdiv(SpatialSplit.PROGRAMS_PER_SM * sm_count(device), max(programs, 1))
         split = max(1, min(want, tiles, SpatialSplit.MAX_SPLIT))
     chunk = triton.cdiv(tiles, split) * block_hw
     num_warps = max(1, min(8, block_hw * block_c // 1024))

@@ -13,7 +13,11 @@ A 1x1 adaptive output (classifier heads, squeeze-and-excitation) is a global poo
 int8 (``dtype=torch.int8, quant=LayerQuant``): a max of codes is exact (padding reads -128, which
 never wins; folded zero padding reads the zero point) and keeps the input's QParams, or is
 dequantized; an average sums codes less the zero point (padding: real 0), scales by s_x / count
-and requantizes to the output's QParams or stores fp16/fp32.
+and requantizes to the output's QParams or stores fp16/fp32. A windowed int8 max whose channel
+rows are whole 4-byte words (channels, strides and addresses multiples of 4) runs
+``_max_pool_words_kernel``: it moves and compares four codes per 32-bit word (max pools are
+issue-bound, not memory-bound: compiled for sm_90, loading codes one by one cost 39.5
+instructions per output element of a 3x3 window, more than fp16's 29).
 """
 from __future__ import annotations
 
@@ -24,8 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from torch_gie.kernels.global_pool import GlobalPool2d, check_pool_io, check_quant
-from torch_gie.kernels.quant import dequantize, load_codes, requantize
+from torch_gie.kernels.global_pool import GlobalPool2d, check_pool_io, check_quant, sm_count
+from torch_gie.kernels.quant import (
+    dequantize,
+    load_codes,
+    max_code_pairs,
+    merge_code_words,
+    packed_max_supported,
+    requantize,
+    split_code_words,
+)
 from torch_gie.quantize.arith import LayerQuant
 
 IntPair = int | tuple[int, int]
@@ -138,6 +150,58 @@ def _pool2d_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+MIN_WORD = tl.constexpr(-0x7F7F7F80)  # 0x80808080: four codes of -128, which never win a max
+
+
+@triton.jit
+def _max_pool_words_kernel(
+    # int8 pointers, read and written as int32 words of four channels
+    x_ptr, out_ptr,
+    # sizes (CW: channels / 4 / WVEC); P = N * OH * OW output pixels
+    P, CW, H, W, OH, OW,
+    # pixel strides of the logical NCHW views, in units of WVEC words (channel stride: 1 byte)
+    sxn, sxh, sxw, son, soh, sow,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PT: tl.constexpr, PB: tl.constexpr, PL: tl.constexpr, PR: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr,
+    PAD_IS_ZEROS: tl.constexpr, ZP_WORD: tl.constexpr,  # the zero point in all four bytes
+    ASM: tl.constexpr,  # the code-word helpers' packed compare (quant.py)
+    WVEC: tl.constexpr,  # words per vector the strides are multiples of (4: 16-byte loads)
+    BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    CW = CW * WVEC  # passed in vectors, so the compiler sees rows of whole vectors
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cw = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    p_ok = p < P
+    cw_ok = cw < CW
+    ow = p % OW
+    oh = (p // OW) % OH
+    n = p // (OW * OH)
+    h0 = oh * SH - PT
+    w0 = ow * SW - PL
+    xw = x_ptr.to(tl.pointer_type(tl.int32))
+    x_pix = xw + n.to(tl.int64) * (sxn * WVEC)
+    even, odd = split_code_words(tl.full([BLOCK_P, BLOCK_W], MIN_WORD, tl.int32), ASM)
+    for kh in tl.static_range(KH):
+        ih = h0 + kh * DH
+        h_ok = p_ok & (ih >= 0) & (ih < H)
+        for kw in tl.static_range(KW):
+            iw = w0 + kw * DW
+            ok = h_ok & (iw >= 0) & (iw < W)
+            ptrs = x_pix[:, None] + ((ih * sxh + iw * sxw) * WVEC)[:, None] + cw[None, :]
+            v = tl.load(ptrs, mask=ok[:, None] & cw_ok[None, :], other=MIN_WORD)
+            if PAD_IS_ZEROS:  # taps in the zero padding read 0; past it (ceil_mode) nothing
+                in_pad = (ih < H + PB) & (iw < W + PR) & ~ok
+                v = tl.where(in_pad[:, None], ZP_WORD, v)
+            v_even, v_odd = split_code_words(v, ASM)
+            even = max_code_pairs(even, v_even, ASM)
+            odd = max_code_pairs(odd, v_odd, ASM)
+    acc = merge_code_words(even, odd, ASM)
+    out_ptrs = (out_ptr.to(tl.pointer_type(tl.int32)) + n.to(tl.int64)[:, None] * (son * WVEC)
+                + ((oh * soh + ow * sow) * WVEC)[:, None] + cw[None, :])
+    tl.store(out_ptrs, acc, mask=p_ok[:, None] & cw_ok[None, :])
+
+
 @triton.jit
 def _avg_count(h0, w0, H, W, KH: tl.constexpr, KW: tl.constexpr, PB: tl.constexpr,
                PR: tl.constexpr, COUNT_INCLUDE_PAD: tl.constexpr):
@@ -181,12 +245,67 @@ def _quant_meta(quant: LayerQuant | None) -> dict:
                 OUT_ZP=0 if out is None else out.zero_point)
 
 
+def _word_vec(*tensors: torch.Tensor) -> int:
+    """Words per vector (4, 2 or 1) that every tensor's address, channel count and pixel strides
+    are multiples of, or 0 when their channel rows are not whole 4-byte words (channels dense,
+    C % 4 == 0)."""
+    vec = 4
+    for t in tensors:
+        if t.stride(1) != 1 or t.shape[1] % 4:
+            return 0
+        for v in (t.data_ptr(), t.shape[1], *(t.stride(d) for d in (0, 2, 3))):
+            while vec and v % (4 * vec):
+                vec //= 2
+            if not vec:
+                return 0
+    return vec
+
+
+# Words per program: at most MAX_TILE_WORDS (16 per thread of 4 warps: measured at batch 128,
+# NOTES 50), fewer where that would leave fewer than PROGRAMS_PER_SM programs per SM (a small
+# map at batch 1 is latency-bound: its time is one program's chain of loads), at least
+# MIN_TILE_WORDS (two per thread).
+MAX_TILE_WORDS, MIN_TILE_WORDS, PROGRAMS_PER_SM = 2048, 256, 4
+
+
+def _word_tile(p: int, cw: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_W) for ``p`` output pixels of ``cw`` words."""
+    block_w = min(32, triton.next_power_of_2(cw))
+    share = triton.next_power_of_2(triton.cdiv(p * cw, PROGRAMS_PER_SM * sm_count(device)))
+    words = max(MIN_TILE_WORDS, min(MAX_TILE_WORDS, share))
+    return max(1, words // block_w), block_w
+
+
+def _launch_max_words(x: torch.Tensor, out: torch.Tensor, quant: LayerQuant, vec: int,
+                      meta: dict) -> None:
+    n, c, h, w = x.shape
+    oh, ow = out.shape[2:]
+    p, cw = n * oh * ow, c // 4  # words per pixel
+    block_p, block_w = _word_tile(p, cw, x.device)
+    zp = quant.input.zero_point & 0xFF
+    zp_word = zp * 0x01010101 - (1 << 32 if zp & 0x80 else 0)
+    grid = (triton.cdiv(p, block_p), triton.cdiv(cw, block_w))
+    strides = [t.stride(d) // (4 * vec) for t in (x, out) for d in (0, 2, 3)]
+    _max_pool_words_kernel[grid](
+        x, out, p, cw // vec, h, w, oh, ow, *strides, **{k: meta[k] for k in _WINDOW_KEYS},
+        PAD_IS_ZEROS=meta["PAD_IS_ZEROS"], ZP_WORD=zp_word, ASM=packed_max_supported(x.device),
+        WVEC=vec, BLOCK_P=block_p, BLOCK_W=block_w, num_warps=4)
+
+
+_WINDOW_KEYS = ("KH", "KW", "SH", "SW", "PT", "PB", "PL", "PR", "DH", "DW")
+
+
 def _launch_windowed(x: torch.Tensor, out: torch.Tensor, quant: LayerQuant | None, **meta) -> None:
     n, c, h, w = x.shape
     oh, ow = out.shape[2:]
     p = n * oh * ow
     if p == 0 or c == 0:
         return
+    if meta["MODE"] == _MAX and quant is not None and quant.output is not None:
+        vec = _word_vec(x, out)
+        if vec:
+            _launch_max_words(x, out, quant, vec, meta)
+            return
     block_p, block_c = _tile(c)
     grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
     _pool2d_kernel[grid](x, out, p, c, h, w, oh, ow, *x.stride(), *out.stride(),

@@ -5,6 +5,10 @@ Rounding is half to even, as ``torch.round``: after clamping to the code range, 
 subtracting 1.5 * 2**23 rounds an fp32 to the nearest integer, ties to even, under the default
 rounding mode; unlike libdevice's ``rint`` it also runs in Triton's CPU interpreter.
 """
+import functools
+import os
+
+import torch
 import triton
 import triton.language as tl
 
@@ -48,3 +52,63 @@ def load_codes(ptrs, mask, FILL: tl.constexpr):
     if FILL != 0:
         v = tl.where(mask, v, FILL)
     return v
+
+
+# A bytewise max of int8 codes held four to an int32 word (``pool2d``'s word kernel) in three
+# steps: split_code_words once per loaded word, max_code_pairs per tap, merge_code_words once per
+# output word. With ASM (NVIDIA sm_90 and later) a word splits into its even and odd bytes as
+# sign-extended halfword pairs (``prmt``), which ``max.s16x2`` compares two at a time: 2 + 2
+# instructions per four codes per tap, where codes loaded one by one take about four per code
+# (extract, sign-extend, max). Without ASM (Triton's interpreter runs no PTX; older GPUs lack
+# ``max.s16x2``) both halves are the word itself and the max is bytewise in plain integer ops,
+# so the three compose to the same bytewise max.
+
+
+@triton.jit
+def split_code_words(w, ASM: tl.constexpr):
+    """(even, odd): the word's bytes 0 and 2, and 1 and 3, as sign-extended halfword pairs."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="prmt.b32 $0, $2, 0, 0xA280;\n\tprmt.b32 $1, $2, 0, 0xB391;",
+            constraints="=r,=r,r", args=[w], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        return w, w
+
+
+@triton.jit
+def max_code_pairs(a, b, ASM: tl.constexpr):
+    """Elementwise max of split_code_words halves."""
+    if ASM:
+        return tl.inline_asm_elementwise(asm="max.s16x2 $0, $1, $2;", constraints="=r,r,r",
+                                         args=[a, b], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = tl.zeros_like(a)
+        for i in tl.static_range(4):
+            # byte i sign-extended: shifted to the top, then arithmetic-shifted down
+            m = tl.maximum((a << (24 - 8 * i)) >> 24, (b << (24 - 8 * i)) >> 24)
+            out = out | ((m & 0xFF) << (8 * i))
+        return out
+
+
+@triton.jit
+def merge_code_words(even, odd, ASM: tl.constexpr):
+    """split_code_words undone: the word of four codes."""
+    if ASM:
+        return tl.inline_asm_elementwise(asm="prmt.b32 $0, $1, $2, 0x6240;", constraints="=r,r,r",
+                                         args=[even, odd], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return even
+
+
+def packed_max_supported(device) -> bool:
+    """Whether the code-word helpers' ASM path (``max.s16x2``) compiles for ``device``: an NVIDIA GPU of compute
+    capability 9.0 or later (``max.s16x2``), outside Triton's CPU interpreter."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.version.hip or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
