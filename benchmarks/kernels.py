@@ -33,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from torch_gie.kernels import conv2d  # noqa: E402
 from torch_gie.kernels.conv2d import Conv2d  # noqa: E402
+from torch_gie.kernels.conv2d_configs import GATHER_BELOW  # noqa: E402
 from torch_gie.kernels.depthwise_conv2d import DepthwiseConv2d  # noqa: E402
 from torch_gie.quantize import arith  # noqa: E402
 from torch_gie.quantize.arith import LayerQuant  # noqa: E402
@@ -81,6 +82,10 @@ LAYERS: dict[str, list[tuple]] = {
         ("vgg.c3_512_512_28", 512, 512, 3, 1, 28, 1), ("incv3.c3_64_96_35", 64, 96, 3, 1, 35, 1),
         ("cnx.pw_96_384_56", 96, 384, 1, 1, 56, 1), ("cnx.pw_384_96_56", 384, 96, 1, 1, 56, 1),
     ],
+    "stem": [  # 3-channel image stems; the input stored with a pixel stride of 4, as the plan does
+        ("r50.stem_7x7_s2_224", 3, 64, 7, 2, 224, 1), ("incv3.stem_3x3_s2_299", 3, 32, 3, 2, 299, 1),
+        ("vgg.stem_3x3_224", 3, 64, 3, 1, 224, 1),
+    ],
 }
 # --sweep: tilings timed beyond the candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), each
 # with every BLOCK_K the dtype allows, to find what the candidate lists miss.
@@ -89,12 +94,29 @@ SWEEP_TILES = ((128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (128, 256, 
                (128, 64, 8, 4), (64, 64, 4, 5))
 
 
+def padded_pixels(t: torch.Tensor) -> torch.Tensor:
+    """``t`` channels_last; an image of fewer than 4 channels as a view of a 4-channel buffer
+    (zero padding lanes), the layout the plan gives a network input that only convs read."""
+    if t.shape[1] >= 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    buf = torch.zeros(t.shape[0], 4, *t.shape[2:], dtype=t.dtype, device=t.device)
+    view = buf.contiguous(memory_format=torch.channels_last)[:, :t.shape[1]]
+    view.copy_(t)
+    return view
+
+
+# --sweep, 3-channel stems: kw-folding tilings (narrow outputs: BLOCK_N up to 64)
+STEM_TILES = ((64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 2), (128, 64, 4, 3),
+              (128, 64, 8, 3), (256, 64, 8, 2), (256, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 3),
+              (256, 32, 8, 3), (32, 64, 4, 3))
+
+
 def make_case(c_in: int, c_out: int, k: int, s: int, h: int, g: int, batch: int, residual: bool = False,
               dtype: torch.dtype = torch.float16) -> dict:
     """Inputs, bound layer, reference and the layer's byte/flop counts: fp16 against fp32
     F.conv2d, int8 against the integer emulation (``make_int8_case``)."""
     dev = torch.device(DEVICE)
-    x = torch.randn(batch, c_in, h, h, device=dev).to(torch.float16, memory_format=torch.channels_last)
+    x = padded_pixels(torch.randn(batch, c_in, h, h, device=dev).half())
     w = (torch.randn(c_out, c_in // g, k, k, device=dev) / (c_in // g * k * k) ** 0.5).half()
     b = torch.randn(c_out, device=dev) * 0.1
     cls = DepthwiseConv2d if g == c_in and g > 1 else Conv2d
@@ -103,6 +125,7 @@ def make_case(c_in: int, c_out: int, k: int, s: int, h: int, g: int, batch: int,
     if dtype == torch.int8:
         return make_int8_case(cls, x, w, b, ref, res, s, k // 2, g, (h, h), batch)
     layer = cls(w, b, stride=s, padding=k // 2, groups=g, dtype=torch.float16, input_hw=(h, h), batch=batch)
+    layer.pad_lanes_finite = c_in < 4  # as the compiler sets it for its padded input (zero lanes)
     if res is not None:
         ref = ref + res.float()
     out = torch.empty(ref.shape, dtype=torch.float16, device=dev).contiguous(memory_format=torch.channels_last)
@@ -118,8 +141,12 @@ def make_int8_case(cls, x, w, b, ref, res, stride, pad, groups, hw, batch) -> di
     conv3) conv + bias + int8 identity -> ReLU. The reference is the integer emulation
     (``arith.conv2d_int8``) with the same epilogue, requantized."""
     cl = torch.channels_last
-    x_qp = arith.qparams_for_range(0.0, float(x.float().relu().amax()), non_negative=True)
-    codes = arith.quantize(x.float().relu(), x_qp).contiguous(memory_format=cl)
+    if x.shape[1] < 4:  # an image stem: signed codes of the normalized image, as a network's input
+        x_qp = arith.qparams_for_range(-float(x.abs().amax()), float(x.abs().amax()))
+        codes = padded_pixels(arith.quantize(x.float(), x_qp))
+    else:
+        x_qp = arith.qparams_for_range(0.0, float(x.float().relu().amax()), non_negative=True)
+        codes = arith.quantize(x.float().relu(), x_qp).contiguous(memory_format=cl)
     res_qp = res_codes = None
     if res is not None:
         res_qp = arith.qparams_for_range(-float(res.abs().amax()), float(res.abs().amax()))
@@ -176,7 +203,11 @@ def sweep_configs(case: dict, c_in: int, k: int) -> list[dict]:
     bks = [bk for bk in ((32, 64, 128) if int8 else (32, 64)) if bk <= max(32, c_in)]
     out = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st,
             "FLAT_K": k > 1, "GATHER_K": False} for bm, bn, w, st in SWEEP_TILES for bk in bks]
-    if int8 and k > 1 and c_in <= 64:
+    if c_in < GATHER_BELOW:  # stems: kw folded into K (one run of KW pixels per kernel row)
+        out = [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st,
+                "FLAT_K": False, "GATHER_K": True, "FOLD_KW": True}
+               for bm, bn, w, st in STEM_TILES for bk in (32, 64)]
+    elif int8 and k > 1 and c_in <= 64:
         out += [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "num_warps": w, "num_stages": st,
                  "FLAT_K": False, "GATHER_K": True} for bm, bn, w, st in SWEEP_TILES[:6]]
     return [c for c in out if c not in case["layer"].configs]
