@@ -6,6 +6,10 @@ layers as int8 convs (unsigned input codes with zero point -128, as after a ReLU
 codes; ``resnet50_res`` adds bottleneck 1x1s with their int8 residual) and checks them against
 the integer emulation of ``torch_gie.quantize.arith`` (codes at most one apart on at most 1%);
 the fp16 time of the same layer's default-tuned best is in the row too, so int8's gain shows.
+Kind ``compute`` holds compute-bound layers of other families (GoogLeNet, Wide ResNet, VGG,
+Inception-v3, ConvNeXt), ``stem`` the 3-channel image stems on an input stored with a pixel
+stride of 4 as the compiler stores it (int8: signed codes, as a network's input). ``--sweep``
+also times tilings the candidates lack (compiled in parallel first), to find what they miss.
 
 Every candidate config (the first --max-configs, as the tuner would) is first checked against
 an fp32 F.conv2d reference on a NaN-poisoned output, then timed as the compiled forward runs it
