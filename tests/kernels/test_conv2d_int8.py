@@ -179,13 +179,27 @@ def test_real_outputs(out, device):
 @pytest.mark.parametrize("config", [SMALL, SPLIT], ids=["direct", "split_k"])
 @pytest.mark.parametrize("res,out,act,post", [
     ("int8", "int8", None, "relu"), ("fp16", "int8", "prelu", "relu6"),
-    ("int8", "fp16", "hardswish", None),
+    ("int8", "fp16", "hardswish", None), ("fp16", "int8", "prelu", "relu"),
+    ("int8", "int8", "leaky_relu", None),
 ])
 def test_residual(res, out, act, post, config, device):
     """+ residual (int8 codes at another scale, a channel slice; or real fp16), both sides of
     the post-activation, also after a split-K reduction."""
     run(2, 16, 24, 5, 5, 3, 1, 1, config=config, x_qp=UNSIGNED, out=out, act=act, post=post,
         res=res, out_slice=True, device=device)
+
+
+@pytest.mark.parametrize("act,post,out,prescaled", [
+    (None, "relu", "int8", True), ("prelu", None, "int8", True), ("leaky_relu", "relu", "int8", True),
+    ("relu6", None, "int8", False), ("relu", "silu", "int8", False), ("relu", None, "fp16", False),
+])
+def test_output_scale_folded_only_where_activations_commute(act, post, out, prescaled):
+    """The output's 1 / scale moves into the layer's scale and bias (one multiply less per
+    element) only when every activation commutes with a positive scale and the output is int8;
+    the results agree with the reference either way (run checks them)."""
+    layer = run(1, 16, 24, 4, 5, 1, config=SMALL, x_qp=UNSIGNED, out=out, act=act, post=post,
+                res="int8", device="cpu")
+    assert layer.out_prescaled == prescaled
 
 
 @pytest.mark.parametrize("config", [SMALL, FLAT, GATHER, {**GATHER, "SPLIT_K": 2}],

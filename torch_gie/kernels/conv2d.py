@@ -50,6 +50,8 @@ from torch_gie.kernels.conv_epilogue import (
     epilogue_args,
     load_residual,
     output_pixels,
+    output_prescaled,
+    prescale,
     quant_args,
     reduce_split_k,
     saturation_implied,
@@ -72,7 +74,7 @@ from torch_gie.kernels.layer_args import (
     problem_pixels,
     vector_width,
 )
-from torch_gie.kernels.quant import load_codes, round_half_even
+from torch_gie.kernels.quant import dequantize, load_codes, round_to_codes
 from torch_gie.quantize.arith import LayerQuant, fold_zero_point, quantize_weight
 
 # Names tl.dot accepts for fp32 operands on NVIDIA in Triton 3.x (keyword ``input_precision``).
@@ -122,9 +124,7 @@ def _gated(a, gate_rows, c, s_gc, mask, HAS_GATE: tl.constexpr, MASKED: tl.const
         else:
             gv = tl.load(gate_ptrs)
         if QUANT:
-            q = (a.to(tl.float32) - X_ZP) * gv.to(tl.float32)
-            q = round_half_even(tl.minimum(tl.maximum(q, -512.0), 512.0)) + X_ZP
-            a = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int8)
+            a = round_to_codes(dequantize(a, gv.to(tl.float32), X_ZP), X_ZP)
         else:
             a = (a.to(tl.float32) * gv.to(tl.float32)).to(a.dtype)
     return a
@@ -218,12 +218,13 @@ def _conv2d_kernel(
     # last super-group is partial (GROUPS_PER_TILE does not divide the groups)
     X_VEC: tl.constexpr, OUT_VEC: tl.constexpr, PAD_GROUPS: tl.constexpr,
     # int8 (quant_args): x holds codes (int8 dot, int32 accumulator) whose padding reads X_ZP;
-    # the residual holds codes (RES_QUANT); the output is requantized (OUT_QUANT). ZP_PADDING:
+    # the residual holds codes (RES_QUANT); the output is requantized (OUT_QUANT), its 1 / scale
+    # already in the scale, bias and res_scale with OUT_PRESCALED (output_prescaled). ZP_PADDING:
     # the tap loops load padding as 0 and _zero_point_padding adds X_ZP's share after them;
     # A_FILL is what their padding reads (0 then, else X_ZP)
     QUANT: tl.constexpr, X_ZP: tl.constexpr, RES_QUANT: tl.constexpr, RES_ZP: tl.constexpr,
-    OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr, ZP_PADDING: tl.constexpr, A_FILL: tl.constexpr,
-    PREFETCH_RES: tl.constexpr,
+    OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr, OUT_PRESCALED: tl.constexpr,
+    ZP_PADDING: tl.constexpr, A_FILL: tl.constexpr, PREFETCH_RES: tl.constexpr,
 ):
     C_in_g, C_in = C_in_g * X_VEC, C_in * X_VEC
     C_out_g, C_out = C_out_g * OUT_VEC, C_out * OUT_VEC
@@ -363,11 +364,11 @@ def _conv2d_kernel(
         acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, scale_ptr, res_ptr, slope_ptr, r_lead,
                             s_rn, s_rc, s_rh, s_rw, res_scale, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA,
                             HAS_RES, POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA, OUT_VEC, QUANT,
-                            RES_QUANT, RES_ZP, res_tile, PREFETCH_RES)
+                            RES_QUANT, RES_ZP, res_tile, PREFETCH_RES, OUT_PRESCALED)
         store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o0,
                        seg_o1, seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c,
                        s2h, s2w, s3n, s3c, s3h, s3w, out_inv_scale, NUM_SEG, OUT_VEC, OUT_QUANT,
-                       OUT_ZP)
+                       OUT_ZP, OUT_PRESCALED)
 
 
 class Conv2d:
@@ -455,11 +456,15 @@ class Conv2d:
         # Bias stays fp32: it is added to the fp32 accumulator.
         self.bias = None if bias is None else bias.detach().to(weight.device, torch.float32).contiguous()
         # int8: the weight as codes, and the fp32 per-channel scale s_x * s_w[n] and bias with
-        # the input zero point folded in (quantize.arith), both applied to the int32 sum.
+        # the input zero point folded in (quantize.arith), both applied to the int32 sum; with
+        # an int8 output that commutes with its activations, both carry 1 / s_out as well.
         self.quant, self.scale = quant, None
+        self.out_prescaled = output_prescaled(quant, self._act_constexprs)
         if quant is not None:
             weight, w_scale = quantize_weight(weight)
             scale, folded = fold_zero_point(self.bias, weight, w_scale, quant.input)
+            if self.out_prescaled:
+                scale, folded = prescale(scale, folded, quant)
             self.scale, self.bias = scale.to(weight.device), folded.to(weight.device)
         self._padding_weight_sums = self._tap_sums(weight)
         self.weight = self._pack(weight)
@@ -582,7 +587,7 @@ class Conv2d:
             out, residual, res_strides, num_seg, seg, (c_out_g, self.out_channels))
         x, gate, in_scalars, x_vec = input_args(x, gate, (c_in_g, self.in_channels))
         bias, res, ws = self.bias, residual, None
-        q_scalars, q_constexprs = quant_args(self.quant)
+        q_scalars, q_constexprs = quant_args(self.quant, self.out_prescaled)
         if split > 1:
             # The epilogue moves to the reduction: one partial kernel serves every epilogue.
             ws = self._split_k_workspace(split * m * self.out_channels, x.device, compiling_only())
@@ -618,7 +623,7 @@ class Conv2d:
         if split > 1:
             reduce_split_k(ws, self.bias, out, residual, self.act_slope, oh, ow, self.out_channels,
                            m, out_scalars, out_vec, split, num_seg, acts,
-                           self.scale, self.quant)
+                           self.scale, self.quant, self.out_prescaled)
 
     def _tap_sums(self, codes: torch.Tensor) -> torch.Tensor | None:
         """int32 [KH·KW, C_out]: each tap's sum of weight codes per output channel, for the

@@ -6,7 +6,11 @@ removed concat lands on the GPU), and the split-K reduction that applies both to
 int8 (``torch_gie.quantize.arith``): with QUANT the accumulator holds the int32 sum of codes and
 is first scaled per output channel (``scale_ptr``: s_x * s_w[n]; the bias is then the folded
 one); a residual of codes (RES_QUANT) is dequantized, and OUT_QUANT requantizes the result
-instead of casting it to the output's dtype. Zero points are constexprs (0 or -128).
+instead of casting it to the output's dtype. Zero points are constexprs (0 or -128). With
+OUT_PRESCALED (``output_prescaled``) the output's 1 / scale is already folded into the
+per-channel scale, the bias and the residual's scale, so the epilogue computes in output code
+units and the store only rounds: one multiply less per element, in an epilogue whose issue rate
+bounds the memory-bound int8 layers (benchmarks/NOTES.md 53, 54).
 
 Activations come as three constexprs each (code, alpha, beta: ``act_constexprs``), and PReLU's
 per-channel slope as ``slope_ptr`` (fp32 [C_out]), shared by the activation and the
@@ -26,7 +30,7 @@ from torch_gie.activations import activation_code
 from torch_gie.kernels.epilogue import activate_channels
 from torch_gie.kernels.launch import launch
 from torch_gie.kernels.layer_args import aligned_base, vector_width
-from torch_gie.kernels.quant import dequantize, requantize
+from torch_gie.kernels.quant import dequantize, requantize, round_to_codes
 from torch_gie.quantize.arith import LayerQuant
 
 MAX_SEGMENTS = 4
@@ -94,17 +98,43 @@ def output_pixels(offs_m, M, OH, OW):
     return m_ld, nb, oh, ow
 
 
-def quant_args(quant: LayerQuant | None) -> tuple[list[float], dict]:
+# Activations with act(a * y) = a * act(y) for a > 0: a positive scale commutes with them.
+_POSITIVELY_HOMOGENEOUS = tuple(activation_code(a) for a in (None, "relu", "leaky_relu", "prelu"))
+
+
+def output_prescaled(quant: LayerQuant | None, acts: dict) -> bool:
+    """Whether a layer folds its output's 1 / scale into its epilogue's constants (scale, bias,
+    residual scale): it requantizes (an int8 output), and both of its activations commute with
+    a positive scale. Then rint((acc s + b) inv) becomes rint(acc (s inv) + b inv): the same
+    codes but where the two roundings of a product land on opposite sides of a half (at most
+    one code apart, on a small fraction of elements, as an FMA contraction already allows)."""
+    return (quant is not None and quant.output is not None
+            and acts["ACT"] in _POSITIVELY_HOMOGENEOUS and acts["POST_ACT"] in _POSITIVELY_HOMOGENEOUS)
+
+
+def prescale(scale: torch.Tensor, bias: torch.Tensor, quant: LayerQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, bias) times the output's 1 / scale (``output_prescaled``), rounded once to fp32."""
+    inv = 1.0 / quant.output.scale
+    return ((scale.to(torch.float64) * inv).to(torch.float32),
+            (bias.to(torch.float64) * inv).to(torch.float32))
+
+
+def quant_args(quant: LayerQuant | None, prescaled: bool = False) -> tuple[list[float], dict]:
     """(runtime scalars res_scale, out_inv_scale; constexprs QUANT, X_ZP, RES_QUANT, RES_ZP,
-    OUT_QUANT, OUT_ZP) of a layer's int8 contract; neutral values without one."""
+    OUT_QUANT, OUT_ZP, OUT_PRESCALED) of a layer's int8 contract; neutral values without one.
+    ``prescaled``: the layer's scale and bias carry the output's 1 / scale (``prescale``), and
+    so does res_scale here (a real residual's too)."""
     if quant is None:
         return [1.0, 1.0], {"QUANT": False, "X_ZP": 0, "RES_QUANT": False, "RES_ZP": 0,
-                            "OUT_QUANT": False, "OUT_ZP": 0}
+                            "OUT_QUANT": False, "OUT_ZP": 0, "OUT_PRESCALED": False}
     res, out = quant.residual, quant.output
-    return ([1.0 if res is None else res.scale, 1.0 if out is None else out.inv_scale],
+    res_scale, out_inv = 1.0 if res is None else res.scale, 1.0 if out is None else out.inv_scale
+    if prescaled:
+        res_scale, out_inv = float(torch.tensor(res_scale / out.scale, dtype=torch.float32)), 1.0
+    return ([res_scale, out_inv],
             {"QUANT": True, "X_ZP": quant.input.zero_point, "RES_QUANT": res is not None,
              "RES_ZP": 0 if res is None else res.zero_point, "OUT_QUANT": out is not None,
-             "OUT_ZP": 0 if out is None else out.zero_point})
+             "OUT_ZP": 0 if out is None else out.zero_point, "OUT_PRESCALED": prescaled})
 
 
 def saturation_implied(acts: dict, quant: LayerQuant | None, has_residual: bool) -> dict:
@@ -135,14 +165,16 @@ def conv_epilogue(acc, co, nb, oh, ow, bias_ptr, scale_ptr, res_ptr, slope_ptr, 
                   ACT_ALPHA: tl.constexpr, ACT_BETA: tl.constexpr, HAS_RES: tl.constexpr,
                   POST_ACT: tl.constexpr, POST_ACT_ALPHA: tl.constexpr,
                   POST_ACT_BETA: tl.constexpr, VEC: tl.constexpr, QUANT: tl.constexpr,
-                  RES_QUANT: tl.constexpr, RES_ZP: tl.constexpr, res_tile, RES_LOADED: tl.constexpr):
+                  RES_QUANT: tl.constexpr, RES_ZP: tl.constexpr, res_tile, RES_LOADED: tl.constexpr,
+                  OUT_PRESCALED: tl.constexpr):
     """(acc + bias[co]) -> act -> + residual[nb, co, oh, ow] -> post_act, all in fp32.
     co: [BLOCK_N] global output channels; nb (int64), oh, ow: [BLOCK_M] pixel coordinates,
     all in range (the caller wraps the tile's overhang), so nothing here needs a mask. The
     residual's lead and pixel strides are in units of VEC elements; RES_LOADED: the caller
     loaded it already (``res_tile``, from ``load_residual``). QUANT: acc is an int32 sum of
     codes, scaled by scale_ptr[co] first; RES_QUANT: the residual holds codes (res_scale,
-    RES_ZP)."""
+    RES_ZP); OUT_PRESCALED: everything is in output code units, a real residual too (times
+    res_scale)."""
     if QUANT:
         acc = acc.to(tl.float32) * tl.load(scale_ptr + co)[None, :]
     if HAS_BIAS:
@@ -155,6 +187,8 @@ def conv_epilogue(acc, co, nb, oh, ow, bias_ptr, scale_ptr, res_ptr, slope_ptr, 
             res = load_residual(res_ptr, r_lead, nb, oh, ow, co, s_rn, s_rc, s_rh, s_rw, VEC)
         if RES_QUANT:
             acc += dequantize(res, res_scale, RES_ZP)
+        elif OUT_PRESCALED:
+            acc += res.to(tl.float32) * res_scale
         else:
             acc += res.to(tl.float32)
     return activate_channels(acc, co, slope_ptr, POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA)
@@ -172,12 +206,13 @@ def _segment_offsets(co, nb, oh, ow, seg_c, seg_o, sn, sc, sh, sw, VEC: tl.const
 def store_segments(out_ptr, val, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o0,
                    seg_o1, seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w,
                    s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w, out_inv_scale, NUM_SEG: tl.constexpr,
-                   VEC: tl.constexpr, OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr):
+                   VEC: tl.constexpr, OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr,
+                   OUT_PRESCALED: tl.constexpr):
     """One masked store of val[BLOCK_M, BLOCK_N]; column co goes to the segment holding it.
     Segments are consecutive channel ranges, so each later segment overrides from its start.
     Segment starts, offsets (seg_o0: outs[0]'s own lead) and pixel strides are in units of VEC.
     OUT_QUANT: val is requantized to int8 codes (out_inv_scale, OUT_ZP), one QParams for every
-    segment."""
+    segment; OUT_PRESCALED: val is in code units already and is only rounded."""
     off = _segment_offsets(co, nb, oh, ow, 0, seg_o0, s0n, s0c, s0h, s0w, VEC)
     if NUM_SEG > 1:
         off1 = _segment_offsets(co, nb, oh, ow, seg_c1, seg_o1, s1n, s1c, s1h, s1w, VEC)
@@ -189,7 +224,10 @@ def store_segments(out_ptr, val, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, s
         off3 = _segment_offsets(co, nb, oh, ow, seg_c3, seg_o3, s3n, s3c, s3h, s3w, VEC)
         off = tl.where((co >= seg_c3 * VEC)[None, :], off3, off)
     if OUT_QUANT:
-        val = requantize(val, out_inv_scale, OUT_ZP)
+        if OUT_PRESCALED:
+            val = round_to_codes(val, OUT_ZP)
+        else:
+            val = requantize(val, out_inv_scale, OUT_ZP)
     tl.store(out_ptr + off, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -211,7 +249,7 @@ def _split_k_reduce_kernel(
     POST_ACT_BETA: tl.constexpr, NUM_SEG: tl.constexpr, VEC: tl.constexpr, WS_VEC: tl.constexpr,
     # int8 (quant_args; X_ZP unused here)
     QUANT: tl.constexpr, X_ZP: tl.constexpr, RES_QUANT: tl.constexpr, RES_ZP: tl.constexpr,
-    OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr,
+    OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr, OUT_PRESCALED: tl.constexpr,
     # tiling
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -230,26 +268,27 @@ def _split_k_reduce_kernel(
         acc += tl.load(ptrs)
     acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, scale_ptr, res_ptr, slope_ptr, r_lead, s_rn,
                         s_rc, s_rh, s_rw, res_scale, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES,
-                        POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA, VEC, QUANT, RES_QUANT, RES_ZP, 0, False)
+                        POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA, VEC, QUANT, RES_QUANT, RES_ZP, 0, False,
+                        OUT_PRESCALED)
     store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o0, seg_o1,
                    seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
-                   s3n, s3c, s3h, s3w, out_inv_scale, NUM_SEG, VEC, OUT_QUANT, OUT_ZP)
+                   s3n, s3c, s3h, s3w, out_inv_scale, NUM_SEG, VEC, OUT_QUANT, OUT_ZP, OUT_PRESCALED)
 
 
 def reduce_split_k(ws, bias, out, residual, slope, oh, ow, c_out, m, scalars, vec, split,
                    num_seg, activations: dict, scale: torch.Tensor | None = None,
-                   quant: LayerQuant | None = None) -> None:
+                   quant: LayerQuant | None = None, prescaled: bool = False) -> None:
     """Launch the split-K reduction of ``split`` partial sums in ``ws`` into the output views;
     ``out``, ``residual``, ``scalars`` and ``vec`` as ``epilogue_args`` gives them (c_out a
     multiple of vec), ``activations`` the ACT*/POST_ACT* constexprs (``act_constexprs``),
     ``slope`` PReLU's. int8: ``ws`` holds int32 sums, ``scale`` the combined scale [C_out] and
-    ``quant`` the layer's contract (``quant_args``)."""
+    ``quant`` the layer's contract (``quant_args``; ``prescaled`` as there)."""
     # Small tiles: split-K shapes have few outputs (49 x 512 for ResNet-50 layer4 at batch 1),
     # and a reduction of about a MB is quicker spread over many SMs (64 programs there).
     block_m, block_n = 16, min(32, max(16, triton.next_power_of_2(c_out)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(c_out, block_n))
     ws_vec = vector_width(ws.element_size(), [m * c_out])
-    q_scalars, q_constexprs = quant_args(quant)
+    q_scalars, q_constexprs = quant_args(quant, prescaled)
     launch(_split_k_reduce_kernel, grid,
         ws, bias, scale, residual, out, slope, oh, ow, c_out // vec, m, m * c_out // ws_vec,
         *scalars, *q_scalars,

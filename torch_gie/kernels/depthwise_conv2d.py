@@ -111,7 +111,7 @@ def _depthwise_conv2d_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, X_VEC: tl.constexpr, OUT_VEC: tl.constexpr,
     # int8 (quant_args, as in conv2d): codes in, int32 sums, padding reads X_ZP
     QUANT: tl.constexpr, X_ZP: tl.constexpr, RES_QUANT: tl.constexpr, RES_ZP: tl.constexpr,
-    OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr,
+    OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr, OUT_PRESCALED: tl.constexpr,
 ):
     C_out = C_out * OUT_VEC
     s_xn, s_xh, s_xw = s_xn * X_VEC, s_xh * X_VEC, s_xw * X_VEC
@@ -146,10 +146,12 @@ def _depthwise_conv2d_kernel(
 
     acc = conv_epilogue(acc, co, nb, oh, ow, bias_ptr, scale_ptr, res_ptr, slope_ptr, r_lead, s_rn,
                         s_rc, s_rh, s_rw, res_scale, HAS_BIAS, ACT, ACT_ALPHA, ACT_BETA, HAS_RES,
-                        POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA, OUT_VEC, QUANT, RES_QUANT, RES_ZP, 0, False)
+                        POST_ACT, POST_ACT_ALPHA, POST_ACT_BETA, OUT_VEC, QUANT, RES_QUANT, RES_ZP, 0, False,
+                        OUT_PRESCALED)
     store_segments(out_ptr, acc, co, nb, oh, ow, mask, seg_c1, seg_c2, seg_c3, seg_o0, seg_o1,
                    seg_o2, seg_o3, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w,
-                   s3n, s3c, s3h, s3w, out_inv_scale, NUM_SEG, OUT_VEC, OUT_QUANT, OUT_ZP)
+                   s3n, s3c, s3h, s3w, out_inv_scale, NUM_SEG, OUT_VEC, OUT_QUANT, OUT_ZP,
+                   OUT_PRESCALED)
 
 
 class DepthwiseConv2d(Conv2d):
@@ -183,7 +185,7 @@ class DepthwiseConv2d(Conv2d):
         out, residual, out_scalars, out_vec = epilogue_args(
             out, residual, res_strides, num_seg, seg, (self.out_channels,))
         x, _, in_scalars, x_vec = input_args(x, None, (self.in_channels,))
-        q_scalars, q_constexprs = quant_args(self.quant)
+        q_scalars, q_constexprs = quant_args(self.quant, self.out_prescaled)
         launch(_depthwise_conv2d_kernel, grid,
             x, self.weight, self.bias, self.scale, residual, out, self.act_slope,
             h, w, oh, ow, self.out_channels // out_vec, m, *in_scalars[:5], *out_scalars, *q_scalars,

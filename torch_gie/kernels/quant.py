@@ -1,9 +1,11 @@
 """Triton helpers of the int8 dtype path, shared by every kernel family: codes to real values
 and back, with exactly the arithmetic of ``torch_gie.quantize.arith`` (see its docstring).
 
-Rounding is half to even, as ``torch.round``: after clamping to the code range, adding and
-subtracting 1.5 * 2**23 rounds an fp32 to the nearest integer, ties to even, under the default
-rounding mode; unlike libdevice's ``rint`` it also runs in Triton's CPU interpreter.
+Rounding is half to even, as ``torch.round``: after clamping to the code range, adding
+M = 1.5 * 2**23 rounds an fp32 to the nearest integer, ties to even, under the default rounding
+mode, and the code is then the sum's low mantissa byte; the way back adds a code to M's bit
+pattern. Neither direction converts between int and float (I2F/F2I issue at a quarter of the FMA
+rate on sm_90), and unlike libdevice's ``rint`` both run in Triton's CPU interpreter too.
 """
 import functools
 import os
@@ -12,33 +14,40 @@ import torch
 import triton
 import triton.language as tl
 
-_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23; a constexpr: compiled kernels read no plain globals
-
-
-@triton.jit
-def round_half_even(y):
-    """fp32 -> nearest integer (ties to even), as fp32; |y| must be < 2**22."""
-    return (y + _ROUND_MAGIC) - _ROUND_MAGIC
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # M = 1.5 * 2**23; a constexpr: compiled kernels read no plain globals
+_MAGIC_BITS = tl.constexpr(0x4B400000)  # M's fp32 bit pattern
 
 
 @triton.jit
 def requantize(y, inv_scale, zero_point):
-    """fp32 values -> int8 codes: clamp(rint(y * inv_scale) + zero_point, -128, 127).
-    Clamped before rounding, to the integer bounds [-128 - z, 127 - z]: rounding is monotonic
-    and keeps integers, so this equals clamping after, with one clamp instead of two (the
-    bounds also keep the rounding trick exact; a NaN lands on the lower bound either way, as
-    PTX max returns the other operand)."""
-    q = y.to(tl.float32) * inv_scale
+    """fp32 values -> int8 codes: clamp(rint(y * inv_scale) + zero_point, -128, 127)."""
+    return round_to_codes(y.to(tl.float32) * inv_scale, zero_point)
+
+
+@triton.jit
+def round_to_codes(q, zero_point):
+    """Values already in code units (y * inv_scale, fp32) -> int8 codes:
+    clamp(rint(q) + zero_point, -128, 127). Clamped before rounding, to the integer bounds
+    [-128 - z, 127 - z]: rounding is monotonic and keeps integers, so this equals clamping
+    after, with one clamp instead of two (the bounds also keep the rounding trick exact; a NaN
+    lands on the lower bound either way, as PTX max returns the other operand)."""
     q = tl.minimum(tl.maximum(q, -128.0 - zero_point), 127.0 - zero_point)
-    # round_half_even(q) + zero_point in two adds: q + M is M + rint(q) exactly, and M - z is an
-    # exact fp32 integer, so the difference is rint(q) + z exactly.
-    return ((q + _ROUND_MAGIC) - (_ROUND_MAGIC - zero_point)).to(tl.int8)
+    # q + (M + z) is the integer M + z + rint(q) exactly (M + z is an even integer and the sum
+    # stays in [2**23, 2**24), where fp32's spacing is 1), so the float's low mantissa byte is
+    # z + rint(q) mod 256 (M is a multiple of 256): the code, read from the bits. No
+    # float-to-integer conversion: F2I issues at a quarter of the FMA rate on sm_90, and an int8
+    # epilogue is issue-bound (benchmarks/NOTES.md 54).
+    return (q + (_ROUND_MAGIC + zero_point)).to(tl.int32, bitcast=True).to(tl.int8)
 
 
 @triton.jit
 def dequantize(codes, scale, zero_point):
-    """int8 codes -> fp32 real values: (code - zero_point) * scale."""
-    return (codes.to(tl.float32) - zero_point) * scale
+    """int8 codes -> fp32 real values: (code - zero_point) * scale. Through the bits, exactly:
+    M's bit pattern plus the sign-extended code is the float M + code (spacing 1 in
+    [2**23, 2**24)), and subtracting M + z leaves code - z. Integer adds instead of an
+    int-to-float conversion (I2F, a quarter of the FMA rate on sm_90)."""
+    f = (codes.to(tl.int32) + _MAGIC_BITS).to(tl.float32, bitcast=True)
+    return (f - (_ROUND_MAGIC + zero_point)) * scale
 
 
 @triton.jit
