@@ -7,7 +7,9 @@ Inputs are random codes (never zeros), outputs are poisoned first. Agreement: in
 within one code on at most 1% of the elements (the kernel may contract acc * s + b into an FMA),
 real outputs within 1e-3 relative. Shapes are tiny: on CPU the kernels run in the interpreter.
 """
+import ast
 import inspect
+import json
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from torch_gie.kernels.conv2d_configs import INT8_MIN_BLOCK_K, conv2d_configs, d
 from torch_gie.kernels.layer_args import four_sided
 from torch_gie.quantize import arith
 from torch_gie.quantize.arith import LayerQuant, QParams
+from torch_gie.tune import SHIPPED_DB
 
 SMALL = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
 FLAT = {**SMALL, "FLAT_K": True}
@@ -305,6 +308,15 @@ def test_int8_layer_is_distinct_for_the_tuner():
 
     assert scalars(int8) == scalars(fp16) == scalars(Conv2d(torch.randn(16, 8, 3, 3), padding=1, dtype=torch.float32))
     assert "quant" not in scalars(int8) and int8.weight.dtype == torch.int8
+    # ... and the shipped cache's Conv2d keys name exactly these attributes (with an int8 output
+    # scale folded in, too: a flag stored as an attribute once missed every shipped config)
+    prescaled = Conv2d(torch.randn(16, 8, 3, 3), padding=1, activation="relu", dtype=torch.int8,
+                       quant=LayerQuant(UNSIGNED, UNSIGNED))
+    assert prescaled.out_prescaled
+    with open(SHIPPED_DB) as f:
+        shipped = {tuple(name for name, _ in ast.literal_eval(key.split("|")[3]))
+                   for key in json.load(f) if key.split("|")[2] == "Conv2d"}
+    assert tuple(sorted(scalars(prescaled))) in shipped
 
 
 def test_bad_int8_arguments(device):

@@ -459,7 +459,6 @@ class Conv2d:
         # the input zero point folded in (quantize.arith), both applied to the int32 sum; with
         # an int8 output that commutes with its activations, both carry 1 / s_out as well.
         self.quant, self.scale = quant, None
-        self.out_prescaled = output_prescaled(quant, self._act_constexprs)
         if quant is not None:
             weight, w_scale = quantize_weight(weight)
             scale, folded = fold_zero_point(self.bias, weight, w_scale, quant.input)
@@ -475,6 +474,13 @@ class Conv2d:
     @property
     def config(self) -> dict:
         return self._config
+
+    @property
+    def out_prescaled(self) -> bool:
+        """Whether the scale and bias carry the output's 1 / scale (``output_prescaled``). A
+        property, not an attribute: the tuner keys layers by their plain attributes, and a new
+        one would change every timing-cache key (it follows from quant and the activations)."""
+        return output_prescaled(self.quant, self._act_constexprs)
 
     @config.setter
     def config(self, config: dict) -> None:

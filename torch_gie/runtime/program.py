@@ -271,7 +271,8 @@ def step_cost(step: KernelStep, env: list) -> tuple[int, int]:
             seen.add(key)
             total += nbytes(t)
     layer = getattr(step.kernel, "layer", None)
-    for name, value in vars(layer or object()).items():
+    # A fallback's "layer" may be a PyTorch builtin, which has no __dict__ (and no weights here).
+    for name, value in getattr(layer, "__dict__", {}).items():
         if not name.startswith("_") and isinstance(value, torch.Tensor):
             total += nbytes(value)  # packed weights, biases, scales
     node, flops = step.node, 0
