@@ -475,13 +475,6 @@ class Conv2d:
     def config(self) -> dict:
         return self._config
 
-    @property
-    def out_prescaled(self) -> bool:
-        """Whether the scale and bias carry the output's 1 / scale (``output_prescaled``). A
-        property, not an attribute: the tuner keys layers by their plain attributes, and a new
-        one would change every timing-cache key (it follows from quant and the activations)."""
-        return output_prescaled(self.quant, self._act_constexprs)
-
     @config.setter
     def config(self, config: dict) -> None:
         config = check_config(config, self._config_keys, self._min_block,
@@ -494,6 +487,13 @@ class Conv2d:
             self._super_group_weights.clear()  # one at a time: the tuner tries several
             self._super_group_weights[gpt] = pack_super_groups(self.weight, self.groups, gpt)
         self._config = config
+
+    @property
+    def out_prescaled(self) -> bool:
+        """Whether the scale and bias carry the output's 1 / scale (``output_prescaled``). A
+        property, not an attribute: the tuner keys layers by their plain attributes, and a new
+        one would change every timing-cache key (it follows from quant and the activations)."""
+        return output_prescaled(self.quant, self._act_constexprs)
 
     @property
     def launches(self) -> int:
