@@ -36,6 +36,39 @@ def test_shipped_cache_covers_benchmark_layers(name, batch, monkeypatch):
         s.kernel.layer.config = cache[H100 + signature(s, program.env)]
 
 
+H200 = "NVIDIA H200|triton 3.6.0|"
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("name", ["resnet50", "googlenet"])
+def test_shipped_cache_covers_int8_benchmark_layers(name, batch, monkeypatch):
+    """The same for the int8 builds, whose shipped entries are the H200's. On the CPU the real
+    tensors an int8 layer reads or writes are fp32 where the GPU's are fp16; so compare with
+    that one difference. (A layer flag stored as a plain attribute once changed every key.)"""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kwargs = {"init_weights": True} if name == "googlenet" else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    x = torch.randn(batch, 3, 224, 224)
+    int8 = {"calibration_data": [x], "calibrator": "percentile", "calibration_cache": None,
+            "layer_precisions": None}
+    _, _, device, gm, _, _, plan, _ = _prepare(model, x, "int8", "triton", {}, int8=int8)
+    lowering, fallback, converters = _lowering("triton", plan, device, {})
+    program = build_program(gm, plan, lowering, "triton", device, fallback, converters)
+    for step in program.steps:
+        if isinstance(step, ViewStep):
+            step(program.env)
+    steps = [s for s in program.steps if isinstance(s, KernelStep) and s.op in ("conv2d", "linear")]
+    with open(SHIPPED_DB) as f:
+        cache = json.load(f)
+
+    def key(step):
+        return H200 + signature(step, program.env).replace("/float32'", "/float16'")
+    missing = [s.name for s in steps if key(s) not in cache]
+    assert steps and not missing
+    for s in steps:
+        s.kernel.layer.config = cache[key(s)]
+
+
 def test_configs_to_run_are_what_tune_launches(monkeypatch, tmp_path):
     """What the parallel pre-compilation compiles per layer: the cached config, else the
     candidates tune() times (tune=True), else the layer's own (tune=False)."""
