@@ -4,7 +4,7 @@ and back, with exactly the arithmetic of ``torch_gie.quantize.arith`` (see its d
 Rounding is half to even, as ``torch.round``: after clamping to the code range, adding
 M = 1.5 * 2**23 rounds an fp32 to the nearest integer, ties to even, under the default rounding
 mode, and the code is then the sum's low mantissa byte; the way back adds a code to M's bit
-pattern. Neither direction converts between int and float (I2F/F2I issue at a quarter of the FMA
+pattern. Neither direction converts between int and float (I2F/F2I issue at an eighth of the FMA
 rate on sm_90), and unlike libdevice's ``rint`` both run in Triton's CPU interpreter too.
 """
 import functools
@@ -35,7 +35,7 @@ def round_to_codes(q, zero_point):
     # q + (M + z) is the integer M + z + rint(q) exactly (M + z is an even integer and the sum
     # stays in [2**23, 2**24), where fp32's spacing is 1), so the float's low mantissa byte is
     # z + rint(q) mod 256 (M is a multiple of 256): the code, read from the bits. No
-    # float-to-integer conversion: F2I issues at a quarter of the FMA rate on sm_90, and an int8
+    # float-to-integer conversion: F2I issues at an eighth of the FMA rate on sm_90, and an int8
     # epilogue is issue-bound (benchmarks/NOTES.md 54).
     return (q + (_ROUND_MAGIC + zero_point)).to(tl.int32, bitcast=True).to(tl.int8)
 
@@ -45,7 +45,7 @@ def dequantize(codes, scale, zero_point):
     """int8 codes -> fp32 real values: (code - zero_point) * scale. Through the bits, exactly:
     M's bit pattern plus the sign-extended code is the float M + code (spacing 1 in
     [2**23, 2**24)), and subtracting M + z leaves code - z. Integer adds instead of an
-    int-to-float conversion (I2F, a quarter of the FMA rate on sm_90)."""
+    int-to-float conversion (I2F, an eighth of the FMA rate on sm_90)."""
     f = (codes.to(tl.int32) + _MAGIC_BITS).to(tl.float32, bitcast=True)
     return (f - (_ROUND_MAGIC + zero_point)) * scale
 
