@@ -44,7 +44,13 @@ from torch_gie.kernels.conv2d_configs import (
     check_config,
     conv2d_configs,
 )
-from torch_gie.kernels.conv2d_weights import pack_conv_weight, pack_super_groups, pad_channels
+from torch_gie.kernels.conv2d_weights import (
+    pack_conv_weight,
+    pack_super_groups,
+    pad_channels,
+    padding_taps,
+    zero_point_digits,
+)
 from torch_gie.kernels.conv_epilogue import (
     conv_epilogue,
     epilogue_args,
@@ -153,24 +159,26 @@ def _accumulate(acc, a_rows, inside, b_cols, c, c_end, s_xc, gate_rows, s_gc,
 
 
 @triton.jit
-def _zero_point_padding(acc, wsum_ptr, co, oh, ow, H, W, C_out, KH: tl.constexpr, KW: tl.constexpr,
-                        STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr,
-                        PAD_W: tl.constexpr, BORDER_H: tl.constexpr, BORDER_W: tl.constexpr,
-                        DIL_H: tl.constexpr, DIL_W: tl.constexpr, X_ZP: tl.constexpr,
-                        BLOCK_M: tl.constexpr):
+def _zero_point_padding(acc, digits_ptr, outside_ptr, offs_m, co, OHW, C_out, DIGITS: tl.constexpr,
+                        TAPS: tl.constexpr):
     """The padding's share of an int8 sum whose padded taps were loaded as 0 instead of the zero
-    point X_ZP: acc[m, n] += X_ZP · wsum[tap, n] for every tap of pixel m that falls outside the
-    image (wsum: int32 [KH·KW, C_out], the per-tap sums of the weight codes). Exact in int32.
-    Loading padding as 0 is what lets the A tiles of a zero-point input move as asynchronous
-    copies (which fill masked lanes with zeros only): a select to X_ZP after the load would take
-    every tile through registers."""
-    for kh in tl.static_range(KH):
-        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-        for kw in tl.static_range(KW):
-            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-            inside = _inside(ih, iw, H, W, BORDER_H, BORDER_W, BLOCK_M)
-            wsum = tl.load(wsum_ptr + (kh * KW + kw) * C_out + co)
-            acc += tl.where(inside[:, None], 0, X_ZP * wsum[None, :])
+    point X_ZP: acc[m, n] += X_ZP · wsum[tap, n] over the taps of pixel m that fall outside the
+    image (wsum: the per-tap sums of the weight codes). Exact in int32. Loading padding as 0 is
+    what lets the A tiles of a zero-point input move as asynchronous copies (which fill masked
+    lanes with zeros only): a select to X_ZP after the load would take every tile through
+    registers.
+    On the tensor cores, as small int8 dots: the output pixel's row of ``outside_ptr``
+    (``padding_taps``: int8 [OH·OW, TAPS], X_ZP where a tap is outside) times wsum in DIGITS
+    base-128 digits (``zero_point_digits``: int8 [DIGITS, TAPS, C_out]). Per output element,
+    with a select and an add per tap, it took 25 instructions on a 3x3 conv, more than the rest
+    of the requantizing epilogue (benchmarks/NOTES.md 54)."""
+    taps = tl.arange(0, TAPS)
+    pixel = offs_m % OHW  # the same for every image; rows past M wrap (their stores are masked)
+    a = tl.load(outside_ptr + (pixel * TAPS)[:, None] + taps[None, :])
+    rows = digits_ptr + taps[:, None] * C_out + co[None, :]
+    acc = tl.dot(a, tl.load(rows), acc, out_dtype=tl.int32)
+    for d in tl.static_range(1, DIGITS):
+        acc += tl.dot(a, tl.load(rows + d * TAPS * C_out), out_dtype=tl.int32) << (7 * d)
     return acc
 
 
@@ -184,10 +192,12 @@ def _conv2d_kernel(
     # pointers: input, packed weight [C_out, KH, KW, C_in_g], fp32 bias, fp32 combined scale
     # [C_out] (QUANT only), residual, outs[0], split-K workspace [SPLIT_K, M, C_out] (SPLIT_K > 1
     # only; fp32, int32 with QUANT), fp32 PReLU slope [C_out], input gate [N, C_in] (HAS_GATE
-    # only), int32 per-tap weight-code sums [KH·KW, C_out] (ZP_PADDING only); x, gate, residual
+    # only), the zero-point padding's int8 tables (ZP_PADDING only: zero_point_digits,
+    # padding_taps); x, gate, residual
     # and outs[0] start at an aligned address a lead of a few elements before the view
     # (aligned_base)
-    x_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, ws_ptr, slope_ptr, gate_ptr, wsum_ptr,
+    x_ptr, w_ptr, bias_ptr, scale_ptr, res_ptr, out_ptr, ws_ptr, slope_ptr, gate_ptr, zpd_ptr,
+    zpt_ptr,
     # sizes; channel counts per (super-)group and in all, in units of X_VEC (input channels) and
     # OUT_VEC (output channels)
     H, W, C_in_g, C_in, OH, OW, C_out_g, C_out, M,
@@ -219,12 +229,14 @@ def _conv2d_kernel(
     X_VEC: tl.constexpr, OUT_VEC: tl.constexpr, PAD_GROUPS: tl.constexpr,
     # int8 (quant_args): x holds codes (int8 dot, int32 accumulator) whose padding reads X_ZP;
     # the residual holds codes (RES_QUANT); the output is requantized (OUT_QUANT), its 1 / scale
-    # already in the scale, bias and res_scale with OUT_PRESCALED (output_prescaled). ZP_PADDING:
-    # the tap loops load padding as 0 and _zero_point_padding adds X_ZP's share after them;
-    # A_FILL is what their padding reads (0 then, else X_ZP)
+    # already in the scale, bias and res_scale with OUT_PRESCALED (output_prescaled). ZP_PADDING
+    # (the digits of zpd_ptr's table; 0: off): the tap loops load padding as 0 and
+    # _zero_point_padding adds X_ZP's share after them, over ZP_TAPS taps (KH·KW rounded up to a
+    # dot's K); A_FILL is what their padding reads (0 then, else X_ZP)
     QUANT: tl.constexpr, X_ZP: tl.constexpr, RES_QUANT: tl.constexpr, RES_ZP: tl.constexpr,
     OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr, OUT_PRESCALED: tl.constexpr,
-    ZP_PADDING: tl.constexpr, A_FILL: tl.constexpr, PREFETCH_RES: tl.constexpr,
+    ZP_PADDING: tl.constexpr, ZP_TAPS: tl.constexpr, A_FILL: tl.constexpr,
+    PREFETCH_RES: tl.constexpr,
 ):
     C_in_g, C_in = C_in_g * X_VEC, C_in * X_VEC
     C_out_g, C_out = C_out_g * OUT_VEC, C_out * OUT_VEC
@@ -351,10 +363,12 @@ def _conv2d_kernel(
                                       X_ZP, A_FILL)
 
     if ZP_PADDING:
-        if tl.program_id(2) == 0:  # once per output tile: split 0 of a split-K sum
-            acc = _zero_point_padding(acc, wsum_ptr, co, oh, ow, H, W, C_out, KH, KW, STRIDE_H,
-                                      STRIDE_W, PAD_H, PAD_W, BORDER_H, BORDER_W, DIL_H, DIL_W,
-                                      X_ZP, BLOCK_M)
+        if SPLIT_K == 1:
+            acc = _zero_point_padding(acc, zpd_ptr, zpt_ptr, offs_m, co, OH * OW, C_out,
+                                      ZP_PADDING, ZP_TAPS)
+        elif tl.program_id(2) == 0:  # once per output tile: split 0 of a split-K sum
+            acc = _zero_point_padding(acc, zpd_ptr, zpt_ptr, offs_m, co, OH * OW, C_out,
+                                      ZP_PADDING, ZP_TAPS)
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K > 1:
         # A partial sum, stored raw: the epilogue must see the whole sum (_split_k_reduce_kernel).
@@ -465,7 +479,7 @@ class Conv2d:
             if self.out_prescaled:
                 scale, folded = prescale(scale, folded, quant)
             self.scale, self.bias = scale.to(weight.device), folded.to(weight.device)
-        self._padding_weight_sums = self._tap_sums(weight)
+        self._padding_digits = self._tap_sum_digits(weight)
         self.weight = self._pack(weight)
         self._super_group_weights: dict[int, torch.Tensor] = {}  # GROUPS_PER_TILE -> weight
         self.configs = self._candidate_configs()
@@ -603,8 +617,12 @@ class Conv2d:
         weight = self._fold_weight(pix) if fold else self._super_group_weights.get(gpt, self.weight)
         # Zero-point padding as an epilogue term (the tap loops only; folded and gathered loads
         # and gated ones select the zero point as they load).
-        zp_padding = self._padding_weight_sums is not None and not gather and gate is None
-        q_constexprs = {**q_constexprs, "ZP_PADDING": zp_padding,
+        zp_padding = self._padding_digits is not None and not gather and gate is None
+        digits, taps = self._padding_digits, None
+        if zp_padding:
+            taps = self._padding_taps(h, w, oh, ow, x.device)
+        q_constexprs = {**q_constexprs, "ZP_PADDING": digits.shape[0] if zp_padding else 0,
+                        "ZP_TAPS": digits.shape[1] if zp_padding else 1,
                         "A_FILL": 0 if zp_padding or not any(self.pads) else q_constexprs["X_ZP"]}
         # K steps each program takes: with at most PREFETCH_RESIDUAL_MAX_STEPS the residual is
         # loaded before the loop (a bottleneck's 1x1 conv3 over 64..256 channels is one or two).
@@ -613,7 +631,7 @@ class Conv2d:
         prefetch = res is not None and triton.cdiv(k_steps, split) <= PREFETCH_RESIDUAL_MAX_STEPS
         launch(_conv2d_kernel, grid,
             x, weight, bias, self.scale, res, out, ws, self.act_slope, gate,
-            self._padding_weight_sums if zp_padding else None,
+            digits if zp_padding else None, taps,
             h, w, c_in_g // x_vec, self.in_channels // x_vec, oh, ow, c_out_g // out_vec,
             self.out_channels // out_vec, m, *in_scalars, *out_scalars, *q_scalars,
             **self._geometry(), **epilogue,
@@ -631,13 +649,23 @@ class Conv2d:
                            m, out_scalars, out_vec, split, num_seg, acts,
                            self.scale, self.quant, self.out_prescaled)
 
-    def _tap_sums(self, codes: torch.Tensor) -> torch.Tensor | None:
-        """int32 [KH·KW, C_out]: each tap's sum of weight codes per output channel, for the
-        zero-point padding term (``_zero_point_padding``); None when padding reads code 0
-        (float layers, signed inputs, no padding)."""
+    def _tap_sum_digits(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """Each tap's sum of weight codes per output channel as int8 digits
+        (``zero_point_digits``), for the zero-point padding term (``_zero_point_padding``); None
+        when padding reads code 0 (float layers, signed inputs, no padding)."""
         if self.quant is None or self.quant.input.zero_point == 0 or not any(self.pads):
             return None
-        return codes.sum(1, dtype=torch.int32).flatten(1).t().contiguous()
+        return zero_point_digits(codes)
+
+    def _padding_taps(self, h: int, w: int, oh: int, ow: int, device: torch.device) -> torch.Tensor:
+        """``padding_taps`` for an h x w input, made once per size on the first call (before any
+        CUDA graph capture)."""
+        cache = self.__dict__.setdefault("_padding_tap_tables", {})
+        if (h, w) not in cache:
+            cache[(h, w)] = padding_taps((h, w), (oh, ow), self.kernel_size, self.stride, self.pads,
+                                         self.dilation, self._padding_digits.shape[1],
+                                         self.quant.input.zero_point, device)
+        return cache[(h, w)]
 
     def _fold_weight(self, pix: int) -> torch.Tensor:
         """The packed weight with its channels padded to the input's pixel stride (zeros), made
