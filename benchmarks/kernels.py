@@ -128,7 +128,8 @@ def make_case(c_in: int, c_out: int, k: int, s: int, h: int, g: int, batch: int,
     res = torch.randn(ref.shape, device=dev).to(torch.float16, memory_format=torch.channels_last) if residual else None
     if dtype == torch.int8:
         return make_int8_case(cls, x, w, b, ref, res, s, k // 2, g, (h, h), batch)
-    layer = cls(w, b, stride=s, padding=k // 2, groups=g, dtype=torch.float16, input_hw=(h, h), batch=batch)
+    layer = cls(w, b, stride=s, padding=k // 2, groups=g, dtype=torch.float16, input_hw=(h, h), batch=batch,
+                residual=residual)
     layer.pad_lanes_finite = c_in < 4  # as the compiler sets it for its padded input (zero lanes)
     if res is not None:
         ref = ref + res.float()
@@ -162,7 +163,7 @@ def make_int8_case(cls, x, w, b, ref, res, stride, pad, groups, hw, batch) -> di
     out_qp = arith.qparams_for_range(0.0, 0.9 * float(y.amax()), non_negative=True)
     act = {"activation": "relu"} if res is None else {"post_activation": "relu"}
     layer = cls(w.float(), b, stride=stride, padding=pad, groups=groups, dtype=torch.int8,
-                quant=LayerQuant(x_qp, out_qp, res_qp), input_hw=hw, batch=batch, **act)
+                quant=LayerQuant(x_qp, out_qp, res_qp), input_hw=hw, batch=batch, residual=res is not None, **act)
     out = torch.empty(ref.shape, dtype=torch.int8, device=x.device).contiguous(memory_format=cl)
     bytes_moved = codes.numel() + out.numel() * (2 if res is not None else 1) + w.numel()
     return {"x": codes, "w": w, "b": b.half(), "layer": layer, "ref": arith.requantize(y, out_qp), "out": out,

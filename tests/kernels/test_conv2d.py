@@ -12,8 +12,8 @@ from helpers import CONV_TOL, check_layer_fp16, check_written, conv_reference, p
 
 from torch_gie.activations import ACTIVATION_NAMES, Act, apply_activation
 from torch_gie.kernels.conv2d import Conv2d, conv2d, input_args
-from torch_gie.kernels.conv2d_configs import NUM_SMS, conv2d_configs, default_conv2d_config
-from torch_gie.kernels.conv_epilogue import epilogue_args, segment_args
+from torch_gie.kernels.conv2d_configs import NUM_SMS, RESIDUAL_TWINS, conv2d_configs, default_conv2d_config
+from torch_gie.kernels.conv_epilogue import epilogue_args, flat_pixels, segment_args
 from torch_gie.kernels.depthwise_conv2d import DepthwiseConv2d, depthwise_conv2d_configs
 from torch_gie.kernels.layer_args import aligned_base, vector_width
 
@@ -167,6 +167,35 @@ def test_residual_post_activation(act, post, dtype, config, device):
     Conv2d(wt, b, stride=2, padding=1, activation=act, post_activation=post, act_slope=slope,
            dtype=dtype, config=config)(x, [out], residual=res)
     check(out, reference(x, wt, b, 2, 1, 1, 1, act, res, post, slope), dtype)
+
+
+def test_residual_twins_follow_the_first_short_k_candidates():
+    """A layer built for a residual epilogue offers, after each of its first RESIDUAL_TWINS
+    candidates whose K loop is short (1x1 over at most two K steps), the same tiling loading the
+    residual after the loop; layers without one, or with long K loops, are unchanged."""
+    w1 = torch.randn(512, 128, 1, 1)
+    plain = Conv2d(w1, input_hw=(28, 28), batch=128).configs
+    with_res = Conv2d(w1, input_hw=(28, 28), batch=128, residual=True).configs
+    twins = [c for c in with_res if c.get("PREFETCH_RES") is False]
+    assert len(twins) == RESIDUAL_TWINS
+    for twin in twins:
+        i = with_res.index(twin)
+        assert with_res[i - 1] == {k: v for k, v in twin.items() if k != "PREFETCH_RES"}
+    assert [c for c in with_res if c not in twins] == plain
+    w3 = torch.randn(64, 64, 3, 3)  # nine taps: never short
+    assert Conv2d(w3, padding=1, residual=True).configs == Conv2d(w3, padding=1).configs
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_residual_after_the_loop(prefetch, device):
+    x = torch.randn(2, 32, 5, 5, device=device).to(torch.float16, memory_format=torch.channels_last)
+    wt = (torch.randn(24, 32, 1, 1, device=device) / 6).half()
+    b = torch.randn(24, device=device)
+    res = torch.randn(2, 24, 5, 5, device=device).to(torch.float16, memory_format=torch.channels_last)
+    out = poisoned((2, 24, 5, 5), torch.float16, device)
+    cfg = {**SMALL, "BLOCK_K": 32, "PREFETCH_RES": prefetch}
+    Conv2d(wt, b, post_activation="relu", dtype=torch.float16, config=cfg, residual=True)(x, [out], residual=res)
+    check(out, reference(x, wt, b, 1, 0, 1, 1, None, res, "relu"), torch.float16)
 
 
 def test_act_slope_checks():
@@ -532,6 +561,42 @@ def test_odd_channel_segments(device):
     Conv2d(wt, b, dtype=torch.float16, config=SMALL_FLAT)(x, outs)
     check(torch.cat(outs, dim=1), reference(x, wt, b, 1, 0, 1, 1), torch.float16)
     assert big[:, [0, 1, 2, 3, 28, 29, 30, 31, 48, 49, 50, 51, 68, 69]].isnan().all()
+
+
+def test_flat_pixels_rule():
+    """Pixel p of every operand at p x (column stride): dense NHWC, a channel slice of a wider
+    NHWC buffer (a concat slot) and a batch-1 view whatever its image stride; not NCHW, a
+    spatial crop, or offsets past int32."""
+    def strides(t):
+        sn, _, sh, sw = t.stride()
+        return (sn, sh, sw)
+    nhwc = torch.empty(2, 8, 5, 7).contiguous(memory_format=torch.channels_last)
+    wide = torch.empty(2, 24, 5, 7).contiguous(memory_format=torch.channels_last)
+    assert flat_pixels(2, 5, 7, [strides(nhwc), strides(wide[:, 8:16])])
+    assert not flat_pixels(2, 5, 7, [strides(torch.empty(2, 8, 5, 7))])  # NCHW
+    crop = torch.empty(2, 8, 6, 7).contiguous(memory_format=torch.channels_last)[:, :, :5]
+    assert flat_pixels(2, 5, 7, [strides(crop)]) is False  # rows 5 of 6: the image stride is off
+    assert flat_pixels(1, 5, 7, [(10 ** 6, 7 * 8, 8)])
+    assert not flat_pixels(2 ** 12, 64, 64, [(64 * 64 * 256, 64 * 256, 256)])
+
+
+@pytest.mark.parametrize("layout", ["flat", "nchw_out", "crop_in"])
+def test_pointwise_flat_and_divided_addressing(layout, device):
+    """A 1x1 conv with a residual into a channel slice: FLAT_PIXELS where every operand is flat,
+    the divided addressing where one is not; the same result."""
+    cl = torch.channels_last
+    x = torch.randn(3, 16, 6 if layout == "crop_in" else 5, 7, device=device).to(torch.float16, memory_format=cl)
+    x = x[:, :, :5]
+    wt, b = (torch.randn(24, 16, 1, 1, device=device) / 4).half(), torch.randn(24, device=device)
+    res = torch.randn(3, 24, 5, 7, device=device).to(torch.float16, memory_format=cl)
+    buf = poisoned((3, 30, 5, 7), torch.float16, device)
+    buf = buf.contiguous() if layout == "nchw_out" else buf.contiguous(memory_format=cl)
+    out = buf[:, 3:27]
+    layer = Conv2d(wt, b, post_activation="relu", dtype=torch.float16, config={**SMALL, "BLOCK_K": 16})
+    seg = segment_args([out], 24)[1]
+    assert layer._flat_pixels(x, res.stride(), seg[6:10], 5, 7, False) == (layout == "flat")
+    layer(x, [out], residual=res)
+    check(out, reference(x, wt, b, 1, 0, 1, 1, None, res, "relu"), torch.float16)
 
 
 def test_vector_width_and_aligned_base():

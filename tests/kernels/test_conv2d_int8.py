@@ -192,6 +192,16 @@ def test_residual(res, out, act, post, config, device):
         res=res, out_slice=True, device=device)
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["before_loop", "after_loop"])
+@pytest.mark.parametrize("res", ["int8", "fp16"])
+def test_residual_loaded_before_or_after_a_short_k_loop(prefetch, res, device):
+    """A 1x1 conv over one K step: the residual tile loads before the loop (the default) or,
+    with PREFETCH_RES False, after it; the same result either way."""
+    layer = run(2, 32, 24, 5, 5, 1, config={**SMALL, "PREFETCH_RES": prefetch}, x_qp=UNSIGNED,
+                post="relu", res=res, out_slice=True, device=device)
+    assert layer._short_k(layer.config)
+
+
 @pytest.mark.parametrize("act,post,out,prescaled", [
     (None, "relu", "int8", True), ("prelu", None, "int8", True), ("leaky_relu", "relu", "int8", True),
     ("relu6", None, "int8", False), ("relu", "silu", "int8", False), ("relu", None, "fp16", False),
@@ -409,7 +419,7 @@ def _gpu_int8_case(c_in, c_out, k, s, p, h, g, batch, res=None):
                             res=r)
     layer = Conv2d(wt, b, stride=s, padding=p, groups=g, activation="relu",
                    post_activation="relu" if r is not None else None, dtype=torch.int8,
-                   quant=quant, input_hw=(h, h), batch=batch)
+                   quant=quant, input_hw=(h, h), batch=batch, residual=r is not None)
     return x, r, ref, layer
 
 
@@ -433,7 +443,10 @@ def test_resnet50_layers_int8_gpu(c_in, c_out, k, s, p, h, g, batch):
 def test_bottleneck_residual_and_gate_int8_gpu():
     """conv3 of a bottleneck (+ int8 identity, relu) and a gated projection at batch 32."""
     x, r, ref, layer = _gpu_int8_case(64, 256, 1, 1, 0, 56, 1, 32, res="int8")
-    _check_gpu(x, r, ref, layer)
+    assert any(c.get("PREFETCH_RES") is False for c in layer.configs[:8])
+    for config in layer.configs[:8]:  # what the tuner times, the residual's twins among them
+        layer.config = config
+        _check_gpu(x, r, ref, layer)
     dev = torch.device("cuda")
     x = codes((32, 480, 14, 14), UNSIGNED, dev)
     wt, b = torch.randn(112, 480, 1, 1, device=dev) / 22, torch.randn(112, device=dev)

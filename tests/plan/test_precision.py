@@ -59,3 +59,21 @@ def test_pinned_layer_reads_real_values_and_a_lone_pool_falls_back():
     assert not pp.is_int8_value(first)  # an fp16 layer writes real values
     assert pool not in pp.int8_layers  # its input is not int8: pooling alone in int8 is a loss
     assert not pp.is_int8_value(next(n for n in gm.graph.nodes if n.op == "placeholder"))
+
+
+def test_a_value_read_only_as_a_residual_is_stored_as_codes():
+    """A ResNet downsample branch's output is read by nothing but the block's last conv, as the
+    residual its epilogue adds: an int8 conv reads it as codes, so it is stored as codes (half
+    the bytes of fp16 on both sides); with that conv pinned to fp16 it stays real."""
+    model = randomize_(torchvision.models.resnet18(num_classes=10))
+    gm, pp, plan = _planned(model, torch.randn(1, 3, 64, 64))
+    downsample = [n for n in gm.graph.nodes if is_canonical(n, ops.conv2d) and "downsample" in n.meta.get("source", "")]
+    assert len(downsample) == 3
+    for ds in downsample:
+        (reader,) = ds.users
+        assert reader.args[-1] is ds and reader.args[0] is not ds  # the residual, not the main input
+        assert pp.is_int8_value(ds) and plan.value_dtype(ds) == torch.int8
+    reads_ds = {next(iter(ds.users)) for ds in downsample}
+    gm, pp, plan = _planned(model, torch.randn(1, 3, 64, 64), lambda n: n.name in {r.name for r in reads_ds})
+    for ds in (n for n in gm.graph.nodes if n.name in {d.name for d in downsample}):
+        assert not pp.is_int8_value(ds) and plan.value_dtype(ds) == torch.float16

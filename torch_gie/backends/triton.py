@@ -61,7 +61,7 @@ def _conv(node: fx.Node, dtype: torch.dtype, device: torch.device, options: dict
     layer = cls(s.weight.to(device), _on(s.bias, device), stride=s.stride, padding=s.padding,
                 dilation=s.dilation, groups=s.groups, activation=ep.activation,
                 post_activation=ep.post_activation, act_slope=_on(s.act_slope, device), dtype=dtype,
-                input_hw=(h, w), batch=n, quant=quant, **_precision(dtype, options))
+                input_hw=(h, w), batch=n, quant=quant, residual=ep.residual, **_precision(dtype, options))
     # The compiler's channel-padded network input holds zeros in its padding lanes. Set only when
     # true: the attribute then joins the tuner's layer signature of the stem alone, and every
     # other layer keeps its timing-cache key.

@@ -43,6 +43,7 @@ from torch_gie.kernels.conv2d_configs import (
     INT8_MIN_BLOCK_K,
     check_config,
     conv2d_configs,
+    residual_twins,
 )
 from torch_gie.kernels.conv2d_weights import (
     pack_conv_weight,
@@ -54,6 +55,7 @@ from torch_gie.kernels.conv2d_weights import (
 from torch_gie.kernels.conv_epilogue import (
     conv_epilogue,
     epilogue_args,
+    flat_pixels,
     load_residual,
     output_pixels,
     output_prescaled,
@@ -183,7 +185,7 @@ def _zero_point_padding(acc, digits_ptr, outside_ptr, offs_m, co, OHW, C_out, DI
 
 
 # A residual is loaded before the K loop when each program runs at most this many K steps (0:
-# never). Module-level so a benchmark can time both (benchmarks/kernels.py --prefetch-res).
+# never), unless its config sets PREFETCH_RES False (``conv2d_configs.residual_twins``).
 PREFETCH_RESIDUAL_MAX_STEPS = 2
 
 
@@ -237,6 +239,9 @@ def _conv2d_kernel(
     OUT_QUANT: tl.constexpr, OUT_ZP: tl.constexpr, OUT_PRESCALED: tl.constexpr,
     ZP_PADDING: tl.constexpr, ZP_TAPS: tl.constexpr, A_FILL: tl.constexpr,
     PREFETCH_RES: tl.constexpr,
+    # a 1x1 stride-1 conv whose input, residual and outputs are all ``flat_pixels``: pixel rows
+    # are addressed without dividing the row index into (image, row, column)
+    FLAT_PIXELS: tl.constexpr,
 ):
     C_in_g, C_in = C_in_g * X_VEC, C_in * X_VEC
     C_out_g, C_out = C_out_g * OUT_VEC, C_out * OUT_VEC
@@ -264,7 +269,7 @@ def _conv2d_kernel(
     # Rows/columns past the end wrap onto valid ones: their loads need no mask, and the results
     # are discarded by the store mask. (Wrapping within the group keeps whole vectors of
     # columns contiguous: n_end is a multiple of OUT_VEC.)
-    m_ld, nb, oh, ow = output_pixels(offs_m, M, OH, OW)
+    m_ld, nb, oh, ow = output_pixels(offs_m, M, OH, OW, FLAT_PIXELS)
     co = g * C_out_g + offs_n % n_end
     x_rows = x_ptr + x_lead * X_VEC + nb * s_xn + (g * C_in_g) * s_xc
     # Each row's own image's gate: an M tile may straddle two images.
@@ -429,7 +434,7 @@ class Conv2d:
                  act_slope: torch.Tensor | None = None, dtype: torch.dtype = torch.float16,
                  config: dict | None = None, fp32_precision: str = "ieee",
                  input_hw: tuple[int, int] | None = None, batch: int | None = None,
-                 quant: LayerQuant | None = None) -> None:
+                 quant: LayerQuant | None = None, residual: bool = False) -> None:
         if weight.dim() != 4:
             raise ValueError(f"weight must be 4D [C_out, C_in/groups, KH, KW], "
                              f"got shape {tuple(weight.shape)}")
@@ -459,6 +464,7 @@ class Conv2d:
         # tuner's layer signature, which already holds the input shape: timing-cache keys stay
         # as they were.
         self._config_m = problem_pixels(self.output_hw, input_hw, batch)
+        self._config_residual = residual  # calls will add a residual: offer its twins too
         self._workspace: torch.Tensor | None = None
         self.activation, self.post_activation, self.act_slope, self._act_constexprs = \
             bind_activations(activation, post_activation, act_slope, c_out, weight.device)
@@ -534,9 +540,33 @@ class Conv2d:
         return pack_conv_weight(weight, self.dtype)
 
     def _candidate_configs(self) -> list[dict]:
-        return conv2d_configs(self.out_channels // self.groups, self.in_channels // self.groups,
-                              self.dtype, self.kernel_size[0] * self.kernel_size[1],
-                              self._config_m, self.groups)
+        cands = conv2d_configs(self.out_channels // self.groups, self.in_channels // self.groups,
+                               self.dtype, self.kernel_size[0] * self.kernel_size[1],
+                               self._config_m, self.groups)
+        return residual_twins(cands, self._short_k) if self._config_residual else cands
+
+    def _flat_pixels(self, x: torch.Tensor, res_strides: Sequence[int] | None, out_strides: Sequence[int],
+                     oh: int, ow: int, gathered: bool) -> bool:
+        """FLAT_PIXELS for this call: a 1x1 stride-1 conv without padding (input pixel p is
+        output pixel p), not gathered or gated (those address by image), whose input, residual
+        and output segments (strides (n, c, h, w) each) are all ``flat_pixels``."""
+        if self.kernel_size != (1, 1) or self.stride != (1, 1) or any(self.pads) or gathered:
+            return False
+        strides = [x.stride()] + ([] if res_strides is None else [tuple(res_strides)])
+        strides += [tuple(out_strides[i:i + 4]) for i in range(0, len(out_strides), 4)]
+        return flat_pixels(x.shape[0], oh, ow, [(sn, sh, sw) for sn, _, sh, sw in strides])
+
+    def _short_k(self, cfg: dict) -> bool:
+        """Whether each program of ``cfg`` runs at most PREFETCH_RESIDUAL_MAX_STEPS K steps (a
+        bottleneck's 1x1 conv3 over 64..256 channels runs one or two), so that a residual may be
+        loaded before its loop (PREFETCH_RES)."""
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        c_in_g = cfg.get("GROUPS_PER_TILE", 1) * (self.in_channels // self.groups)
+        if cfg.get("GATHER_K", False) or cfg.get("FOLD_KW", False):
+            steps = triton.cdiv(taps * c_in_g, cfg["BLOCK_K"])
+        else:
+            steps = taps * triton.cdiv(c_in_g, cfg["BLOCK_K"])
+        return triton.cdiv(steps, cfg.get("SPLIT_K", 1)) <= PREFETCH_RESIDUAL_MAX_STEPS
 
     @property
     def pads(self) -> tuple[int, int, int, int]:
@@ -603,6 +633,8 @@ class Conv2d:
         acts = saturation_implied(self._act_constexprs, self.quant, residual is not None)
         epilogue = {"HAS_BIAS": self.bias is not None, "HAS_RES": residual is not None, **acts,
                     "NUM_SEG": num_seg}
+        flat = self._flat_pixels(x, res_strides if residual is not None else None, seg[6:6 + 4 * num_seg],
+                                 oh, ow, gather or gate is not None)
         out, residual, out_scalars, out_vec = epilogue_args(
             out, residual, res_strides, num_seg, seg, (c_out_g, self.out_channels))
         x, gate, in_scalars, x_vec = input_args(x, gate, (c_in_g, self.in_channels))
@@ -624,11 +656,8 @@ class Conv2d:
         q_constexprs = {**q_constexprs, "ZP_PADDING": digits.shape[0] if zp_padding else 0,
                         "ZP_TAPS": digits.shape[1] if zp_padding else 1,
                         "A_FILL": 0 if zp_padding or not any(self.pads) else q_constexprs["X_ZP"]}
-        # K steps each program takes: with at most PREFETCH_RESIDUAL_MAX_STEPS the residual is
-        # loaded before the loop (a bottleneck's 1x1 conv3 over 64..256 channels is one or two).
-        k_steps = (triton.cdiv(self.kernel_size[0] * self.kernel_size[1] * c_in_g, cfg["BLOCK_K"]) if gather
-                   else self.kernel_size[0] * self.kernel_size[1] * triton.cdiv(c_in_g, cfg["BLOCK_K"]))
-        prefetch = res is not None and triton.cdiv(k_steps, split) <= PREFETCH_RESIDUAL_MAX_STEPS
+        # The residual tile loads before a short K loop unless the config says after it.
+        prefetch = res is not None and cfg.get("PREFETCH_RES", True) and self._short_k(cfg)
         launch(_conv2d_kernel, grid,
             x, weight, bias, self.scale, res, out, ws, self.act_slope, gate,
             digits if zp_padding else None, taps,
@@ -642,7 +671,8 @@ class Conv2d:
             PAD_LANES_FINITE=fold and pix != self.in_channels and (self.quant is not None or self.pad_lanes_finite),
             SPLIT_K=split, DOT_PRECISION=precision,
             HAS_GATE=gate is not None, X_VEC=x_vec, OUT_VEC=out_vec, PAD_GROUPS=pad_groups,
-            **q_constexprs, PREFETCH_RES=prefetch, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **q_constexprs, PREFETCH_RES=prefetch, FLAT_PIXELS=flat,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if split > 1:
             reduce_split_k(ws, self.bias, out, residual, self.act_slope, oh, ow, self.out_channels,

@@ -16,7 +16,7 @@ check it).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -28,7 +28,9 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 # kernel row are contiguous in memory and are loaded as one run per kh ("fold kw into c");
 # otherwise the flattened K is gathered element by element. SPLIT_K (default 1, a power of two):
 # that many programs per output tile each sum a share of the K loop into an fp32 workspace,
-# and a second kernel adds the shares and runs the epilogue.
+# and a second kernel adds the shares and runs the epilogue. PREFETCH_RES (default True): a
+# residual epilogue over a short K loop (at most conv2d.PREFETCH_RESIDUAL_MAX_STEPS steps) loads
+# its residual tile before the loop; False loads it after (``residual_twins``).
 GATHER_BELOW = 16  # C_in_g under this gathers K across taps
 # Split-K pays only when the output tiles leave SMs idle (batch 1, late ResNet stages).
 NUM_SMS = 132  # H100 SXM: the heuristic aims at about one program per SM
@@ -201,6 +203,25 @@ def _int8_tilings(cands: list[dict], c_in_g: int, taps: int) -> list[dict]:
             out.append(tiling)
     four_warps = [c for c in out if c["num_warps"] <= 4]
     return four_warps + [c for c in out if c not in four_warps]
+
+
+# Candidates, from the first, that get a twin loading the residual after the K loop.
+RESIDUAL_TWINS = 3
+
+
+def residual_twins(cands: list[dict], short_k: Callable[[dict], bool]) -> list[dict]:
+    """For a layer whose epilogue adds a residual: each of the first RESIDUAL_TWINS candidates
+    whose K loop is short enough for the residual to be loaded before it (``short_k``) is
+    followed by its twin with PREFETCH_RES False. Neither order wins everywhere. Measured on the
+    H200 (benchmarks/NOTES.md 58), int8 bottleneck 1x1s at batch 128: loading after the loop
+    took 128 -> 512 from 91 to 77 us and 256 -> 1024 from 52 to 45 (fewer registers held across
+    the MMA: more programs per SM), while 64 -> 256 ran 3% faster with the prefetch."""
+    out = []
+    for i, cfg in enumerate(cands):
+        out.append(cfg)
+        if i < RESIDUAL_TWINS and "PREFETCH_RES" not in cfg and short_k(cfg):
+            out.append({**cfg, "PREFETCH_RES": False})
+    return out
 
 
 def default_conv2d_config(c_out_g: int, c_in_g: int, dtype: torch.dtype = torch.float16,

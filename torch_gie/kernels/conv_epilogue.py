@@ -86,15 +86,36 @@ def epilogue_args(out: torch.Tensor, residual: torch.Tensor | None, res_strides:
     return out, residual, scalars, vec
 
 
+def flat_pixels(n: int, oh: int, ow: int, pixel_strides: Sequence[tuple[int, int, int]]) -> bool:
+    """Whether every operand given by its (image, row, column) strides in elements holds its
+    N x OH x OW pixels at offsets p · (column stride), p = (nb·OH + oh)·OW + ow, and those
+    offsets fit in int32: then a kernel may address pixel rows as p times the column stride
+    (``output_pixels`` with FLAT), with no division of p into (nb, oh, ow). True of dense NHWC
+    tensors and of channel slices of them (a concat's slots)."""
+    for sn, sh, sw in pixel_strides:
+        if (oh > 1 and sh != ow * sw) or (n > 1 and sn != oh * ow * sw) or (n * oh * ow + 1) * sw >= 2 ** 31:
+            return False
+    return True
+
+
 @triton.jit
-def output_pixels(offs_m, M, OH, OW):
+def output_pixels(offs_m, M, OH, OW, FLAT: tl.constexpr = False):
     """(m_ld, nb, oh, ow) of output pixel rows offs_m = (nb·OH + oh)·OW + ow. Rows past M wrap
     onto valid ones (m_ld = offs_m mod M): their loads need no mask, and the store mask drops
-    their results. nb is int64: batch times the image stride can pass 2**31."""
-    m_ld = offs_m % M
-    ow = m_ld % OW
-    oh = (m_ld // OW) % OH
-    nb = (m_ld // (OW * OH)).to(tl.int64)
+    their results. nb is int64: batch times the image stride can pass 2**31. FLAT (every
+    operand ``flat_pixels``): nb = oh = 0 and ow = m_ld, clamped to M - 1, which addresses the
+    same elements through nb·s_n + oh·s_h + ow·s_w without the divisions (three per row, in
+    each register layout that needs the rows: a sixth of a 1x1 int8 kernel's instructions)."""
+    if FLAT:
+        m_ld = tl.minimum(offs_m, M - 1)
+        ow = m_ld
+        oh = tl.zeros_like(m_ld)
+        nb = tl.zeros_like(m_ld).to(tl.int64)
+    else:
+        m_ld = offs_m % M
+        ow = m_ld % OW
+        oh = (m_ld // OW) % OH
+        nb = (m_ld // (OW * OH)).to(tl.int64)
     return m_ld, nb, oh, ow
 
 

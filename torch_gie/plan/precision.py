@@ -11,10 +11,11 @@ Rules (the docstring of ``torch_gie.quantize.arith`` gives the arithmetic):
   (one kernel, one output scale), a view with its source, a max pool's output with its input
   (max is exact on codes). Calibration observes each class as one tensor.
 - A class is stored as int8 when every value in it is written by an int8 layer (or is a network
-  input all of whose readers are int8 layers), some int8 layer reads it as its main input, and
-  no graph output is in it (outputs leave in the caller's dtype, written by the last layer in
-  fp16 directly). Otherwise its int8 writers store real fp16 values, and an int8 layer reading
-  it gets a quantizing conversion, one per value.
+  input all of whose readers are int8 layers), some int8 layer reads it as its main input or as
+  the residual its epilogue adds (a ResNet's downsample branch: codes halve both the write and
+  the read of the widest tensors), and no graph output is in it (outputs leave in the caller's
+  dtype, written by the last layer in fp16 directly). Otherwise its int8 writers store real
+  fp16 values, and an int8 layer reading it gets a quantizing conversion, one per value.
 - A pool whose input is not stored as int8 runs in fp16 (quantizing only to pool is a loss);
   this repeats until nothing changes.
 """
@@ -81,6 +82,12 @@ def main_input(node: fx.Node) -> fx.Node:
     return node.args[0]
 
 
+def residual_input(layer: fx.Node) -> fx.Node | None:
+    """The residual a layer's epilogue adds (its last input), or None."""
+    has = getattr(getattr(layer.meta.get("spec"), "epilogue", None), "residual", False)
+    return layer.args[-1] if has else None
+
+
 def is_max_pool(node: fx.Node) -> bool:
     return node.target in _POOLS and spec(node).kind == "max" and \
         not getattr(spec(node), "pad_is_zeros", False)
@@ -123,12 +130,16 @@ def _writer(node: fx.Node) -> fx.Node | None:
 
 
 def _readers(node: fx.Node) -> list[tuple[fx.Node, bool]]:
-    """(consumer, reads it as its main input) for every consumer but getitems."""
+    """(consumer, reads it as codes if it runs int8: as its main input or its epilogue's
+    residual) for every consumer but getitems."""
     out = []
     for u in node.users:
         if u.op == "call_function" and u.target is operator.getitem:
             continue
-        out.append((u, bool(u.args) and u.args[0] is node))
+        as_codes = bool(u.args) and u.args[0] is node
+        if not as_codes and is_canonical(u) and u.target in INT8_LAYERS:
+            as_codes = residual_input(u) is node
+        out.append((u, as_codes))
     return out
 
 

@@ -14,7 +14,7 @@ from torch import fx
 
 from ..graph import is_canonical
 from ..plan import Plan
-from ..plan.precision import INT8_LAYERS, PrecisionPlan, main_input, plan_precision
+from ..plan.precision import INT8_LAYERS, PrecisionPlan, main_input, plan_precision, residual_input
 from .arith import LayerQuant, QParams
 from .cache import graph_fingerprint, load_calibration_cache, save_calibration_cache
 from .calibrate import class_ranges, observe
@@ -61,12 +61,6 @@ def fp16_layers(order: list[fx.Node], layer_precisions: dict[str, str] | None) -
     return pinned
 
 
-def _residual(layer: fx.Node) -> fx.Node | None:
-    """The residual input of a layer whose epilogue adds one (its last input)."""
-    has = getattr(getattr(layer.meta["spec"], "epilogue", None), "residual", False)
-    return layer.args[-1] if has else None
-
-
 def _observed_roots(pp: PrecisionPlan) -> set[fx.Node]:
     """Classes whose range matters: those an int8 layer reads as codes or writes."""
     roots = set()
@@ -76,8 +70,8 @@ def _observed_roots(pp: PrecisionPlan) -> set[fx.Node]:
             if v is layer or v.meta.get("segment_of") is layer:
                 roots.add(root)
     for layer in pp.int8_layers:  # residuals an int8 layer may read as codes
-        if _residual(layer) in pp.classes:
-            roots.add(pp.classes[_residual(layer)])
+        if residual_input(layer) in pp.classes:
+            roots.add(pp.classes[residual_input(layer)])
     return {r for r in roots if "shape" in r.meta}
 
 
@@ -143,7 +137,7 @@ def attach_layer_quant(plan: Plan) -> None:
             continue
         outputs = [u for u in node.users if u.meta.get("segment_of") is node] or [node]
         out_int8 = plan.value_dtype(outputs[0]) == torch.int8
-        residual = _residual(node)
+        residual = residual_input(node)
         res_int8 = residual is not None and plan.value_dtype(residual) == torch.int8
         node.meta["quant"] = LayerQuant(
             input=plan.value_qparams(main_input(node)),
