@@ -398,7 +398,8 @@ class Conv2d:
     None; ``act_slope`` (fp32 [C_out]) is PReLU's per-channel slope, for whichever of the two is
     prelu (at most one). ``configs`` lists candidate tilings for the tuner, built for the
     real problem size when ``input_hw`` and ``batch`` are given (split-K ones for long-K convs
-    with few output tiles); ``config`` is the one used (settable). Setting a config with
+    with few output tiles, and, with ``residual=True`` (calls will pass a residual), both orders
+    of the residual's load for the first short-K ones); ``config`` is the one used (settable). Setting a config with
     GROUPS_PER_TILE > 1 packs the block-diagonal super-group weight then (never during a CUDA
     graph capture, since configs are set before); the layer keeps only the latest one.
 
