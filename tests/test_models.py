@@ -76,3 +76,22 @@ def test_resnet50_structure():
     residual = [f for f in report["fusions"] if f["kind"] == "vertical" and "+residual" in f.get("epilogue", "")]
     assert len(residual) == 16
     assert not report["fallback_ops"]
+
+
+BENCHMARK_SIX = [("resnet50", 64), ("googlenet", 64), ("mobilenet_v2", 64), ("vgg16", 32),
+                 ("inception_v3", 80), ("densenet121", 64)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,size", BENCHMARK_SIX, ids=[m for m, _ in BENCHMARK_SIX])
+def test_benchmark_models_build_int8_without_fallbacks_or_concat_copies(name, size):
+    """The six benchmark models in int8: every conv and Linear runs int8, nothing falls back to
+    PyTorch, and every concat stays a set of slots its producers write (one scale per concat)."""
+    model, x = build(name, size)
+    cal = [torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    compiled = torch_gie.compile(model, x, precision="int8", calibration_data=cal, backend="reference")
+    report = compiled.report()
+    assert report["fallback_ops"] == [] and report["concat_copies"] == 0
+    layers = [r for r in report["layers"] if r.get("op") in ("conv2d", "linear")]
+    assert layers and all(r.get("precision") == "int8" for r in layers), \
+        [(r.get("name"), r.get("precision")) for r in layers if r.get("precision") != "int8"]
