@@ -242,6 +242,8 @@ def _conv2d_kernel(
     # a 1x1 stride-1 conv whose input, residual and outputs are all ``flat_pixels``: pixel rows
     # are addressed without dividing the row index into (image, row, column)
     FLAT_PIXELS: tl.constexpr,
+    # FLAT_K: channel blocks per tap, cdiv(C_in_g, BLOCK_K) (1 for the other loops)
+    NUM_KC: tl.constexpr,
 ):
     C_in_g, C_in = C_in_g * X_VEC, C_in * X_VEC
     C_out_g, C_out = C_out_g * OUT_VEC, C_out * OUT_VEC
@@ -338,17 +340,20 @@ def _conv2d_kernel(
     elif FLAT_K:
         # One runtime loop over (tap, channel block): when C_in_g spans few BLOCK_Ks, this is
         # the only form whose loads the software pipeliner can overlap across taps.
-        num_kc = tl.cdiv(C_in_g, BLOCK_K)
-        t_lo, t_hi = _split_range(KH * KW * num_kc, 1, SPLIT_K)
+        # Each row's window corner and its address are computed once; a step adds its tap's
+        # offset, the same for every row (one add per row instead of two multiplies and adds).
+        t_lo, t_hi = _split_range(KH * KW * NUM_KC, 1, SPLIT_K)
+        h0 = oh * STRIDE_H - PAD_H
+        w0 = ow * STRIDE_W - PAD_W
+        corner_rows = x_rows + h0 * s_xh + w0 * s_xw
         for t in range(t_lo, t_hi):
-            tap = t // num_kc
+            tap = t // NUM_KC  # a constant divisor: a multiply and a shift, not a division
             kh = tap // KW
             kw = tap - kh * KW
-            ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-            inside = _inside(ih, iw, H, W, BORDER_H, BORDER_W, BLOCK_M)
-            acc = _accumulate(acc, x_rows + ih * s_xh + iw * s_xw, inside, w_cols + tap * C_in_g,
-                              (t - tap * num_kc) * BLOCK_K + offs_k, c_end, s_xc, gate_rows,
+            inside = _inside(h0 + kh * DIL_H, w0 + kw * DIL_W, H, W, BORDER_H, BORDER_W, BLOCK_M)
+            tap_offset = (kh * DIL_H) * s_xh + (kw * DIL_W) * s_xw
+            acc = _accumulate(acc, corner_rows + tap_offset, inside, w_cols + tap * C_in_g,
+                              (t - tap * NUM_KC) * BLOCK_K + offs_k, c_end, s_xc, gate_rows,
                               s_gc, HAS_GATE, EVEN_K, DOT_PRECISION, QUANT, X_ZP, A_FILL)
     else:
         # Taps unrolled, channel blocks in a runtime loop: rows, border mask and tap offsets
@@ -673,6 +678,7 @@ class Conv2d:
             SPLIT_K=split, DOT_PRECISION=precision,
             HAS_GATE=gate is not None, X_VEC=x_vec, OUT_VEC=out_vec, PAD_GROUPS=pad_groups,
             **q_constexprs, PREFETCH_RES=prefetch, FLAT_PIXELS=flat,
+            NUM_KC=triton.cdiv(c_in_g, cfg["BLOCK_K"]) if cfg.get("FLAT_K", False) and not gather else 1,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if split > 1:
