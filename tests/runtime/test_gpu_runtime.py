@@ -57,6 +57,29 @@ def test_streams_match_single_stream_bitwise():
     assert rel_err(a(x2), ref) < fp16_tolerance(model, x2, ref)
 
 
+def test_small_int8_input_is_quantized_inside_the_cuda_graph(monkeypatch):
+    """A batch-1 int8 input is copied as it comes and quantized by the graph's first step (the
+    call's host cost is one copy_, not a Triton launch), with exactly the codes quantizing in the
+    copy gives; a larger input still quantizes in the copy."""
+    from torch_gie.runtime import program as program_module
+    model = _model("googlenet", 96)
+    x = torch.randn(1, 3, 96, 96, device="cuda")
+    cal = [torch.randn(8, 3, 96, 96, device="cuda") for _ in range(2)]
+    staged = torch_gie.compile(model, x, precision="int8", calibration_data=cal)
+    monkeypatch.setattr(program_module, "STAGE_INPUT_MAX_BYTES", 0)
+    in_copy = torch_gie.compile(model, x, precision="int8", calibration_data=cal)
+    assert staged._program.input_steps == 1 and in_copy._program.input_steps == 0
+    assert staged._program.input_loaders == [None] and in_copy._program.input_loaders[0] is not None
+    assert staged._program.plan.streams.streams > 1  # the quantize step runs before the fork
+    for _ in range(3):
+        x2 = torch.randn_like(x)
+        out = staged(x2)
+        assert torch.equal(out, in_copy(x2))
+    with torch.no_grad():
+        assert out.dtype == torch.float32 and rel_err(out, model(x2)) < 0.5
+    assert [r["name"] for r in staged.profile()][0].endswith(".quantize")
+
+
 GPU_MODELS = [("resnet50", 224), ("googlenet", 224), ("inception_v3", 299), ("vgg16", 224),
               ("mobilenet_v2", 224), ("densenet121", 224)]
 
