@@ -60,7 +60,7 @@ def test_streams_match_single_stream_bitwise():
 def test_small_int8_input_is_quantized_inside_the_cuda_graph(monkeypatch):
     """A batch-1 int8 input is copied as it comes and quantized by the graph's first step (the
     call's host cost is one copy_, not a Triton launch), with exactly the codes quantizing in the
-    copy gives; a larger input still quantizes in the copy."""
+    copy gives (the same engine built with the size limit at 0 quantizes in the copy)."""
     from torch_gie.runtime import program as program_module
     model = _model("googlenet", 96)
     x = torch.randn(1, 3, 96, 96, device="cuda")

@@ -94,7 +94,7 @@ class Program:
         self.gm, self.plan, self.steps, self.env, self.ids = gm, plan, steps, env, ids
         self.storage, self.arena, self.static_inputs = storage, storage.arena, static_inputs
         self.input_loaders: list[Convert | None] = [None] * len(static_inputs)
-        self.input_steps = 0  # leading steps that quantize staged inputs (see ``stage_int8_inputs``)
+        self.input_steps = 0  # leading steps that quantize staged int8 inputs (``_staging_buffer``)
         self.graph: torch.cuda.CUDAGraph | None = None
         self._held: list[torch.Tensor] = []  # what the captured graph writes to (``capture_cuda_graph``)
         # One call at a time owns the static inputs, the arena and the graph (see ``run``); the
